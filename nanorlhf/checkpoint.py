@@ -1,0 +1,211 @@
+"""Hugging Face checkpoint directories <-> nanorlhf models, through safetensors only.
+
+A checkpoint is a directory with config.json, model.safetensors (or shards listed in
+model.safetensors.index.json) and tokenizer files. We read tensors with safetensors (no pickle, no
+code from the checkpoint), build the model on the meta device and *assign* the loaded tensors, so
+memory holds one copy of the weights, not two.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanorlhf.errors import UserError
+from nanorlhf.model import ModelConfig, Transformer
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(hf_home) / "hub"
+
+
+def resolve_model(name: str) -> Path:
+    """--model: a directory, an `org/name` already in the local Hugging Face cache, or `llama` (embedded)."""
+    if name == "llama":
+        from nanorlhf.embedded import ensure_embedded_model  # lazy: only this path needs gguf
+
+        return ensure_embedded_model()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"--model {name}: expected a checkpoint directory, got a file")
+    repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+    if name.count("/") == 1 and (repo / "snapshots").is_dir():
+        ref = repo / "refs" / "main"
+        if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+            return repo / "snapshots" / ref.read_text().strip()
+        snapshots = sorted((repo / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        if snapshots:
+            return snapshots[-1]
+    raise UserError(f"--model {name}: no such directory, not found in the local Hugging Face cache "
+                    f"({hf_cache_dir()}), and not 'llama' (the embedded SmolLM2-135M-Instruct)")
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_hf(hf: dict, tensor_names: set[str], where: str = "config.json") -> ModelConfig:
+    """Translate config.json (transformers v4 or v5 keys) into a ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        arch = ", ".join(hf.get("architectures") or []) or model_type
+        raise UserError(f"{where}: unsupported architecture {arch!r} (model_type {model_type!r}); "
+                        f"nanorlhf runs the Llama family: {', '.join(SUPPORTED_TYPES)}")
+    if hf.get("rope_interleaved"):
+        raise UserError(f"{where}: rope_interleaved=true is not supported (HF split-halves RoPE only)")
+    # transformers v5 writes rope_parameters {rope_theta, rope_type, ...}; v4 files have rope_theta + rope_scaling
+    rope_params = hf.get("rope_parameters") or {}
+    theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = rope_params if rope_params.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        # biases: decided by what the checkpoint holds (Qwen2's config has no key for them)
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensor_names,
+        o_bias="model.layers.0.self_attn.o_proj.bias" in tensor_names,
+        mlp_bias="model.layers.0.mlp.gate_proj.bias" in tensor_names,
+        hf_config=hf,
+    )
+
+
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded safetensors checkpoint. Refuses pickle files."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles. "
+                            "Convert to safetensors first (transformers: save_pretrained(safe_serialization=True))")
+        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for shard in shards:
+        if not (model_dir / shard).is_file():
+            raise UserError(f"{model_dir}: shard {shard} listed in model.safetensors.index.json is missing")
+        tensors.update(load_file(model_dir / shard))
+    return tensors
+
+
+def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                    dtype: torch.dtype, ignore: tuple[str, ...] = ()) -> None:
+    """Check names and shapes, then assign `tensors` into a meta-device `module` (no second copy)."""
+    expected = module.state_dict()
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(ignore + ("rotary_emb.inv_freq",))}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise UserError(f"{where}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{where}: unexpected tensor {unexpected[0]}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise UserError(f"{where}: tensor {name} has shape {list(t.shape)}, config.json implies {list(expected[name].shape)}")
+    module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Load a causal LM from a checkpoint directory (or any name `resolve_model` accepts)."""
+    model_dir = resolve_model(str(model))
+    hf = read_config(model_dir)
+    tensors = read_safetensors(model_dir)
+    cfg = config_from_hf(hf, set(tensors), where=str(model_dir / "config.json"))
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    # tied models store no lm_head (some store a redundant copy): the embedding is the head
+    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    if cfg.tie_word_embeddings:
+        del net.lm_head.weight  # drop the alias so state_dict() stops expecting it
+    load_state_into(net, tensors, str(model_dir), dtype, ignore)
+    net.tie_weights()
+    net.model_dir = model_dir
+    return net.to(device)
+
+
+def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for `cfg`: the loaded one with our fields written over it, so unknown keys survive."""
+    hf = dict(cfg.hf_config)
+    hf.setdefault("architectures", ["LlamaForCausalLM"])
+    hf.setdefault("model_type", "llama")
+    hf.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+              max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+              hidden_act="silu")
+    hf["dtype" if "dtype" in hf else "torch_dtype"] = str(dtype).removeprefix("torch.")  # v5 / v4 spelling
+    if hf["model_type"] == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if "rope_parameters" not in hf:
+        hf.update(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+    return hf
+
+
+def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_from: Path | None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files copied from `copy_from`) atomically:
+    everything goes to a temporary sibling first and is renamed into place, so a crash leaves no half checkpoint."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        for name in TOKENIZER_FILES if copy_from else ():
+            if (Path(copy_from) / name).is_file():
+                shutil.copy(Path(copy_from) / name, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_model(model: Transformer, out_dir: str | Path, copy_from: str | Path | None = None) -> Path:
+    """Save in the HF layout that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    `copy_from`: the directory whose tokenizer files travel with the weights (default: where the model came from).
+    """
+    dtype = next(model.parameters()).dtype
+    tensors = dict(model.state_dict())
+    if model.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # HF convention: tied models store the embedding once
+    copy_from = copy_from or getattr(model, "model_dir", None)
+    return write_checkpoint_dir(Path(out_dir), hf_config_of(model.cfg, dtype), tensors, copy_from)

@@ -1,0 +1,257 @@
+"""A Llama-family decoder in one file: the network every nanorlhf script trains.
+
+Covers Llama 1/2/3(.1/.2), SmolLM2, TinyLlama, Mistral (without the sliding window) and Qwen2:
+RMSNorm, rotary embeddings in Hugging Face's split-halves layout (with llama3/linear scaling),
+grouped-query attention through torch's scaled_dot_product_attention, a SwiGLU MLP, optional
+q/k/v biases (Qwen2), tied or untied output head, and a pre-allocated KV cache.
+
+Parameter names are exactly those of Hugging Face checkpoints (`model.layers.0.self_attn.q_proj`,
+...), so a safetensors file loads by name with no translation table.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 32.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v only
+    o_bias: bool = False  # Llama's `attention_bias` also puts one on o_proj
+    mlp_bias: bool = False
+    hf_config: dict = field(default_factory=dict, repr=False)  # the config.json it came from
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), shape (head_dim/2,), with optional long-context scaling.
+
+    llama3 scaling (Llama 3.1/3.2) keeps high frequencies, divides low ones by `factor` and blends
+    the band in between, as in transformers' `_compute_llama3_parameters`.
+    """
+    d = cfg.head_dim
+    # device="cpu" explicitly: the model may be built under torch.device("meta") for loading
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(in_band, blended, scaled)
+    raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, d); cos/sin: (B, 1, T, d). HF layout: dim i pairs with dim i + d/2."""
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 even under bf16, cast back, then scale: the order HF uses
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim).
+
+    `pos` counts the positions already written; the model advances it after each forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, kv_heads, T, d) at `pos`; return all keys/values so far (B, kv_heads, pos+T, d)."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        """Keep only batch rows `keep` (generation drops finished rows)."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, d), S = cached + T
+        # no mask means "plain causal": upper-left aligned, right only when queries == keys
+        causal = mask is None and q.shape[2] == k.shape[2] and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_head
+        )  # (B, nh, T, d); enable_gqa shares each kv head with n_head/n_kv consecutive q heads
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, S) 1=token/0=pad over all keys -> bool (B, 1, T, S), True = may attend.
+
+    The T queries are the last T of the S positions (the rest sit in the KV cache), so the causal
+    part is aligned to the lower right. A pad query still sees itself: a softmax row with every
+    entry masked would be NaN, and NaN in a pad row can leak into gradients.
+    """
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos) & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    return mask | (k_pos == q_pos)
+
+
+class Backbone(nn.Module):
+    """Embeddings + blocks + final norm: token ids -> last hidden states. Shared by the LM and reward models."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, S): S = cached + T; 1 = token, 0 = pad
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:  # (B, T, hidden)
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if attention_mask is not None:
+            # left or right padding: a token's position counts only the real tokens before it
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        else:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if attention_mask is None and start > 0 and T > 1:
+            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
+        # a 4-D mask only where SDPA's plain causal (or no) masking would be wrong
+        has_pad = attention_mask is not None and not bool(attention_mask.all())
+        mask = attention_mask_4d(attention_mask, T) if has_pad or (start > 0 and T > 1) else None
+
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, d/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+        x = self.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """Causal LM: Backbone + lm_head. `model(ids)` -> logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,  # logits for the last position only (sampling): skips a big matmul
+    ):
+        hidden = self.model(input_ids, attention_mask, cache)  # (B, T, hidden)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, T or 1, vocab)
+        return (logits, hidden) if return_hidden else logits
+
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
+        """Random init (tiny test models, new heads): normal(0, std) matrices, unit norms."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
