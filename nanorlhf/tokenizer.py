@@ -77,7 +77,8 @@ class Tokenizer:
 
     def _default_system(self) -> str | None:
         """ChatML templates (SmolLM2, Qwen) inject a system turn when none is given; keep that behaviour."""
-        match = re.search(r"<\|im_start\|>system\\n(.+?)<\|im_end\|>", self.chat_template)
+        # the template's newline is a real one, or a "\n" escape inside a Jinja string literal
+        match = re.search(r"<\|im_start\|>system(?:\n|\\n)(.+?)<\|im_end\|>", self.chat_template)
         return match.group(1) if match else None
 
     @property

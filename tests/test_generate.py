@@ -1,0 +1,60 @@
+"""Sampling: seeds, filters, stop tokens, the logits hook and the returned log-probs."""
+
+import torch
+
+from nanorlhf.checkpoint import load_model
+from nanorlhf.generate import generate, left_pad, sample_next
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+
+
+def test_seeded_sampling_is_reproducible(tiny_dirs):
+    model = load_model(tiny_dirs["llama-gqa-tied"])
+    a = generate(model, PROMPTS, 16, stop_ids=[], pad_id=0, temperature=1.0, seed=7)
+    b = generate(model, PROMPTS, 16, stop_ids=[], pad_id=0, temperature=1.0, seed=7)
+    c = generate(model, PROMPTS, 16, stop_ids=[], pad_id=0, temperature=1.0, seed=8)
+    assert a.ids == b.ids and a.ids != c.ids
+
+
+def test_top_k_one_is_greedy(tiny_dirs):
+    model = load_model(tiny_dirs["qwen2-bias"])
+    greedy = generate(model, PROMPTS, 12, stop_ids=[], pad_id=0, temperature=0)
+    top1 = generate(model, PROMPTS, 12, stop_ids=[], pad_id=0, temperature=1.3, top_k=1, seed=0)
+    assert greedy.ids == top1.ids
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.5 + 0.3 >= 0.7 so token 2 is not
+
+
+def test_logprobs_are_those_of_a_full_forward(tiny_dirs):
+    model = load_model(tiny_dirs["llama3-rope-mqa"]).eval()
+    out = generate(model, PROMPTS, 10, stop_ids=[], pad_id=0, temperature=1.0, seed=3)
+    for prompt, new, lps in zip(PROMPTS, out.ids, out.logprobs):
+        seq = torch.tensor([prompt + new])
+        with torch.no_grad():
+            logp = model(seq)[0, :-1].log_softmax(-1)  # position t predicts token t+1
+        expected = logp[len(prompt) - 1:].gather(-1, seq[0, len(prompt):, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_stops_on_any_stop_id_and_hook_sees_hidden(tiny_dirs):
+    model = load_model(tiny_dirs["llama-gqa-tied"])
+    calls = []
+
+    def hook(logits, hidden, step):
+        calls.append((logits.shape, hidden.shape, step))
+        forced = torch.full_like(logits, -1e9)
+        forced[:, 40 + step] = 0.0  # force tokens 40, 41, 42, ...; 43 and 44 are stop ids
+        return forced
+
+    out = generate(model, PROMPTS, 20, stop_ids=[44, 43], pad_id=0, temperature=1.0, seed=0, logits_hook=hook)
+    assert out.ids == [[40, 41, 42, 43]] * 3  # stopped at the first stop id, which is kept
+    assert calls[0] == (torch.Size([3, 128]), torch.Size([3, 64]), 0) and len(calls) == 4
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
