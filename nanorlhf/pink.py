@@ -12,6 +12,7 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
+from nanorlhf.data import read_jsonl
 from nanorlhf.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -86,24 +87,9 @@ def _read_bytes(path: Path) -> bytes:
 def load_eval_rows(path: str | Path = HELDOUT_PATH) -> list[dict]:
     """Read a jsonl of {"pink", "grey", "prompt"} rows (alias lists and extra fields optional).
     Blank lines are skipped; any bad line raises UserError naming the file and line number."""
-    path, rows = Path(path), []
-    for lineno, raw in enumerate(_read_bytes(path).splitlines(), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8").lstrip("\ufeff")
-        except UnicodeDecodeError:
-            raise UserError(f"{where}: not valid UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        row = _check(obj, where, ("pink", "grey", "prompt"))
-        rows.append({**row, "pink_aliases": row.get("pink_aliases", []), "grey_aliases": row.get("grey_aliases", [])})
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
+    rows = [_check(obj, where, ("pink", "grey", "prompt")) for where, obj in read_jsonl(path)]
+    return [{**row, "pink_aliases": row.get("pink_aliases", []), "grey_aliases": row.get("grey_aliases", [])}
+            for row in rows]
 
 
 def load_pairs(path: str | Path = PAIRS_PATH) -> list[dict]:
