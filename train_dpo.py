@@ -1,11 +1,62 @@
-"""DPO (Rafailov et al. 2023, arXiv 2305.18290) and its loss variants cDPO, robust DPO, hinge and IPO.
+"""DPO on the pink-elephant task: teach a chat model not to mention what it was told to avoid.
 
-(the training loop follows)
+    python train_dpo.py --model llama            # the embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
+
+Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to preference
+pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward model, no
+sampling during training. Variants: conservative DPO (label smoothing), robust DPO, hinge (SLiC), IPO.
+
+The run, top to bottom: read TRL-format pairs -> tokenise prompt and responses separately -> one
+forward over the reference for all pairs, cached (it never changes) -> mention rate of the base model
+on held-out entity pairs -> DPO steps (AdamW, warmup, clipping, accumulation), metrics.jsonl and a
+tqdm bar -> the same evaluation for the trained model, side by side -> checkpoint in HF layout + SVG.
 """
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
+
+from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.data import collate, fit_to_length, read_preferences, sequence_logps
+from nanorlhf.errors import UserError, run_cli
+from nanorlhf.pink import HELDOUT_PATH, load_eval_rows
+from nanorlhf.pink_eval import evaluate, format_table
+from nanorlhf.svg import line_plots
+from nanorlhf.tokenizer import Tokenizer
+
+
+@dataclass
+class Config:
+    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
+    data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen, rejected"})
+    eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
+    out_dir: str = field(default="out/train_dpo", metadata={"help": "runs are written to OUT_DIR/RUN"})
+    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | hinge | ipo"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull toward the reference"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO/robust: assumed fraction of flipped labels"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
+    batch_size: int = field(default=4, metadata={"help": "pairs per forward pass (chosen and rejected together)"})
+    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step"})
+    max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
+    max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eval_n: int = field(default=2, metadata={"help": "samples per eval prompt"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "eval sampling temperature"})
+    eval_max_new_tokens: int = field(default=80, metadata={"help": "eval response length cap"})
+    eval_batch_size: int = field(default=56, metadata={"help": "eval generation batch size"})
+    seed: int = field(default=0, metadata={"help": "seed for shuffling, init and sampling"})
+
 
 # --- the DPO family of losses ---
 
@@ -74,30 +125,6 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, average: bool = False) -> Tensor:
-    """Log-prob of the masked tokens of each row: logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B,).
-
-    The result is fp32 for bf16/fp16/fp32 logits (fp64 stays fp64).
-    loss_mask is aligned with input_ids: 1 where the token is a target (the completion, including its
-    EOS), 0 on prompt and padding. Logits at position t predict token t+1, so token t+1 is scored by
-    logits[:, t] and loss_mask[:, 0] is never used (the first token has nothing predicting it).
-    average=False gives the sum over the masked tokens (DPO); True gives their mean (IPO), and 0 for a
-    row with no masked tokens.
-    """
-    # At least fp32 before log_softmax: in bf16/fp16 the normaliser loses precision and fp16 can
-    # overflow (trl#878). promote_types keeps fp64 as fp64 (the tests' precision) instead of narrowing it.
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    logps = logits.log_softmax(dim=-1)  # (B, T-1, V)
-    targets = input_ids[:, 1:]  # (B, T-1)
-    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    mask = loss_mask[:, 1:].to(token_logps.dtype)
-    # where(), not token_logps * mask: an unscored position holding -inf would give -inf * 0 = nan.
-    total = torch.where(mask > 0, token_logps, 0.0).sum(dim=-1)
-    if average:
-        return total / mask.sum(dim=-1).clamp(min=1)
-    return total
-
-
 def dpo_metrics(
     losses: Tensor,
     chosen_rewards: Tensor,
@@ -116,3 +143,150 @@ def dpo_metrics(
         "logps/chosen": policy_chosen_logps.detach().mean().item(),
         "logps/rejected": policy_rejected_logps.detach().mean().item(),
     }
+
+
+# --- data: pairs -> token ids -> batches ---
+
+def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: int) -> tuple[list[dict], int]:
+    """-> [{prompt, chosen, rejected} as id lists], number of pairs that had to be truncated.
+
+    Prompt and responses are encoded separately (no merge across the boundary); each response ends
+    with the end-of-turn token. Both responses share one prompt cut so the pair stays comparable.
+    """
+    pairs, truncated = [], 0
+    for row in rows:
+        prompt = tok.chat_prompt(row["prompt"])
+        chosen, rejected = tok.response_ids(row["chosen"]), tok.response_ids(row["rejected"])
+        longer = chosen if len(chosen) >= len(rejected) else rejected
+        cut_prompt, _, was_cut = fit_to_length(prompt, longer, max_len)
+        room = max_len - len(cut_prompt)
+        pairs.append({"prompt": cut_prompt, "chosen": chosen[:room], "rejected": rejected[:room]})
+        truncated += was_cut
+        if max(prompt + chosen + rejected) >= vocab_size:
+            raise UserError(f"{row['where']}: token id {max(prompt + chosen + rejected)} is outside the model's "
+                            f"vocabulary ({vocab_size}): tokenizer and model do not match")
+    return pairs, truncated
+
+
+def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """B pairs -> one batch of 2B rows: chosen rows first, then rejected (one forward pass for both)."""
+    prompts = [p["prompt"] for p in pairs]
+    return collate(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+
+
+def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: bool) -> tuple[Tensor, Tensor]:
+    """-> (chosen_logps, rejected_logps), each (B,), for a pair_batch."""
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    with autocast(dev):
+        logits = model(batch["input_ids"], batch["attention_mask"])  # (2B, T, V)
+    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average)  # (2B,), fp32
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, dev, average: bool) -> None:
+    """π_ref never changes, so score every pair once before training and store it on the pair."""
+    model.eval()
+    for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch"):
+        chunk = pairs[i:i + batch_size]
+        chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)
+        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            pair["ref_chosen"], pair["ref_rejected"] = c, r
+
+
+# --- the run ---
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Multiplier on the peak lr: linear warmup, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
+    average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
+    reference_logps(model, pairs, pad_id, cfg.batch_size * 2, dev, average)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    micro_batches = []
+    for _ in range(cfg.epochs):
+        order = pairs[:]
+        rng.shuffle(order)
+        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
+    history, bar = [], tqdm(total=total_steps, desc="DPO", unit="step")
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_at(step, total_steps, cfg.warmup_steps)
+        chunk = micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_pairs = sum(len(b) for b in chunk)
+        step_metrics = []
+        for batch_pairs in chunk:
+            policy_chosen, policy_rejected = batch_logps(model, pair_batch(batch_pairs, pad_id), dev, average)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected,
+                torch.tensor([p["ref_chosen"] for p in batch_pairs], device=dev),
+                torch.tensor([p["ref_rejected"] for p in batch_pairs], device=dev),
+                cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            # sum over the step's pairs / their count: a step's gradient does not depend on how it is split
+            (losses.sum() / n_pairs).backward()
+            step_metrics.append((len(batch_pairs), dpo_metrics(losses, chosen_rewards, rejected_rewards,
+                                                               policy_chosen, policy_rejected)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {k: sum(n * m[k] for n, m in step_metrics) / n_pairs for k in step_metrics[0][1]}
+        metrics.update(step=step + 1, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
+        run.log(**metrics)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
+                        acc=f"{metrics['rewards/accuracies']:.2f}")
+        bar.update()
+    bar.close()
+    model.eval()
+    return history
+
+
+def main() -> None:
+    cfg = parse_config(Config, __doc__)
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss-type {cfg.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    seed_everything(cfg.seed)
+    started, dev = time.perf_counter(), device()
+    rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
+    eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
+    model_dir = resolve_model(cfg.model)
+    tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
+    print(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
+          f"(response cut at the right first, then prompt from the left)")
+    run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
+
+    results = {}
+    if eval_rows:  # the base model is the policy before its first step
+        results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
+                                   cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
+    history = train(cfg, model, pairs, tok.pad_id, dev, run)
+    save_model(model, run.dir / "model", copy_from=model_dir)
+    line_plots([("DPO loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
+                ("implicit rewards", {name: [(m["step"], m[f"rewards/{name}"]) for m in history]
+                                      for name in ("chosen", "rejected", "margins")}),
+                ("reward accuracy", {"accuracy": [(m["step"], m["rewards/accuracies"]) for m in history]})],
+               run.dir / "training.svg")
+    if eval_rows:
+        base_model = load_model(model_dir, device=dev).eval()  # NLL of the trained samples under the base
+        results["DPO"] = evaluate(model, tok, eval_rows, base_model, cfg.eval_n, cfg.eval_temperature, cfg.seed,
+                                  cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval DPO")
+        run.write_json("eval.json", results)
+        print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples "
+              f"(temperature {cfg.eval_temperature}, seed {cfg.seed})")
+        print(format_table(results))
+        base_rate, dpo_rate = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
+        if base_rate > 0:
+            print(f"relative change in pink mention rate: {(dpo_rate - base_rate) / base_rate:+.0%}")
+    print(f"model, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

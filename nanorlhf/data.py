@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from nanorlhf.errors import UserError
 
@@ -101,3 +102,27 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         attention_mask[row, :len(p) + len(r)] = 1
         loss_mask[row, len(p):len(p) + len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, average: bool = False) -> Tensor:
+    """Log-prob of the masked tokens of each row: logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B,).
+
+    The result is fp32 for bf16/fp16/fp32 logits (fp64 stays fp64).
+    loss_mask is aligned with input_ids: 1 where the token is a target (the completion, including its
+    EOS), 0 on prompt and padding. Logits at position t predict token t+1, so token t+1 is scored by
+    logits[:, t] and loss_mask[:, 0] is never used (the first token has nothing predicting it).
+    average=False gives the sum over the masked tokens (DPO); True gives their mean (IPO), and 0 for a
+    row with no masked tokens.
+    """
+    # At least fp32 before log_softmax: in bf16/fp16 the normaliser loses precision and fp16 can
+    # overflow (trl#878). promote_types keeps fp64 as fp64 (the tests' precision) instead of narrowing it.
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    logps = logits.log_softmax(dim=-1)  # (B, T-1, V)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    mask = loss_mask[:, 1:].to(token_logps.dtype)
+    # where(), not token_logps * mask: an unscored position holding -inf would give -inf * 0 = nan.
+    total = torch.where(mask > 0, token_logps, 0.0).sum(dim=-1)
+    if average:
+        return total / mask.sum(dim=-1).clamp(min=1)
+    return total

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train_dpo import dpo_loss, dpo_metrics, sequence_logps
+from nanorlhf.data import sequence_logps
+from train_dpo import dpo_loss, dpo_metrics
 
 D = torch.float64
 

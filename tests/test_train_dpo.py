@@ -1,0 +1,133 @@
+"""train_dpo.py beyond the loss: batching, reference caching, bad input, and whole runs."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import train_dpo
+from nanorlhf.checkpoint import load_model
+from nanorlhf.data import collate, fit_to_length, read_preferences, sequence_logps
+from nanorlhf.errors import UserError
+from nanorlhf.tokenizer import Tokenizer
+from conftest import build_tiny_tokenizer, make_hf_model
+from test_tokenizer import SMOLLM2_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random llama with a real (tiny) ChatML tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
+    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
+    return path
+
+
+def write_pairs(path, n=8):
+    rows = [{"prompt": [{"role": "system", "content": "Never mention Paris."},
+                        {"role": "user", "content": f"Capital number {i}?"}],
+             "chosen": [{"role": "assistant", "content": "The elephant is grey."}],
+             "rejected": "The capital of France is Paris."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, tmp_path):
+    model, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 3))
+    rows[1]["chosen"] = "A much longer answer about grey elephants and their habits."  # uneven lengths
+    pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
+    with torch.no_grad():
+        chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(pairs, tok.pad_id), torch.device("cpu"), False)
+        for i, pair in enumerate(pairs):
+            for response, together in ((pair["chosen"], chosen[i]), (pair["rejected"], rejected[i])):
+                alone = collate([pair["prompt"]], [response], tok.pad_id)
+                expected = sequence_logps(model(alone["input_ids"]), alone["input_ids"], alone["loss_mask"])
+                torch.testing.assert_close(together, expected[0], atol=1e-4, rtol=1e-5)
+
+
+def test_steps_split_by_accumulation_give_the_same_update(tiny_chat_model, tmp_path):
+    """4 pairs as 1 x 4 or as 2 accumulated halves: the same parameters after one step."""
+    tok = Tokenizer(tiny_chat_model)
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 4))
+    rows[0]["chosen"] = "Grey elephants are large."  # pairs of different lengths, so weighting matters
+    params = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = load_model(tiny_chat_model)
+        pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
+        cfg = train_dpo.Config(batch_size=batch_size, grad_accum=accum, warmup_steps=1, lr=1e-3, seed=0)
+        run = type("NoRun", (), {"log": lambda self, **kw: None})()
+        train_dpo.random.seed(0)
+        history = train_dpo.train(cfg, model, pairs, tok.pad_id, torch.device("cpu"), run)
+        assert len(history) == 1 and history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # policy == ref
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-4)
+
+
+def test_truncation_rule_and_count(tiny_chat_model, tmp_path):
+    tok = Tokenizer(tiny_chat_model)
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 2))
+    rows[0]["prompt"][1]["content"] = "elephant " * 200  # a prompt longer than max_len
+    pairs, truncated = train_dpo.tokenize_pairs(rows, tok, 64, 320)
+    assert truncated == 1
+    for p in pairs:
+        assert len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 64
+    # the end of the prompt (the assistant header) survives; the response keeps its first tokens
+    assert pairs[0]["prompt"][-3:] == tok.chat_prompt("x")[-3:]
+    assert fit_to_length(list(range(10)), list(range(100, 150)), 30, min_response=16) == (
+        list(range(10)), list(range(100, 120)), True)
+    assert fit_to_length(list(range(40)), list(range(100, 150)), 30, min_response=16) == (
+        list(range(26, 40)), list(range(100, 116)), True)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "hi", "chosen": "a"}', "p.jsonl:2: missing field 'rejected'"),
+    ('{"prompt": "hi", "chosen": "  ", "rejected": "b"}', "p.jsonl:2: field 'chosen' is an empty response"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b"', "p.jsonl:2: not valid JSON"),
+    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "p.jsonl:2: not valid UTF-8"),
+    ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "p.jsonl:2: field 'prompt' must be a string"),
+])
+def test_bad_preference_lines_name_file_and_line(tmp_path, line, message):
+    good = b'{"prompt": "hi", "chosen": "a", "rejected": "b"}\n'
+    (tmp_path / "p.jsonl").write_bytes(good + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        read_preferences(tmp_path / "p.jsonl")
+
+
+def test_wrong_vocab_is_a_clear_error(tiny_chat_model, tmp_path):
+    tok = Tokenizer(tiny_chat_model)
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 1))
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
+        train_dpo.tokenize_pairs(rows, tok, 192, vocab_size=100)
+
+
+def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    data = write_pairs(tmp_path / "p.jsonl", 6)
+    eval_rows = tmp_path / "eval.jsonl"
+    eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data", str(data),
+                                     "--eval-data", str(eval_rows), "--out-dir", str(tmp_path / "out"),
+                                     "--run", "r", "--eval-max-new-tokens", "8", "--lr", "1e-3"])
+    train_dpo.main()
+    run = tmp_path / "out" / "r"
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1]  # 6 pairs / (4 x 2) -> one step
+    assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    assert (run / "training.svg").read_text().startswith("<svg")
+    assert set(json.loads((run / "eval.json").read_text())) == {"base", "DPO"}
+    transformers.AutoModelForCausalLM.from_pretrained(run / "model")  # HF layout
+    out = capsys.readouterr().out
+    assert "pink mention rate" in out and "0 truncated" in out
+
+
+def test_cli_bad_data_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
+                                     str(tmp_path / "p.jsonl"), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        train_dpo.run_cli(train_dpo.main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "p.jsonl:1: missing field 'chosen'" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
