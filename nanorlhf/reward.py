@@ -1,0 +1,208 @@
+"""Reward models: a Backbone with a scalar head, the Bradley-Terry loss, and pluggable gold scorers.
+
+An RM maps (prompt, response) to one number: the head applied to the last hidden state of the last
+real token. Two checkpoint layouts load and save, told apart by the head's tensor name:
+
+  score.weight            (1, H)  transformers' *ForSequenceClassification with num_labels=1
+  regression_head.weight  (1, H)  UltraRM-13b (openbmb), scored on "Human: {q}\nAssistant: {a}"
+
+Which token is "last" comes from the attention mask, never from the pad id: with pad == eos (SmolLM2)
+transformers' rightmost-non-pad rule reads the token before a final EOS. We append no EOS (as UltraRM's
+card does), so the last real token is the response's last text token and transformers agrees with us.
+"""
+
+import copy
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, read_config, read_safetensors,
+                                 resolve_model, write_checkpoint_dir)
+from nanorlhf.data import collate, fit_to_length
+from nanorlhf.errors import UserError
+from nanorlhf.model import Backbone, ModelConfig, Transformer
+
+HEAD_NAMES = ("score", "regression_head")  # transformers' SequenceClassification, UltraRM
+ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B, T) 1 = token, 0 = pad -> (B,) index of each row's last real token (left, right or no padding)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)  # the largest position whose mask is 1
+
+
+class RewardModel(nn.Module):
+    """Backbone + bias-free Linear(H, 1). `rm(ids, mask)` -> scores (B,), fp32."""
+
+    def __init__(self, cfg: ModelConfig, head_name: str = "score"):
+        super().__init__()
+        assert head_name in HEAD_NAMES, head_name
+        self.cfg, self.head_name = cfg, head_name  # head_name: the tensor name save_reward_model writes
+        self.model = Backbone(cfg)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            last = last_token_index(attention_mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.score(pooled).squeeze(-1).float()  # (B,)
+
+
+def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> RewardModel:
+    """Load either layout (detected from the head's tensor name) from a directory or local HF cache id."""
+    model_dir = resolve_model(str(path))
+    hf = read_config(model_dir)
+    tensors = read_safetensors(model_dir)
+    found = [h for h in HEAD_NAMES if f"{h}.weight" in tensors]
+    if not found:
+        hint = " (it has lm_head.weight: a causal LM, not a reward model)" if "lm_head.weight" in tensors else ""
+        raise UserError(f"{model_dir}: no reward head: expected a tensor named 'score.weight' "
+                        f"(*ForSequenceClassification) or 'regression_head.weight' (UltraRM){hint}")
+    head_name = found[0]
+    head = tensors.pop(f"{head_name}.weight")
+    if head.ndim != 2 or head.shape[0] != 1:
+        raise UserError(f"{model_dir}: {head_name}.weight has shape {list(head.shape)}; "
+                        "a reward model has one output (num_labels = 1)")
+    tensors["score.weight"] = head
+    cfg = config_from_hf(hf, set(tensors), where=str(model_dir / "config.json"))
+    with torch.device("meta"):
+        rm = RewardModel(cfg, head_name)
+    load_state_into(rm, tensors, str(model_dir), dtype, ignore=("lm_head.weight",))
+    rm.model_dir = model_dir
+    return rm.to(device)
+
+
+def save_reward_model(rm: RewardModel, out_dir: str | Path, copy_from: str | Path | None = None) -> Path:
+    """Write `rm` in its own layout. The score layout loads with transformers'
+    AutoModelForSequenceClassification: num_labels 1 and a pad_token_id (it refuses batches without one)."""
+    dtype = next(rm.parameters()).dtype
+    tensors = dict(rm.state_dict())
+    tensors[f"{rm.head_name}.weight"] = tensors.pop("score.weight")
+    copy_from = copy_from or getattr(rm, "model_dir", None)
+    config = hf_config_of(rm.cfg, dtype)
+    prefix = ARCH_PREFIX.get(config["model_type"], "Llama")
+    config["architectures"] = ["LlamaRewardModel" if rm.head_name == "regression_head"
+                               else f"{prefix}ForSequenceClassification"]
+    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if config.get("pad_token_id") is None:
+        eos = config.get("eos_token_id")
+        config["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    return write_checkpoint_dir(Path(out_dir), config, tensors, copy_from)
+
+
+def reward_model_from_lm(lm: Transformer, seed: int = 0) -> RewardModel:
+    """A proxy RM: a copy of `lm`'s backbone (lm itself is untouched) and a fresh head drawn from
+    N(0, 1/(H+1)) as in Stiennon et al. 2020 (arXiv 2009.01325, p. 11): initial scores are small."""
+    param = next(lm.parameters())
+    with torch.device("meta"):
+        rm = RewardModel(lm.cfg, "score")
+    rm.model = copy.deepcopy(lm.model)
+    gen = torch.Generator().manual_seed(seed)
+    std = 1.0 / math.sqrt(lm.cfg.hidden_size + 1)
+    weight = torch.randn((1, lm.cfg.hidden_size), generator=gen) * std
+    rm.score = nn.Linear(lm.cfg.hidden_size, 1, bias=False, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        rm.score.weight.copy_(weight)
+    if getattr(lm, "model_dir", None) is not None:
+        rm.model_dir = lm.model_dir  # its tokenizer files travel with the saved RM
+    return rm
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None,
+                       center_coef: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-pair Bradley-Terry loss and accuracy; nothing is reduced (the caller takes the mean).
+
+        loss = -log σ(r_w - r_l - m) + c · (r_w + r_l)²
+
+    P(y_w ≻ y_l) = σ(r_w - r_l) is the Bradley-Terry model; m is an optional per-pair margin
+    (Llama 2); c > 0 (0.01 in arXiv 2312.09244) pins the scores near zero, which BT alone leaves free
+    (adding a constant to every score changes nothing). -log σ(x) is computed as softplus(-x).
+    Returns (losses (B,), accuracy (B,) = 1.0 where r_w > r_l strictly: ties count as wrong).
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    losses = F.softplus(-diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_scores + rejected_scores) ** 2
+    return losses, (chosen_scores > rejected_scores).to(chosen_scores.dtype)
+
+
+def pair_ids(tok, prompt: str | list[dict], response: str, head_name: str = "score") -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) an RM scores. No EOS: the score is read on the response's last token."""
+    if head_name == "regression_head":  # UltraRM's card: BOS + one string, single newline, no EOS
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        return bos + tok.encode(f"Human: {question}\nAssistant: {response}"), []
+    return tok.chat_prompt(prompt), tok.encode(response)
+
+
+@torch.no_grad()
+def score_texts(rm: RewardModel, tok, prompts: list, responses: list[str], batch_size: int = 8,
+                max_len: int | None = None) -> list[float]:
+    """Score (prompt, response) pairs in right-padded batches; prompts are strings or message lists."""
+    rm.eval()
+    device = next(rm.parameters()).device
+    max_len = max_len or rm.cfg.max_position_embeddings
+    pairs = [fit_to_length(*pair_ids(tok, p, r, rm.head_name), max_len)[:2] for p, r in zip(prompts, responses)]
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = collate([p for p, _ in chunk], [r for _, r in chunk], tok.pad_id)
+        scores += rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+    return scores
+
+
+class GoldScorer(Protocol):
+    """Anything that scores responses to prompts: higher is better."""
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+class RMScorer:
+    """A reward-model checkpoint (either layout) with the tokenizer from its own directory."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 8):
+        from nanorlhf.tokenizer import Tokenizer
+
+        self.rm = load_reward_model(path, dtype, device).eval()
+        self.tok = Tokenizer(self.rm.model_dir)
+        self.batch_size = batch_size
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return score_texts(self.rm, self.tok, prompts, responses, self.batch_size)
+
+
+class VaderScorer:
+    """VADER sentiment (Hutto & Gilbert 2014, PyPI vaderSentiment): the response's compound score in [-1, 1]."""
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise UserError("gold scorer 'vader' needs the vaderSentiment package: pip install vaderSentiment") from None
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [self.analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+def make_gold_scorer(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                     batch_size: int = 8) -> GoldScorer:
+    """'rm:PATH' (a reward-model checkpoint directory or local HF cache id) or 'vader'."""
+    if spec.startswith("rm:") and len(spec) > 3:
+        return RMScorer(spec[3:], dtype, device, batch_size)
+    if spec == "vader":
+        return VaderScorer()
+    raise UserError(f"gold scorer {spec!r}: expected 'rm:PATH' (a reward-model checkpoint directory) "
+                    "or 'vader' (VADER sentiment of the response)")
