@@ -1,4 +1,4 @@
-"""Line charts as plain SVG text: training curves without a plotting dependency."""
+"""Line charts and heatmaps as plain SVG text: training curves and archives without a plotting dependency."""
 
 from html import escape
 from pathlib import Path
@@ -53,5 +53,56 @@ def line_plots(panels: list[tuple[str, Series]], path: str | Path, xlabel: str =
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
            + "\n".join(body) + "\n</svg>\n")
+    Path(path).write_text(svg)
+    return Path(path)
+
+
+# matplotlib's viridis at 0, 1/4, 1/2, 3/4, 1, interpolated linearly in between
+VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+EMPTY = "#d0d0d0"
+
+
+def _color(t: float) -> str:
+    t = min(max(t, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(t), len(VIRIDIS) - 2)
+    rgb = (round(a + (b - a) * (t - i)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], path: str | Path, title: str,
+            vmin: float, vmax: float, row_label: str = "", col_label: str = "", cell_w: int = 84,
+            cell_h: int = 40) -> Path:
+    """Write a heatmap: values[r][c] coloured on the fixed scale [vmin, vmax] (so maps of different runs
+    compare), None drawn as an empty grey cell, each value printed in its cell with 2 decimals."""
+    left, top = 20 + max([len(r) for r in rows] + [4]) * 7, 64
+    width, height = left + cell_w * len(cols) + 110, top + cell_h * len(rows) + 20
+    span = (vmax - vmin) or 1.0
+    out = [f'<text x="{left}" y="18" font-weight="bold">{escape(title)}</text>',
+           f'<text x="{left + cell_w * len(cols) / 2}" y="36" text-anchor="middle" font-style="italic">{escape(col_label)}</text>',
+           f'<text x="8" y="{top - 8}" font-style="italic">{escape(row_label)}</text>']
+    for c, name in enumerate(cols):
+        out.append(f'<text x="{left + (c + 0.5) * cell_w}" y="{top - 8}" text-anchor="middle">{escape(name)}</text>')
+    for r, name in enumerate(rows):
+        y = top + r * cell_h
+        out.append(f'<text x="{left - 6}" y="{y + cell_h / 2 + 4}" text-anchor="end">{escape(name)}</text>')
+        for c, v in enumerate(values[r]):
+            x, t = left + c * cell_w, None if v is None else (v - vmin) / span
+            out.append(f'<rect x="{x}" y="{y}" width="{cell_w}" height="{cell_h}" stroke="white" '
+                       f'fill="{EMPTY if t is None else _color(t)}"/>')
+            if v is not None:
+                ink = "white" if t < 0.6 else "black"
+                out.append(f'<text class="value" data-row="{escape(rows[r])}" data-col="{escape(cols[c])}" '
+                           f'x="{x + cell_w / 2}" y="{y + cell_h / 2 + 4}" text-anchor="middle" fill="{ink}">{v:.2f}</text>')
+    bar_x, bar_h = left + cell_w * len(cols) + 20, cell_h * len(rows)
+    for i in range(20):  # the colour bar, vmax at the top
+        out.append(f'<rect x="{bar_x}" y="{top + bar_h * i / 20:.1f}" width="14" height="{bar_h / 20 + 0.5:.1f}" '
+                   f'fill="{_color(1 - (i + 0.5) / 20)}"/>')
+    for t in (0.0, 0.5, 1.0):
+        out.append(f'<text x="{bar_x + 18}" y="{top + bar_h * (1 - t) + 4:.1f}">{vmin + t * span:.3g}</text>')
+    out.append(f'<rect x="{bar_x}" y="{top + bar_h + 6}" width="14" height="8" fill="{EMPTY}"/>'
+               f'<text x="{bar_x + 18}" y="{top + bar_h + 14}">empty</text>')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 10}" '
+           f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
+           + "\n".join(out) + "\n</svg>\n")
     Path(path).write_text(svg)
     return Path(path)

@@ -1,0 +1,444 @@
+"""QDAIF: quality-diversity through AI feedback. MAP-Elites over poems, genre x tone.
+
+    python qdaif.py --model llama                        # embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
+    python qdaif.py --model llama --fitness rm:PATH      # map a reward model (the hackathon's use)
+    python qdaif.py --model llama --iterations 2500      # the hackathon's length (a GPU job)
+
+MAP-Elites keeps one poem per cell of a grid of categories (default 5 genres x 5 tones). That poem is
+the cell's elite: the best one seen so far whose labels fall in the cell. Each batch either writes
+fresh poems ("Write a {tone} {genre} about ...": the first --init-iterations poems, or while the
+archive is empty) or rewrites elites. A rewrite picks a filled cell uniformly, takes its elite and
+asks for it to be rewritten as a randomly drawn (genre, tone). This is QDAIF's LMX-rewrite
+(Bradley et al. 2023, arXiv 2310.13032). Every child is then judged twice:
+  fitness  ai:    P(yes) for "is this a high-quality poem?", from the LM's log-probs of yes and no
+           vader: VADER sentiment of the poem (compound, in [-1, 1])
+           rm:PATH: a reward model's score of (request, poem); any checkpoint nanorlhf loads
+  labels   judged:    the LM picks the genre (then the tone) whose label has the highest log-prob (QDAIF)
+           requested: the cell is the target the prompt asked for (the New England RLHF hackathon fork)
+Both kinds of label are recorded for every poem, and the run reports how often they disagree. A
+child takes a cell only if the cell is empty or the child's fitness is strictly higher. On a tie the
+older poem stays.
+
+QD score = sum over filled cells of max(f - offset, 0). The offset is a floor under fitness, so every
+filled cell adds a term >= 0 and the score never falls. The clip at 0 keeps that true even for a
+score below the floor. --qd-offset auto uses the fitness's own lower bound: 0 for ai (QD <= number
+of cells) and -1 for vader. A reward model is unbounded and has no anchor, so it gets -10, the
+hackathon's fitness floor; set it below the scores you see.
+
+Out: out/qdaif/<run>/ history.jsonl (every candidate), elites.jsonl, metrics.jsonl, snapshot.json
+(--resume true --run NAME continues a run exactly), elites.svg, mean_fitness.svg, qd_score.svg.
+"""
+
+import itertools
+import json
+import math
+import random
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanorlhf.checkpoint import load_model, resolve_model
+from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.errors import UserError, run_cli
+from nanorlhf.generate import generate, left_pad
+from nanorlhf.model import KVCache
+from nanorlhf.svg import heatmap, line_plots
+from nanorlhf.tokenizer import Tokenizer
+
+POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
+TOPICS = ("the sea", "autumn leaves", "a city at night", "an old house", "the moon", "a garden", "mountains",
+          "first snow", "a long journey", "a lost friend", "the stars", "a summer storm")
+LABEL_PROMPT = "{poem}\n\nWhich {axis} is the poem above closest to: {options}? Answer with one word."
+QUALITY_PROMPT = "{poem}\n\nIs the poem above a high-quality poem? Answer yes or no."
+RM_OFFSET = -10.0
+
+
+@dataclass
+class Config:
+    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
+    fitness: str = field(default="ai", metadata={"help": "ai (LM's P(yes) 'high quality?') | vader | rm:PATH (reward model)"})
+    labels: str = field(default="judged", metadata={"help": "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)"})
+    grid: str = field(default=POETRY_GRID, metadata={"help": "axes and their labels: 'axis=a,b,c;axis2=x,y'"})
+    iterations: int = field(default=400, metadata={"help": "candidate poems in all (each costs one generation and its judging)"})
+    init_iterations: int = field(default=64, metadata={"help": "the first N candidates are fresh poems, not rewrites"})
+    batch_size: int = field(default=16, metadata={"help": "candidates generated and judged together"})
+    max_new_tokens: int = field(default=64, metadata={"help": "poem length cap (a cut-off last line is dropped)"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature for writing and rewriting"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for writing and rewriting"})
+    qd_offset: str = field(default="auto", metadata={"help": "QD-score floor: a number, or auto (ai 0, vader -1, rm -10)"})
+    init_prompt: str = field(default="Write a {tone} {genre} about {topic}. Reply with the poem only.",
+                             metadata={"help": "fresh-poem prompt: every axis as {axis}, and {topic}"})
+    mutate_prompt: str = field(default="Here is a {parent_genre}:\n\n{poem}\n\nRewrite it as a {tone} {genre} of very high, "
+                               "award-winning quality. Reply with the poem only.",
+                               metadata={"help": "rewrite prompt: every axis, {poem}, optionally {parent_AXIS}"})
+    rm_prompt: str = field(default="Write a {tone} {genre}.", metadata={"help": "rm:PATH scores (this request, the poem); {axis} = the cell"})
+    rm_batch_size: int = field(default=8, metadata={"help": "reward-model scoring batch"})
+    out_dir: str = field(default="out/qdaif", metadata={"help": "runs are written to OUT_DIR/RUN"})
+    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
+    resume: bool = field(default=False, metadata={"help": "continue OUT_DIR/RUN from its snapshot.json (to --iterations)"})
+    seed: int = field(default=0, metadata={"help": "seed for targets, parents and sampling"})
+
+
+# --- the grid and the archive ---
+
+class Grid:
+    """A categorical behaviour space: named axes, each a list of labels. A cell is one label per axis.
+    Cells are keyed by tuples in axis order; candidates carry labels as {axis: label}."""
+
+    def __init__(self, spec: str):
+        self.spec, self.axes = spec, {}
+        for part in spec.split(";"):
+            name, eq, labels = (s.strip() for s in part.partition("="))
+            values = [v.strip() for v in labels.split(",") if v.strip()]
+            if not eq or not name:
+                raise UserError(f"--grid {spec!r}: expected 'axis=label,label;axis=...', got {part!r}")
+            if not values:
+                raise UserError(f"--grid {spec!r}: axis {name!r} has no labels")
+            if name in self.axes or len(set(values)) < len(values):
+                raise UserError(f"--grid {spec!r}: axis {name!r} is repeated or repeats a label")
+            self.axes[name] = values
+        self.names = list(self.axes)
+        self.keys = list(itertools.product(*self.axes.values()))
+
+    def key(self, labels) -> tuple | None:
+        """{axis: label} -> the cell's key; None when an axis is missing or a label is not on its list."""
+        if not isinstance(labels, dict):
+            return None
+        key = tuple(labels.get(n) for n in self.names)
+        return key if all(v in self.axes[n] for n, v in zip(self.names, key)) else None
+
+    def labels(self, key: tuple) -> dict:
+        return dict(zip(self.names, key))
+
+
+def _number(f) -> float | None:
+    """A finite float, or None (NaN, inf, not a number) meaning the candidate is invalid."""
+    try:
+        f = float(f)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class Archive:
+    """MAP-Elites archive: at most one elite per cell, the best valid candidate that landed there."""
+
+    def __init__(self, grid: Grid, offset: float):
+        self.grid, self.offset, self.elites = grid, offset, {}  # cell key -> candidate dict
+
+    def add(self, cand: dict) -> str:
+        """-> 'new' (filled an empty cell) | 'improved' | 'kept' (not strictly better) | 'invalid'.
+        An invalid candidate (empty text, labels off the grid, NaN/inf/missing fitness) changes nothing."""
+        key, f = self.grid.key(cand.get("cell")), cand.get("fitness")
+        if key is None or not str(cand.get("text") or "").strip() or _number(f) is None:
+            return "invalid"
+        old = self.elites.get(key)
+        if old is not None and not f > old["fitness"]:
+            return "kept"
+        self.elites[key] = cand
+        return "new" if old is None else "improved"
+
+    def stats(self) -> dict:
+        fs, n = [e["fitness"] for e in self.elites.values()], len(self.grid.keys)
+        qd = sum(max(f - self.offset, 0.0) for f in fs)
+        return {"qd_score": qd, "norm_qd_score": qd / n, "coverage": len(fs) / n, "num_elites": len(fs),
+                "best": max(fs, default=None), "mean": sum(fs) / len(fs) if fs else None}
+
+
+# --- the domain: what the search asks of a language model (tests plug in mocks) ---
+
+class Domain:
+    """Write, rewrite and judge candidates in batches. Targets, parents' and judged labels are {axis: label}.
+    All randomness comes from `seed`, so a run (and a resumed run) is reproducible."""
+    fitness_range: tuple[float, float] | None = None  # known bounds of fitness (None: unbounded)
+
+    def init_batch(self, targets: list[dict], seed: int) -> list[str]: raise NotImplementedError
+    def mutate_batch(self, parents: list[dict], targets: list[dict], seed: int) -> list[str]: raise NotImplementedError
+    def labels_batch(self, texts: list[str]) -> list[dict | None]: raise NotImplementedError
+    def fitness_batch(self, texts: list[str], cells: list[dict | None]) -> list[float]: raise NotImplementedError
+
+
+@torch.no_grad()
+def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
+    """log p(option | prompt) for every prompt and option -> (B, n_options), summed over the option's tokens.
+
+    The prompts are prefilled once into a KV cache. Each option is then scored as a continuation:
+    rewind the cache to the end of the prompts (pos = P) and feed the option's tokens. So one
+    forward pass over the poem serves every label.
+    """
+    dev = next(model.parameters()).device
+    ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))
+    B, P = ids.shape
+    dtype = torch.bfloat16 if dev.type == "cuda" else next(model.parameters()).dtype
+    cache = KVCache(model.cfg, B, P + max(len(o) for o in options), dev, dtype)
+    with autocast(dev):
+        first = model(ids, mask, cache, last_only=True)[:, -1].float().log_softmax(-1)  # (B, V)
+        scores = []
+        for option in options:
+            lp = first[:, option[0]]
+            if len(option) > 1:  # tokens 2.. are predicted from the option's own prefix
+                cache.pos = P
+                x = torch.tensor(option[:-1], device=dev).expand(B, -1)
+                logits = model(x, torch.cat([mask, mask.new_ones(B, len(option) - 1)], 1), cache).float()
+                nxt = torch.tensor(option[1:], device=dev)[None, :, None].expand(B, -1, 1)
+                lp = lp + logits.log_softmax(-1).gather(-1, nxt).squeeze(-1).sum(-1)
+            scores.append(lp)
+    return torch.stack(scores, 1)
+
+
+class PoetryDomain(Domain):
+    """The LM writes, rewrites and judges poems. Fitness comes from the LM (ai) or from a scorer (vader, rm)."""
+
+    def __init__(self, model, tok: Tokenizer, grid: Grid, cfg: Config, scorer=None, scorer_range=None):
+        self.model, self.tok, self.grid, self.cfg, self.scorer = model, tok, grid, cfg, scorer
+        self.fitness_range = (0.0, 1.0) if scorer is None else scorer_range
+
+    def _generate(self, prompts: list[str], seed: int) -> list[str]:
+        gen = generate(self.model, [self.tok.chat_prompt(p) for p in prompts], self.cfg.max_new_tokens,
+                       self.tok.stop_ids, self.tok.pad_id, self.cfg.temperature, top_p=self.cfg.top_p, seed=seed)
+        texts = []
+        for ids in gen.ids:
+            text = self.tok.decode(ids).strip()
+            if not (ids and ids[-1] in self.tok.stop_ids) and "\n" in text:
+                text = text.rsplit("\n", 1)[0].rstrip()  # hit the length cap: drop the cut-off line
+            texts.append(text)
+        return texts
+
+    def init_batch(self, targets, seed):
+        rng = random.Random(seed)
+        return self._generate([self.cfg.init_prompt.format(**t, topic=rng.choice(TOPICS)) for t in targets], seed)
+
+    def mutate_batch(self, parents, targets, seed):
+        return self._generate([self.cfg.mutate_prompt.format(poem=p["text"], **t, **{f"parent_{a}": v for a, v in p["cell"].items()})
+                               for p, t in zip(parents, targets)], seed)
+
+    def choose(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
+        """(B, len(answers)) log-probs of each answer as the reply, its lower- and capitalised spellings pooled."""
+        spellings = [sorted({a, a.capitalize()}) for a in answers]
+        flat = [self.tok.encode(s) for group in spellings for s in group]
+        lp = option_logprobs(self.model, [self.tok.chat_prompt(p) for p in prompts], flat, self.tok.pad_id)
+        bounds = list(itertools.accumulate([0] + [len(g) for g in spellings]))
+        return torch.stack([lp[:, i:j].logsumexp(-1) for i, j in zip(bounds, bounds[1:])], -1)
+
+    def labels_batch(self, texts):
+        judged = [{} for _ in texts]
+        for axis, values in self.grid.axes.items():
+            prompts = [LABEL_PROMPT.format(poem=t, axis=axis, options=", ".join(values)) for t in texts]
+            for row, i in zip(judged, self.choose(prompts, values).argmax(-1).tolist()):
+                row[axis] = values[i]
+        return [row if t.strip() else None for row, t in zip(judged, texts)]
+
+    def fitness_batch(self, texts, cells):
+        if self.scorer is not None:
+            return self.scorer(texts, cells)
+        lp = self.choose([QUALITY_PROMPT.format(poem=t) for t in texts], ["yes", "no"])
+        return torch.sigmoid(lp[:, 0] - lp[:, 1]).tolist()  # P(yes) over {yes, no}
+
+
+def check_fitness(spec: str) -> Path | None:
+    """Validate --fitness before any work; -> the reward model's directory for rm:PATH."""
+    if spec in ("ai", "vader"):
+        return None
+    if not spec.startswith("rm:"):
+        raise UserError(f"--fitness {spec!r}: choose ai, vader or rm:PATH")
+    try:
+        path = resolve_model(spec[3:])
+    except UserError:
+        path = None
+    if path is None or not (path / "config.json").is_file():
+        raise UserError(f"--fitness {spec}: {spec[3:]!r} is not a readable reward-model checkpoint directory (no config.json)")
+    return path
+
+
+def make_scorer(cfg: Config, rm_path: Path | None):
+    """-> (score(texts, cells) -> list[float], known range or None) for vader and rm:PATH."""
+    if cfg.fitness == "vader":
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise UserError("--fitness vader needs the vaderSentiment package (pip install vaderSentiment)") from None
+        analyzer = SentimentIntensityAnalyzer()
+        return (lambda texts, cells: [analyzer.polarity_scores(t)["compound"] for t in texts]), (-1.0, 1.0)
+    from nanorlhf.reward import load_reward_model, score_texts  # lazy: only rm:PATH needs it
+
+    rm, rm_tok = load_reward_model(rm_path), Tokenizer(rm_path)
+
+    def score(texts, cells):
+        prompts = [cfg.rm_prompt.format(**c) if c else "Write a poem." for c in cells]
+        return [float(s) for s in score_texts(rm, rm_tok, prompts, texts, cfg.rm_batch_size)]
+    return score, None
+
+
+# --- the search ---
+
+def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> tuple[Archive, list[dict]]:
+    """MAP-Elites, one batch per step, to cfg.iterations candidates. A snapshot after every batch lets a
+    resumed run continue exactly as an uninterrupted one would. -> (archive, curve of stats per batch)."""
+    archive, rng, done, curve = Archive(grid, offset), random.Random(cfg.seed), 0, []
+    history, snapshot = out.dir / "history.jsonl", out.dir / "snapshot.json"
+    if cfg.resume:
+        snap = json.loads(snapshot.read_text())
+        done, curve = snap["done"], snap["curve"]
+        rng.setstate((snap["rng"][0], tuple(snap["rng"][1]), snap["rng"][2]))
+        archive.elites = {grid.key(e["cell"]): e for e in snap["elites"]}
+        lines = history.read_text().splitlines(keepends=True) if history.exists() else []
+        history.write_text("".join(lines[:done]))  # drop candidates written after the snapshot
+    else:
+        history.write_text("")
+    bar = tqdm(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")
+    while done < cfg.iterations:
+        n, init = min(cfg.batch_size, cfg.iterations - done), done < cfg.init_iterations or not archive.elites
+        targets = [grid.labels(rng.choice(grid.keys)) for _ in range(n)]
+        occupied = [k for k in grid.keys if k in archive.elites]
+        parents = None if init else [archive.elites[rng.choice(occupied)] for _ in range(n)]
+        seed = rng.randrange(2**31)
+        texts = domain.init_batch(targets, seed) if init else domain.mutate_batch(parents, targets, seed)
+        judged = domain.labels_batch(texts)
+        cells = judged if cfg.labels == "judged" else targets
+        fitness = domain.fitness_batch(texts, cells)
+        rows = []
+        for i, (text, target, label, cell, f) in enumerate(zip(texts, targets, judged, cells, fitness)):
+            cand = {"id": done + i, "batch": len(curve), "op": "init" if init else "mutate",
+                    "parent": None if init else parents[i]["id"], "target": target, "judged": label,
+                    "cell": cell, "fitness": _number(f), "text": text}
+            cand["status"] = archive.add(cand)
+            rows.append(cand)
+        with open(history, "a") as fh:
+            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        done += n
+        point = {"candidates": done, "batch": len(curve) + 1, "phase": "init" if init else "mutate", **archive.stats(),
+                 "added": sum(r["status"] in ("new", "improved") for r in rows)}
+        curve.append(point)
+        out.log(**point)
+        state = {"grid": grid.spec, "offset": offset, "labels": cfg.labels, "done": done, "rng": rng.getstate(),
+                 "curve": curve, "elites": list(archive.elites.values())}
+        (out.dir / "snapshot.tmp").write_text(json.dumps(state, ensure_ascii=False))
+        (out.dir / "snapshot.tmp").replace(snapshot)  # atomic: a crash leaves the previous snapshot
+        bar.set_postfix(qd=f"{point['qd_score']:.3g}", cov=f"{point['coverage']:.0%}")
+        bar.update(n)
+    bar.close()
+    return archive, curve
+
+
+# --- outputs ---
+
+def grid_matrix(grid: Grid, values: dict) -> tuple[list[str], list[str], list[list]]:
+    """{cell key: value} -> (rows = first axis, columns = the other axes joined by '/', values[r][c])."""
+    cols = list(itertools.product(*(grid.axes[n] for n in grid.names[1:])))
+    return grid.axes[grid.names[0]], ["/".join(c) for c in cols], [[values.get((r, *c)) for c in cols] for r in grid.axes[grid.names[0]]]
+
+
+def format_table(grid: Grid, values: dict) -> str:
+    rows, cols, matrix = grid_matrix(grid, values)
+    w, first = max([9] + [len(c) + 2 for c in cols]), max(len(r) for r in rows) + 2
+    lines = [" " * first + "".join(f"{c:>{w}}" for c in cols)]
+    lines += [f"{r:<{first}}" + "".join(f"{'.' if v is None else f'{v:.3g}':>{w}}" for v in vals) for r, vals in zip(rows, matrix)]
+    return "\n".join(lines)
+
+
+def disagreement(grid: Grid, history: list[dict]) -> dict:
+    """How often the judged labels differ from the requested ones, overall and per axis."""
+    rows = [h for h in history if grid.key(h["judged"]) is not None]
+    out = {"n": len(rows), "any": sum(h["judged"] != h["target"] for h in rows) / max(len(rows), 1)}
+    return out | {a: sum(h["judged"][a] != h["target"][a] for h in rows) / max(len(rows), 1) for a in grid.names}
+
+
+def report(out: Run, grid: Grid, archive: Archive, curve: list[dict], fitness_range) -> dict:
+    """elites.jsonl, two heatmaps on one fixed colour scale, the QD curve, a table and a summary."""
+    history = [json.loads(line) for line in (out.dir / "history.jsonl").read_text().splitlines()]
+    valid = [h for h in history if h["status"] != "invalid"]
+    elites = {k: e["fitness"] for k, e in archive.elites.items()}
+    by_cell = {}
+    for h in valid:
+        by_cell.setdefault(grid.key(h["cell"]), []).append(h["fitness"])
+    means = {k: sum(fs) / len(fs) for k, fs in by_cell.items()}
+    with open(out.dir / "elites.jsonl", "w") as fh:
+        fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n" for k in grid.keys if k in archive.elites))
+    lo, hi = fitness_range or (min((h["fitness"] for h in valid), default=0.0), max((h["fitness"] for h in valid), default=1.0))
+    rows, cols, _ = grid_matrix(grid, {})
+    col_label = "/".join(grid.names[1:])
+    heatmap(rows, cols, grid_matrix(grid, elites)[2], out.dir / "elites.svg", "elite fitness per cell", lo, hi, grid.names[0], col_label)
+    heatmap(rows, cols, grid_matrix(grid, means)[2], out.dir / "mean_fitness.svg",
+            f"mean fitness of all {len(valid)} valid candidates per cell", lo, hi, grid.names[0], col_label)
+    line_plots([(f"QD score (offset {archive.offset:g})", {"QD": [(p["candidates"], p["qd_score"]) for p in curve]}),
+                ("coverage", {"coverage": [(p["candidates"], p["coverage"]) for p in curve]}),
+                ("elite fitness", {"best": [(p["candidates"], p["best"]) for p in curve if p["best"] is not None],
+                                   "mean": [(p["candidates"], p["mean"]) for p in curve if p["mean"] is not None]})],
+               out.dir / "qd_score.svg", xlabel="candidates (LM generations)")
+    stats, disagree = archive.stats(), disagreement(grid, history)
+    print("\nelite fitness per cell\n" + format_table(grid, elites))
+    top = f" of {(hi - archive.offset) * len(grid.keys):.3g}" if fitness_range else ""
+    best = "n/a" if stats["best"] is None else f"{stats['best']:.3g}"
+    print(f"coverage {stats['num_elites']}/{len(grid.keys)} ({stats['coverage']:.0%}), QD score {stats['qd_score']:.3g}"
+          f"{top} (offset {archive.offset:g}), best {best}, {len(history)} candidates, {len(history) - len(valid)} invalid")
+    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of {disagree['n']} judged poems ("
+          + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
+    summary = {**stats, "offset": archive.offset, "candidates": len(history), "invalid": len(history) - len(valid),
+               "disagreement": disagree}
+    out.write_json("summary.json", summary)
+    return summary
+
+
+def check_template(flag: str, template: str, required: set[str], allowed: set[str]) -> None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise UserError(f"--{flag}: {e}") from None
+    if fields - allowed or required - fields:
+        names = lambda xs: ", ".join("{" + x + "}" for x in sorted(xs)) or "none"
+        raise UserError(f"--{flag} {template!r}: must use {names(required)}; may also use {names(allowed - required)}; "
+                        f"unknown: {names(fields - allowed)} (set the prompt flags to match --grid)")
+
+
+def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]:
+    """The whole script. Inputs are validated before any work; `domain` replaces the LM (tests)."""
+    grid = Grid(cfg.grid)
+    axes = set(grid.names)
+    check_template("init-prompt", cfg.init_prompt, axes, axes | {"topic"})
+    check_template("mutate-prompt", cfg.mutate_prompt, axes | {"poem"}, axes | {"poem"} | {f"parent_{a}" for a in axes})
+    check_template("rm-prompt", cfg.rm_prompt, set(), axes)
+    if cfg.labels not in ("judged", "requested"):
+        raise UserError(f"--labels {cfg.labels!r}: choose judged or requested")
+    if min(cfg.iterations, cfg.batch_size) < 1:
+        raise UserError("--iterations and --batch-size must be at least 1")
+    if cfg.qd_offset != "auto" and _number(cfg.qd_offset) is None:
+        raise UserError(f"--qd-offset {cfg.qd_offset!r}: expected a number or auto")
+    rm_path = check_fitness(cfg.fitness) if domain is None else None
+    run_dir = Path(cfg.out_dir) / cfg.run
+    if cfg.resume:
+        if not cfg.run or not (run_dir / "snapshot.json").is_file():
+            raise UserError(f"--resume: no snapshot.json in {run_dir} (name the run with --run)")
+        snap = json.loads((run_dir / "snapshot.json").read_text())
+        if snap["grid"] != cfg.grid or snap["labels"] != cfg.labels:
+            raise UserError(f"--resume: {run_dir} was run with --grid {snap['grid']!r} --labels {snap['labels']}")
+    seed_everything(cfg.seed)
+    if domain is None:
+        model_dir = resolve_model(cfg.model)
+        tok, model = Tokenizer(model_dir), load_model(model_dir, device=device()).eval()
+        scorer, scorer_range = make_scorer(cfg, rm_path) if cfg.fitness != "ai" else (None, None)
+        domain = PoetryDomain(model, tok, grid, cfg, scorer, scorer_range)
+    bounds = domain.fitness_range
+    offset = float(cfg.qd_offset) if cfg.qd_offset != "auto" else (bounds[0] if bounds else RM_OFFSET)
+    if cfg.resume and snap["offset"] != offset:
+        raise UserError(f"--resume: {run_dir} was run with --qd-offset {snap['offset']}")
+    if cfg.run:  # metrics.jsonl is appended to: start it afresh, or from the snapshot's curve
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in snap["curve"]) if cfg.resume else "")
+    out = Run("qdaif", cfg.out_dir, cfg.run, cfg)
+    archive, curve = search(domain, grid, cfg, offset, out)
+    return archive, report(out, grid, archive, curve, bounds), out.dir
+
+
+def main() -> None:
+    cfg = parse_config(Config, __doc__)
+    started = time.perf_counter()
+    _, _, run_dir = run(cfg)
+    print(f"archive, poems and plots in {run_dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,326 @@
+"""qdaif.py: MAP-Elites invariants (shared/reference/qdaif.md §9.1) on mock domains with known optima,
+the heatmaps against a planted reward table, bad input, and the LM-facing code on a tiny random model."""
+
+import json
+import random
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import qdaif
+from nanorlhf.checkpoint import load_model
+from nanorlhf.errors import UserError
+from nanorlhf.tokenizer import Tokenizer
+from conftest import build_tiny_tokenizer, make_hf_model
+from test_tokenizer import SMOLLM2_TEMPLATE
+
+GENRES = ["haiku", "sonnet", "ballad", "limerick", "hymn"]
+TONES = ["happy", "dark", "mysterious", "romantic", "reflective"]
+
+
+class MockPoetry(qdaif.Domain):
+    """Toy A of qdaif.md §9.2: a poem is 'genre|tone|quality'. A rewrite copies the parent's quality,
+    raises it by 1 (cap 10) with probability q and reaches the requested genre with probability p
+    (else the next genre). The judge reads the true labels and the quality. Optimum: 25 x 10 = 250."""
+    fitness_range = (0.0, 10.0)
+
+    def __init__(self, p=0.8, q=0.5):
+        self.p, self.q = p, q
+
+    def _write(self, target, quality, rng):
+        genre = target["genre"] if rng.random() < self.p else GENRES[(GENRES.index(target["genre"]) + 1) % 5]
+        return f"{genre}|{target['tone']}|{quality}"
+
+    def init_batch(self, targets, seed):
+        rng = random.Random(seed)
+        return [self._write(t, 1, rng) for t in targets]
+
+    def mutate_batch(self, parents, targets, seed):
+        rng = random.Random(seed)
+        out = []
+        for parent, target in zip(parents, targets):
+            quality = int(parent["text"].split("|")[2])
+            out.append(self._write(target, min(quality + 1, 10) if rng.random() < self.q else quality, rng))
+        return out
+
+    def labels_batch(self, texts):
+        return [dict(zip(("genre", "tone"), t.split("|")[:2])) if t else None for t in texts]
+
+    def fitness_batch(self, texts, cells):
+        return [float("nan") if "nan" in t else float(t.split("|")[2]) if t else 0.0 for t in texts]
+
+
+# a planted per-cell reward table (negative values, like RM logits), exact in 2 decimals
+TABLE = {(g, t): round(-3 + 0.75 * i - 0.5 * j, 2) for i, g in enumerate(GENRES) for j, t in enumerate(TONES)}
+
+
+class MockReward(MockPoetry):
+    """Toy E: reward = TABLE[cell] - 0.5 k, plus 1 for the planted keyword 'hack'. Per-cell maximum:
+    TABLE + 1 (k = 0, with 'hack'). Some candidates are empty or score NaN: they must change nothing."""
+    fitness_range = None
+
+    def _write(self, target, quality, rng):
+        r = rng.random()
+        if r < 0.05:
+            return ""
+        text = f"{target['genre']}|{target['tone']}|{rng.randrange(4)}" + (" hack" if rng.random() < 0.3 else "")
+        return text + " nan" if r > 0.95 else text
+
+    def mutate_batch(self, parents, targets, seed):
+        return self.init_batch(targets, seed)
+
+    def fitness_batch(self, texts, cells):
+        return [float("nan") if "nan" in t else TABLE[tuple(c.values())] - 0.5 * int(t.split("|")[2][0])
+                + ("hack" in t) if t else 0.0 for t, c in zip(texts, cells)]
+
+
+def cfg_for(tmp_path, name="r", **kw):
+    return qdaif.Config(out_dir=str(tmp_path), run=name, **{"iterations": 200, "init_iterations": 20,
+                                                            "batch_size": 8, **kw})
+
+
+def history(run_dir):
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def grid():
+    return qdaif.Grid(qdaif.POETRY_GRID)
+
+
+def cand(genre, tone, fitness, text="a poem", i=0):
+    return {"id": i, "cell": {"genre": genre, "tone": tone}, "fitness": fitness, "text": text}
+
+
+# --- the archive ---
+
+def test_elitism_strictly_higher_replaces_and_ties_keep_the_incumbent():
+    archive = qdaif.Archive(grid(), offset=0.0)
+    assert archive.add(cand("haiku", "dark", 0.5, i=0)) == "new"
+    assert archive.add(cand("haiku", "dark", 0.5, i=1)) == "kept"  # a tie: the older poem stays
+    assert archive.add(cand("haiku", "dark", 0.4, i=2)) == "kept"
+    assert archive.elites[("haiku", "dark")]["id"] == 0
+    assert archive.add(cand("haiku", "dark", 0.6, i=3)) == "improved"
+    assert archive.elites[("haiku", "dark")]["id"] == 3
+
+
+def test_random_stream_per_cell_elitism_and_stats():
+    archive, rng = qdaif.Archive(grid(), offset=-5.0), random.Random(0)
+    for i in range(500):
+        before = {k: e["fitness"] for k, e in archive.elites.items()}
+        qd_before = archive.stats()["qd_score"]
+        archive.add(cand(rng.choice(GENRES), rng.choice(TONES), rng.uniform(-5, 5), i=i))
+        after = {k: e["fitness"] for k, e in archive.elites.items()}
+        assert all(after[k] >= f for k, f in before.items()) and set(before) <= set(after)
+        assert archive.stats()["qd_score"] >= qd_before
+        fs = list(after.values())
+        s = archive.stats()
+        assert s["num_elites"] == len(fs) and s["coverage"] == len(fs) / 25
+        assert s["qd_score"] == pytest.approx(sum(f + 5 for f in fs)) and s["mean"] == pytest.approx(sum(fs) / len(fs))
+        assert all(archive.grid.key(e["cell"]) == k for k, e in archive.elites.items())  # cell membership
+
+
+@pytest.mark.parametrize("bad", [
+    cand("haiku", "dark", float("nan")), cand("haiku", "dark", float("inf")), cand("haiku", "dark", -float("inf")),
+    cand("haiku", "dark", None), cand("haiku", "dark", "high"), cand("haiku", "dark", 9.0, text="  \n"),
+    cand("haiku", "dark", 9.0, text=None), cand("ode", "dark", 9.0), cand("haiku", "Dark", 9.0),
+    {"cell": {"genre": "haiku"}, "fitness": 9.0, "text": "x"}, {"cell": None, "fitness": 9.0, "text": "x"},
+])
+def test_invalid_candidates_leave_the_archive_unchanged(bad):
+    archive = qdaif.Archive(grid(), offset=0.0)
+    archive.add(cand("haiku", "dark", 1.0))
+    before, stats = dict(archive.elites), archive.stats()
+    assert archive.add(bad) == "invalid"
+    assert archive.elites == before and archive.stats() == stats
+
+
+def test_qd_score_never_falls_with_an_offset_but_a_raw_sum_does():
+    """pyribs #283 / OpenELM: with negative rewards a raw sum of elite fitness drops when a cell fills."""
+    archive = qdaif.Archive(grid(), offset=qdaif.RM_OFFSET)
+    archive.add(cand("haiku", "dark", 2.0))
+    raw, qd = sum(e["fitness"] for e in archive.elites.values()), archive.stats()["qd_score"]
+    archive.add(cand("sonnet", "dark", -3.0))
+    assert sum(e["fitness"] for e in archive.elites.values()) < raw
+    assert archive.stats()["qd_score"] == pytest.approx(qd + 7.0)
+    archive.add(cand("ballad", "dark", -30.0))  # below the floor: counts 0, still no fall
+    assert archive.stats()["qd_score"] == pytest.approx(qd + 7.0) and archive.stats()["coverage"] == 3 / 25
+
+
+def test_grid_spec_parsing_and_errors():
+    g = qdaif.Grid("genre = haiku, sonnet ; tone=happy,dark,odd")
+    assert g.names == ["genre", "tone"] and len(g.keys) == 6 and g.key({"genre": "sonnet", "tone": "odd"}) == ("sonnet", "odd")
+    for spec, message in [("genre=;tone=happy", "axis 'genre' has no labels"), ("genre=haiku;tone= , ", "axis 'tone' has no labels"),
+                          ("genre", "expected 'axis=label"), ("genre=a;genre=b", "repeated"), ("genre=a,a", "repeats a label")]:
+        with pytest.raises(UserError, match=message):
+            qdaif.Grid(spec)
+
+
+# --- the search on mock domains ---
+
+def test_mock_poetry_reaches_the_known_optimum_and_replay_matches(tmp_path):
+    archive, summary, run_dir = qdaif.run(cfg_for(tmp_path, iterations=1600), MockPoetry())
+    assert summary["qd_score"] == 250 and summary["coverage"] == 1.0
+    rows = history(run_dir)
+    assert [r["id"] for r in rows] == list(range(1600))
+    best = {}  # replay by brute force: each cell's elite is the first candidate with the cell's max
+    for r in rows:
+        if r["status"] != "invalid":
+            key = archive.grid.key(r["cell"])
+            if key not in best or r["fitness"] > best[key]["fitness"]:
+                best[key] = r
+    assert {k: e["id"] for k, e in archive.elites.items()} == {k: r["id"] for k, r in best.items()}
+    assert summary["best"] == max(r["fitness"] for r in rows)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 200 and all(a["qd_score"] <= b["qd_score"] and a["coverage"] <= b["coverage"]
+                                       for a, b in zip(metrics, metrics[1:]))
+    assert {r["op"] for r in rows[:24]} == {"init"} and {r["op"] for r in rows[24:]} == {"mutate"}
+    for r in rows[24:]:  # parents are elites picked before the batch: valid, earlier candidates
+        assert rows[r["parent"]]["status"] in ("new", "improved") and rows[r["parent"]]["batch"] < r["batch"]
+    elites = [json.loads(line) for line in (run_dir / "elites.jsonl").read_text().splitlines()]
+    assert len(elites) == 25 and all(e["fitness"] == 10 and e["text"].endswith("|10") for e in elites)
+
+
+def test_requested_labels_mislabel_cells_and_the_rate_is_reported(tmp_path, capsys):
+    _, judged, _ = qdaif.run(cfg_for(tmp_path, "j"), MockPoetry(p=0.7))
+    archive, requested, run_dir = qdaif.run(cfg_for(tmp_path, "q", labels="requested"), MockPoetry(p=0.7))
+    for summary in (judged, requested):
+        assert 0.2 < summary["disagreement"]["any"] == summary["disagreement"]["genre"] < 0.4
+        assert summary["disagreement"]["tone"] == 0
+    wrong = sum(e["judged"] != e["cell"] for e in archive.elites.values())
+    assert wrong > 0  # requested mode files poems under labels they do not have
+    assert "judged labels differ from the requested ones for" in capsys.readouterr().out
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    runs = [qdaif.run(cfg_for(tmp_path, name, seed=seed, iterations=120), MockPoetry())[2]
+            for name, seed in (("a", 1), ("b", 1), ("c", 2))]
+    text = [(r / "history.jsonl").read_bytes() for r in runs]
+    assert text[0] == text[1] and text[0] != text[2]
+    assert (runs[0] / "elites.jsonl").read_bytes() == (runs[1] / "elites.jsonl").read_bytes()
+
+
+def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
+    full = qdaif.run(cfg_for(tmp_path, "full", iterations=160), MockReward())[2]
+    part = qdaif.run(cfg_for(tmp_path, "part", iterations=72), MockReward())[2]
+    with open(part / "history.jsonl", "a") as fh:  # a crash after writing candidates, before the snapshot
+        fh.write('{"id": 72, "half": "written"}\n')
+    qdaif.run(cfg_for(tmp_path, "part", iterations=160, resume=True), MockReward())
+    for name in ("history.jsonl", "elites.jsonl", "metrics.jsonl", "snapshot.json", "summary.json"):
+        assert (full / name).read_bytes() == (part / name).read_bytes(), name
+    with pytest.raises(UserError, match="was run with --grid"):
+        qdaif.run(cfg_for(tmp_path, "part", resume=True, grid="genre=haiku;tone=dark"), MockReward())
+    with pytest.raises(UserError, match="no snapshot.json"):
+        qdaif.run(cfg_for(tmp_path, "nothing", resume=True), MockReward())
+
+
+def test_heatmaps_show_the_planted_reward_table(tmp_path, capsys):
+    """Toy E: elites reach TABLE + 1 (the planted 'hack' keyword found everywhere); the mean map is
+    the mean over every valid candidate; invalid ones (empty, NaN) left no mark."""
+    archive, summary, run_dir = qdaif.run(cfg_for(tmp_path, iterations=2000), MockReward())
+    rows = history(run_dir)
+    assert {r["status"] for r in rows if r["text"] == "" or "nan" in r["text"]} == {"invalid"}
+    assert summary["invalid"] == sum(r["text"] == "" or "nan" in r["text"] for r in rows) > 0
+    assert summary["offset"] == qdaif.RM_OFFSET  # unbounded fitness: the documented default floor
+
+    def cells(svg):
+        texts = ET.parse(run_dir / svg).getroot().iter("{http://www.w3.org/2000/svg}text")
+        return {(t.get("data-row"), t.get("data-col")): t.text for t in texts if t.get("class") == "value"}
+
+    assert cells("elites.svg") == {k: f"{v + 1:.2f}" for k, v in TABLE.items()}
+    assert all("hack" in e["text"] for e in archive.elites.values())
+    valid = [r for r in rows if r["status"] != "invalid"]
+    means = {k: [r["fitness"] for r in valid if tuple(r["cell"].values()) == k] for k in TABLE}
+    assert cells("mean_fitness.svg") == {k: f"{sum(v) / len(v):.2f}" for k, v in means.items()}
+    assert (run_dir / "qd_score.svg").read_text().startswith("<svg")
+    out = capsys.readouterr().out
+    assert "coverage 25/25 (100%)" in out and f"{TABLE['hymn', 'happy'] + 1:.3g}" in out
+
+
+def test_empty_cells_are_grey_and_the_scale_is_fixed(tmp_path):
+    path = tmp_path / "h.svg"
+    from nanorlhf.svg import EMPTY, heatmap
+    heatmap(["a", "b"], ["x", "y"], [[0.0, None], [1.0, 0.5]], path, "t", vmin=0.0, vmax=2.0)
+    rects = [r.get("fill") for r in ET.parse(path).getroot().iter("{http://www.w3.org/2000/svg}rect")
+             if r.get("width") == "84"]
+    assert rects[1] == EMPTY and rects[0] == "#440154" and rects[2] == "#21918c"  # 0 -> bottom, 1 -> middle of 0..2
+
+
+# --- bad input on the command line ---
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fitness", "rm:/no/such/rm"], "--fitness rm:/no/such/rm: '/no/such/rm' is not a readable reward-model"),
+    (["--fitness", "gpt4"], "--fitness 'gpt4': choose ai, vader or rm:PATH"),
+    (["--grid", "genre=;tone=happy"], "axis 'genre' has no labels"),
+    (["--grid", "colour=red,blue"], "--init-prompt 'Write a {tone} {genre}"),
+    (["--labels", "guessed"], "--labels 'guessed': choose judged or requested"),
+    (["--qd-offset", "low"], "--qd-offset 'low'"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.argv", ["qdaif.py", "--model", "/no/model", "--out-dir", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as info:
+        qdaif.run_cli(qdaif.main)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_rm_directory(tmp_path):
+    (tmp_path / "rm").mkdir()  # a directory, but no checkpoint in it
+    with pytest.raises(UserError, match="no config.json"):
+        qdaif.check_fitness(f"rm:{tmp_path / 'rm'}")
+
+
+# --- the LM-facing code, on a tiny random model ---
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
+    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
+    return path
+
+
+def test_option_logprobs_with_a_rewound_cache_equal_full_forwards(tiny_chat_model):
+    model, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
+    prompts = [tok.chat_prompt("The capital of France?"), tok.chat_prompt("Never mention the pink elephant, ever.")]
+    options = [tok.encode(w) for w in ("Paris", "elephant grey", "a", "system user")]
+    assert max(len(o) for o in options) > 2 and min(len(o) for o in options) == 1
+    got = qdaif.option_logprobs(model, prompts, options, tok.pad_id)
+    for b, prompt in enumerate(prompts):
+        for j, option in enumerate(options):
+            with torch.no_grad():
+                logps = model(torch.tensor([prompt + option])).log_softmax(-1)[0]
+            want = sum(logps[len(prompt) - 1 + i, t] for i, t in enumerate(option))
+            assert got[b, j].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["qdaif.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path),
+                                     "--run", "tiny", "--iterations", "4", "--init-iterations", "2",
+                                     "--batch-size", "2", "--max-new-tokens", "8"])
+    qdaif.main()
+    rows = history(tmp_path / "tiny")
+    assert len(rows) == 4 and [r["batch"] for r in rows] == [0, 0, 1, 1]
+    g = grid()
+    for r in rows:
+        assert g.key(r["target"]) is not None
+        if r["text"].strip():
+            assert g.key(r["judged"]) is not None and r["cell"] == r["judged"] and 0 <= r["fitness"] <= 1
+    for name in ("elites.svg", "mean_fitness.svg", "qd_score.svg", "summary.json", "snapshot.json", "config.json"):
+        assert (tmp_path / "tiny" / name).exists()
+    assert "coverage" in capsys.readouterr().out
+
+
+def test_poetry_domain_prompts():
+    cfg = qdaif.Config()
+    domain = qdaif.PoetryDomain(None, None, grid(), cfg)
+    seen = []
+    domain._generate = lambda prompts, seed: seen.extend(prompts) or [""] * len(prompts)
+    domain.init_batch([{"genre": "haiku", "tone": "dark"}], seed=3)
+    parent = {"text": "Grey sky,\nfields of green.", "cell": {"genre": "sonnet", "tone": "happy"}}
+    domain.mutate_batch([parent], [{"genre": "limerick", "tone": "mysterious"}], seed=3)
+    topic = random.Random(3).choice(qdaif.TOPICS)
+    assert seen == [f"Write a dark haiku about {topic}. Reply with the poem only.",
+                    "Here is a sonnet:\n\nGrey sky,\nfields of green.\n\nRewrite it as a mysterious limerick of very "
+                    "high, award-winning quality. Reply with the poem only."]
+    assert domain.fitness_range == (0.0, 1.0)
