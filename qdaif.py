@@ -239,10 +239,10 @@ class PoetryDomain(Domain):
         return torch.sigmoid(lp[:, 0] - lp[:, 1]).tolist()  # P(yes) over {yes, no}
 
 
-def check_fitness(spec: str) -> Path | None:
-    """Validate --fitness before any work; -> the reward model's directory for rm:PATH."""
+def check_fitness(spec: str) -> None:
+    """Validate --fitness before any work (a bad rm:PATH should not cost a model load first)."""
     if spec in ("ai", "vader"):
-        return None
+        return
     if not spec.startswith("rm:"):
         raise UserError(f"--fitness {spec!r}: choose ai, vader or rm:PATH")
     try:
@@ -251,26 +251,18 @@ def check_fitness(spec: str) -> Path | None:
         path = None
     if path is None or not (path / "config.json").is_file():
         raise UserError(f"--fitness {spec}: {spec[3:]!r} is not a readable reward-model checkpoint directory (no config.json)")
-    return path
 
 
-def make_scorer(cfg: Config, rm_path: Path | None):
+def make_scorer(cfg: Config):
     """-> (score(texts, cells) -> list[float], known range or None) for vader and rm:PATH."""
-    if cfg.fitness == "vader":
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError:
-            raise UserError("--fitness vader needs the vaderSentiment package (pip install vaderSentiment)") from None
-        analyzer = SentimentIntensityAnalyzer()
-        return (lambda texts, cells: [analyzer.polarity_scores(t)["compound"] for t in texts]), (-1.0, 1.0)
-    from nanorlhf.reward import load_reward_model, score_texts  # lazy: only rm:PATH needs it
+    from nanorlhf.reward import make_gold_scorer  # lazy: only these fitnesses need it
 
-    rm, rm_tok = load_reward_model(rm_path), Tokenizer(rm_path)
+    scorer = make_gold_scorer(cfg.fitness, batch_size=cfg.rm_batch_size)
 
     def score(texts, cells):
         prompts = [cfg.rm_prompt.format(**c) if c else "Write a poem." for c in cells]
-        return [float(s) for s in score_texts(rm, rm_tok, prompts, texts, cfg.rm_batch_size)]
-    return score, None
+        return [float(s) for s in scorer.score(prompts, texts)]
+    return score, ((-1.0, 1.0) if cfg.fitness == "vader" else None)
 
 
 # --- the search ---
@@ -407,7 +399,8 @@ def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]
         raise UserError("--iterations and --batch-size must be at least 1")
     if cfg.qd_offset != "auto" and _number(cfg.qd_offset) is None:
         raise UserError(f"--qd-offset {cfg.qd_offset!r}: expected a number or auto")
-    rm_path = check_fitness(cfg.fitness) if domain is None else None
+    if domain is None:
+        check_fitness(cfg.fitness)  # before any model is loaded
     run_dir = Path(cfg.out_dir) / cfg.run
     if cfg.resume:
         if not cfg.run or not (run_dir / "snapshot.json").is_file():
@@ -419,7 +412,7 @@ def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]
     if domain is None:
         model_dir = resolve_model(cfg.model)
         tok, model = Tokenizer(model_dir), load_model(model_dir, device=device()).eval()
-        scorer, scorer_range = make_scorer(cfg, rm_path) if cfg.fitness != "ai" else (None, None)
+        scorer, scorer_range = make_scorer(cfg) if cfg.fitness != "ai" else (None, None)
         domain = PoetryDomain(model, tok, grid, cfg, scorer, scorer_range)
     bounds = domain.fitness_range
     offset = float(cfg.qd_offset) if cfg.qd_offset != "auto" else (bounds[0] if bounds else RM_OFFSET)
