@@ -106,10 +106,6 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only batch rows `keep` (generation drops finished rows)."""
-        self.k, self.v = self.k[:, keep], self.v[:, keep]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

@@ -1,0 +1,407 @@
+"""ReST and iterated RLHF against a gold scorer: does re-labelling fresh on-policy pairs beat a proxy trained once?
+
+    python rest_loop.py --model llama                  # SmolLM2-135M-Instruct, VADER gold, CPU, ~15 minutes
+    python rest_loop.py --model llama --mode oneshot   # the baseline: the same gold labels, all bought up front
+    python rest_loop.py --resume out/rest_loop/RUN     # continue an interrupted run
+
+The Gao, Schulman & Hilton (2022, arXiv 2210.10760) setup: a fixed *gold* scorer plays the human
+(--gold vader: VADER sentiment, or rm:PATH: any reward model), a *proxy* RM learns from its labels and
+the policy is optimised against the proxy; the gold score shows when the policy games the proxy.
+
+Each iteration t = 1..T, on its own chunk of prompts:
+  Grow     sample K responses per prompt from π_{t-1} (ReST, Gulcehre et al. 2023, arXiv 2308.08998).
+  Label    buy --gold-pairs gold labels: the gold scorer says which of two of those responses is
+           better (ties are dropped but still paid for). The proxy RM (a copy of π_0's backbone with a
+           fresh head, reward_model_from_lm) takes --rm-epochs Bradley-Terry passes over the new pairs,
+           continuing from its previous weights. --mode oneshot buys all T·gold_pairs labels from π_0's
+           samples in iteration 1 and never again: the same budget, spent before the policy moves.
+  Improve the proxy scores the grow set; Improve step i keeps what beats τ_i, the --quantiles[i]
+           quantile of those scores (rising thresholds, kept sets shrinking, as TRL's ReST sketch),
+           and fine-tunes π with --improve bc: NLL on the kept samples (ReST's behaviour cloning), or
+           --improve dpo: DPO on each prompt's best-vs-worst pair (RLHFlow's max_min) whose best
+           beats τ_i, reference π_{t-1} (the hackathon team's ReST+DPO). Each step's lr is
+           --lr · --lr-decay^i: ReST lowers it as the filtered sets shrink.
+  Evaluate on held-out prompts (the last --eval-prompts rows of --prompts), sampled at temperature 1
+           with the same seed every iteration: mean gold and proxy reward, the proxy's accuracy on
+           these fresh gold-labelled pairs, and KL(π_t‖π_0) ≈ mean over samples of
+           log π_t(y|x) - log π_0(y|x) (Monte Carlo; unbiased because y ~ π_t). These evaluation
+           labels are not part of the --gold-pairs budget (they are reported as eval_pairs).
+
+Outputs in RUN/: metrics.jsonl (one line per iteration, 0 = before training), rest_loop.svg (gold,
+proxy, √KL, proxy accuracy), model/ (the policy, HF layout) and proxy_rm/ (save_reward_model: usable as
+`qdaif.py --fitness rm:RUN/proxy_rm`). After every iteration RUN/state/ holds the policy, the proxy and
+state.json, swapped in atomically (and removed once the run completes); AdamW moments are not carried across iterations and every seed is
+derived from (--seed, iteration), so the iteration number is all a resume needs. Not done here: ReST's
+union with the original demonstrations (there are none) and validation-based early stopping.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.data import collate, read_jsonl, sequence_logps
+from nanorlhf.errors import UserError, run_cli
+from nanorlhf.pink_eval import sample_responses
+from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids, reward_model_from_lm,
+                             save_reward_model, score_texts)
+from nanorlhf.svg import line_plots
+from nanorlhf.tokenizer import Tokenizer
+from train_dpo import batch_logps, dpo_loss, pair_batch, reference_logps
+
+
+@dataclass
+class Config:
+    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
+    prompts: str = field(default="data/rest_prompts.jsonl", metadata={"help": "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out"})
+    gold: str = field(default="vader", metadata={"help": "gold scorer: vader (VADER sentiment) | rm:PATH (a reward model)"})
+    out_dir: str = field(default="out/rest_loop", metadata={"help": "runs are written to OUT_DIR/RUN"})
+    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
+    resume: str = field(default="", metadata={"help": "RUN_DIR of an interrupted run: continue it with its own config"})
+    mode: str = field(default="iterated", metadata={"help": "iterated (fresh gold labels every iteration) | oneshot (all labels from π_0)"})
+    improve: str = field(default="bc", metadata={"help": "bc (NLL on kept samples, ReST) | dpo (best-vs-worst pairs, ReST+DPO)"})
+    iterations: int = field(default=3, metadata={"help": "grow/label/improve rounds T"})
+    prompts_per_iter: int = field(default=48, metadata={"help": "prompts in each iteration's chunk (the pool is cycled)"})
+    k: int = field(default=4, metadata={"help": "responses sampled per prompt in Grow"})
+    max_new_tokens: int = field(default=40, metadata={"help": "response length cap"})
+    temperature: float = field(default=1.0, metadata={"help": "Grow sampling temperature (evaluation always uses 1)"})
+    gold_pairs: int = field(default=32, metadata={"help": "gold labels bought per iteration (oneshot: all T·this in iteration 1)"})
+    quantiles: str = field(default="0.7,0.85", metadata={"help": "Improve thresholds: rising quantiles of the grow set's proxy rewards"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW lr of the first Improve step"})
+    lr_decay: float = field(default=0.5, metadata={"help": "Improve step i uses lr · lr_decay^i"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (--improve dpo)"})
+    rm_lr: float = field(default=2e-5, metadata={"help": "proxy RM backbone lr"})
+    rm_head_lr: float = field(default=1e-3, metadata={"help": "proxy RM head lr (the head is fresh, the backbone pretrained)"})
+    rm_epochs: int = field(default=1, metadata={"help": "Bradley-Terry passes over each batch of new gold pairs"})
+    rm_center: float = field(default=0.01, metadata={"help": "BT centering coefficient c·(r_w + r_l)² (arXiv 2312.09244)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences (or pairs) per optimizer step"})
+    gen_batch_size: int = field(default=48, metadata={"help": "sampling batch size"})
+    eval_prompts: int = field(default=24, metadata={"help": "held-out prompts (the last rows of --prompts)"})
+    eval_n: int = field(default=2, metadata={"help": "samples per held-out prompt (>= 2: pairs for the proxy accuracy)"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, shuffling and the proxy head"})
+
+
+# --- data ---
+
+def read_prompts(path: str) -> list[str]:
+    prompts = []
+    for where, obj in read_jsonl(path):
+        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise UserError(f"{where}: field 'prompt' must be a non-empty string")
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def prompt_chunk(pool: list[str], t: int, n: int) -> list[str]:
+    """Iteration t's prompts (t = 1..T): the next n of the pool, wrapping around."""
+    return [pool[((t - 1) * n + j) % len(pool)] for j in range(n)]
+
+
+# --- ReST pieces: grow, thresholds, improve ---
+
+def grow(policy, tok: Tokenizer, prompts: list[str], k: int, temperature: float, max_new_tokens: int,
+         batch_size: int, seed: int, desc: str = "grow") -> list[dict]:
+    """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt i at i*k+j)."""
+    prompt_ids, ids, texts = sample_responses(policy, tok, [[{"role": "user", "content": p}] for p in prompts], k,
+                                              temperature, seed, max_new_tokens, batch_size, desc=desc)
+    return [{"prompt": prompts[i // k], "prompt_ids": p, "ids": r, "text": t}
+            for i, (p, r, t) in enumerate(zip(prompt_ids, ids, texts))]
+
+
+def thresholds(rewards: list[float], quantiles: list[float]) -> list[float]:
+    """τ_i = the q_i quantile of the rewards (linear interpolation between order statistics)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    return [float(torch.quantile(r, q)) for q in quantiles]
+
+
+def keep_above(rewards: list[float], tau: float) -> list[int]:
+    """ReST's filter F(x, y; τ) = 1[R(x, y) > τ]: strictly above, so ties at τ are dropped."""
+    return [i for i, r in enumerate(rewards) if r > tau]
+
+
+def best_worst_pairs(samples: list[dict], rewards: list[float], k: int) -> list[dict]:
+    """Each prompt's highest- vs lowest-reward response (RLHFlow max_min); prompts whose K tie are dropped."""
+    pairs = []
+    for i in range(0, len(samples), k):
+        group = list(range(i, i + k))
+        best, worst = max(group, key=lambda j: rewards[j]), min(group, key=lambda j: rewards[j])
+        if rewards[best] > rewards[worst]:
+            pairs.append({"prompt": samples[best]["prompt_ids"], "chosen": samples[best]["ids"],
+                          "rejected": samples[worst]["ids"], "reward": rewards[best]})
+    return pairs
+
+
+def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, grad_clip: float = 1.0) -> float | None:
+    """One shuffled pass over `items`, one optimizer step per batch -> mean loss (None for no items)."""
+    order, losses = items[:], []
+    random.Random(seed).shuffle(order)
+    model.train()
+    for i in range(0, len(order), batch_size):
+        loss = loss_fn(order[i:i + batch_size])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses) / len(losses) if losses else None
+
+
+def bc_loss(model, samples: list[dict], pad_id: int, dev) -> torch.Tensor:
+    """ReST's BC: negative log-likelihood per response token of the kept samples."""
+    batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
+    with autocast(dev):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    return -sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"][:, 1:].sum()
+
+
+def dpo_batch_loss(model, pairs: list[dict], pad_id: int, dev, beta: float) -> torch.Tensor:
+    chosen, rejected = batch_logps(model, pair_batch(pairs, pad_id), dev, average=False)
+    ref_chosen = torch.tensor([p["ref_chosen"] for p in pairs], device=dev)
+    ref_rejected = torch.tensor([p["ref_rejected"] for p in pairs], device=dev)
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].mean()
+
+
+def improve(cfg: Config, policy, samples: list[dict], rewards: list[float], quantiles: list[float], pad_id: int,
+            dev, seed: str) -> dict:
+    """The Improve steps of one Grow step: thresholds rise, kept sets shrink, each step continues the last."""
+    taus = thresholds(rewards, quantiles)
+    if cfg.improve == "dpo":
+        items = best_worst_pairs(samples, rewards, cfg.k)
+        reference_logps(policy, items, pad_id, cfg.batch_size, dev, average=False)  # ref = π_{t-1}, frozen
+        kept_of = lambda tau: [p for p in items if p["reward"] > tau]
+        loss_fn = lambda batch: dpo_batch_loss(policy, batch, pad_id, dev, cfg.beta)
+    else:
+        kept_of = lambda tau: [samples[i] for i in keep_above(rewards, tau)]
+        loss_fn = lambda batch: bc_loss(policy, batch, pad_id, dev)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    stats = {"thresholds": taus, "kept": [], "improve_loss": []}
+    for i, tau in enumerate(taus):
+        kept = kept_of(tau)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * cfg.lr_decay ** i
+        stats["kept"].append(len(kept))
+        stats["improve_loss"].append(fit(policy, kept, loss_fn, optimizer, cfg.batch_size, f"{seed}:improve{i}"))
+    return stats
+
+
+# --- the proxy reward model and its gold labels ---
+
+def label_pairs(samples: list[dict], k: int, n: int, gold, tok: Tokenizer) -> list[dict]:
+    """Buy n gold labels on disjoint pairs of one prompt's samples, (0,1) of every prompt before (2,3) of any.
+    -> RM pairs {prompt, chosen, rejected} as token ids; gold ties are dropped (the label was still spent)."""
+    order = [(i + 2 * j, i + 2 * j + 1) for j in range(k // 2) for i in range(0, len(samples), k)][:n]
+    texts = [samples[a]["text"] for pair in order for a in pair]
+    scores = gold.score([samples[a]["prompt"] for pair in order for a in pair], texts)
+    pairs = []
+    for (a, b), sa, sb in zip(order, scores[0::2], scores[1::2]):
+        if sa == sb:
+            continue
+        win, lose = (a, b) if sa > sb else (b, a)
+        prompt, chosen = pair_ids(tok, samples[win]["prompt"], samples[win]["text"])
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": pair_ids(tok, samples[lose]["prompt"], samples[lose]["text"])[1]})
+    return pairs
+
+
+def bt_batch_loss(rm, pairs: list[dict], pad_id: int, dev, center: float) -> torch.Tensor:
+    batch = pair_batch(pairs, pad_id)  # chosen rows, then rejected rows
+    with autocast(dev):
+        scores = rm(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    chosen, rejected = scores.chunk(2)
+    return bradley_terry_loss(chosen, rejected, center_coef=center)[0].mean()
+
+
+def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str) -> float | None:
+    optimizer = torch.optim.AdamW([{"params": list(rm.model.parameters()), "lr": cfg.rm_lr},
+                                   {"params": [rm.score.weight], "lr": cfg.rm_head_lr}], weight_decay=0.0)
+    losses = [fit(rm, pairs, lambda b: bt_batch_loss(rm, b, pad_id, dev, cfg.rm_center), optimizer, cfg.batch_size,
+                  f"{seed}:rm{e}") for e in range(cfg.rm_epochs)]
+    return losses[-1] if losses else None
+
+
+# --- evaluation ---
+
+@torch.no_grad()
+def response_logps(model, samples: list[dict], pad_id: int, dev, batch_size: int = 16) -> list[float]:
+    """log p(response | prompt), summed over the response tokens, for every sample."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        rows = samples[i:i + batch_size]
+        batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in rows], [s["ids"] for s in rows], pad_id).items()}
+        with autocast(dev):
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        out += sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).tolist()
+    return out
+
+
+def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: list[str], dev) -> dict:
+    samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7, "eval")
+    texts, asked = [s["text"] for s in samples], [s["prompt"] for s in samples]
+    kl = [a - b for a, b in zip(response_logps(policy, samples, tok.pad_id, dev), response_logps(ref, samples, tok.pad_id, dev))]
+    gold_scores, proxy_scores = gold.score(asked, texts), score_texts(proxy, tok, asked, texts, 2 * cfg.batch_size)
+    correct = labelled = 0
+    for i in range(0, len(samples), cfg.eval_n):  # samples (0, 1) of every prompt: a fresh gold-labelled pair
+        g, p = gold_scores[i] - gold_scores[i + 1], proxy_scores[i] - proxy_scores[i + 1]
+        if g != 0:
+            labelled += 1
+            correct += (p > 0) if g > 0 else (p < 0)
+    mean = lambda xs: sum(xs) / len(xs)
+    return {"gold": mean(gold_scores), "proxy": mean(proxy_scores), "proxy_acc": correct / labelled if labelled else None,
+            "kl": mean(kl), "sqrt_kl": math.sqrt(max(mean(kl), 0.0)), "eval_pairs": labelled}
+
+
+# --- resumable state: safetensors + json, never pickle ---
+
+def save_state(run_dir: Path, iteration: int, policy, proxy, history: list[dict], model_dir: Path) -> None:
+    path = run_dir / "state"
+    tmp, old = run_dir / f"state.tmp-{os.getpid()}", run_dir / "state.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(policy, tmp / "policy", copy_from=model_dir)
+    save_reward_model(proxy, tmp / "proxy_rm", copy_from=model_dir)
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "history": history}) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)  # a crash anywhere above leaves the previous state (or state.old) intact
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def state_dir(run_dir: Path) -> Path | None:
+    for name in ("state", "state.old"):
+        if (run_dir / name / "state.json").is_file():
+            return run_dir / name
+    return None
+
+
+def resumed_config(run_dir: str) -> Config:
+    """The interrupted run's own config (flags given with --resume are ignored)."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there (not a rest_loop run directory)")
+    saved = json.loads((path / "config.json").read_text())
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    return dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
+
+
+# --- the run ---
+
+def parse_quantiles(text: str) -> list[float]:
+    try:
+        qs = [float(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        qs = []
+    if not qs or any(not 0 <= q < 1 for q in qs) or any(b <= a for a, b in zip(qs, qs[1:])):
+        raise UserError(f"--quantiles {text!r}: expected strictly rising numbers in [0, 1), e.g. 0.7,0.85")
+    return qs
+
+
+def check(cfg: Config) -> list[float]:
+    if cfg.mode not in ("iterated", "oneshot"):
+        raise UserError(f"--mode {cfg.mode!r}: choose iterated or oneshot")
+    if cfg.improve not in ("bc", "dpo"):
+        raise UserError(f"--improve {cfg.improve!r}: choose bc or dpo")
+    if cfg.k < 2 or cfg.eval_n < 2 or min(cfg.iterations, cfg.prompts_per_iter, cfg.eval_prompts) < 1:
+        raise UserError("--k and --eval-n must be >= 2; --iterations, --prompts-per-iter and --eval-prompts >= 1")
+    per_call = cfg.gold_pairs * (cfg.iterations if cfg.mode == "oneshot" else 1)
+    if not 0 < per_call <= cfg.prompts_per_iter * (cfg.k // 2):
+        raise UserError(f"--gold-pairs: {per_call} labels in one iteration ({cfg.mode}), but one grow step has only "
+                        f"{cfg.prompts_per_iter * (cfg.k // 2)} disjoint pairs (--prompts-per-iter x --k/2)")
+    return parse_quantiles(cfg.quantiles)
+
+
+FIELDS = [("iter", "iteration", "{}"), ("gold", "gold", "{:+.3f}"), ("proxy", "proxy", "{:+.3f}"),
+          ("proxy acc", "proxy_acc", "{:.2f}"), ("KL", "kl", "{:.3f}"), ("√KL", "sqrt_kl", "{:.3f}"),
+          ("gold labels", "gold_labels", "{}"), ("kept", "kept", "{}")]
+
+
+def table_row(m: dict) -> str:
+    return "| " + " | ".join("-" if m.get(key) is None else fmt.format(m[key]) for _, key, fmt in FIELDS) + " |"
+
+
+def main() -> None:
+    cfg = parse_config(Config, __doc__)
+    if cfg.resume:
+        cfg = resumed_config(cfg.resume)
+    quantiles = check(cfg)
+    seed_everything(cfg.seed)
+    started, dev = time.perf_counter(), device()
+    prompts = read_prompts(cfg.prompts)  # validate every input before any work
+    if len(prompts) <= cfg.eval_prompts:
+        raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts {cfg.eval_prompts} holds out that many")
+    pool, eval_prompts = prompts[:-cfg.eval_prompts], prompts[-cfg.eval_prompts:]
+    gold = make_gold_scorer(cfg.gold, device=str(dev))
+    model_dir = resolve_model(cfg.model)
+    tok, ref = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()  # ref: π_0, frozen
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    saved = state_dir(Path(cfg.resume)) if cfg.resume else None
+    if cfg.resume and not saved and (Path(cfg.resume) / "proxy_rm").is_dir():
+        raise UserError(f"--resume {cfg.resume}: that run is complete (model/ and proxy_rm/ are written)")
+    if saved:
+        policy = load_model(saved / "policy", device=dev).eval()
+        proxy = load_reward_model(saved / "proxy_rm", device=dev).eval()
+        state = json.loads((saved / "state.json").read_text())
+        start, history = state["iteration"], state["history"]
+        print(f"resuming {cfg.resume} after iteration {start}")
+    else:
+        policy = load_model(model_dir, device=dev).eval()
+        proxy = reward_model_from_lm(policy, seed=cfg.seed).eval()
+        start, history = 0, []
+    run = Run("rest_loop", cfg.out_dir, cfg.run, cfg)
+    (run.dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))  # what the state had seen
+    print(f"{cfg.mode} RLHF, ReST improve={cfg.improve}, gold={cfg.gold}: {cfg.iterations} iterations x "
+          f"{cfg.prompts_per_iter} prompts x K={cfg.k}; {len(eval_prompts)} held-out prompts x {cfg.eval_n}")
+    print("| " + " | ".join(name for name, _, _ in FIELDS) + " |\n" + "|---" * len(FIELDS) + "|")
+    for m in history:
+        print(table_row(m))
+
+    if not history:
+        m = {"iteration": 0, "gold_labels": 0, **evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev)}
+        run.log(**m)
+        history.append(m)
+        print(table_row(m))
+    for t in range(start + 1, cfg.iterations + 1):
+        t0, seed = time.perf_counter(), f"{cfg.seed}:{t}"
+        samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k, cfg.temperature, cfg.max_new_tokens,
+                       cfg.gen_batch_size, cfg.seed + 1000 * t, desc=f"grow {t}")
+        n_labels = cfg.gold_pairs if cfg.mode == "iterated" else cfg.gold_pairs * cfg.iterations * (t == 1)
+        m = {"iteration": t, "new_labels": n_labels, "gold_labels": history[-1]["gold_labels"] + n_labels}
+        if n_labels:
+            pairs = label_pairs(samples, cfg.k, n_labels, gold, tok)
+            m.update(rm_pairs=len(pairs), rm_loss=train_proxy(cfg, proxy, pairs, tok.pad_id, dev, seed))
+        rewards = score_texts(proxy, tok, [s["prompt"] for s in samples], [s["text"] for s in samples], 2 * cfg.batch_size)
+        m.update(grow_proxy=sum(rewards) / len(rewards),
+                 grow_best_of_k=sum(max(rewards[i:i + cfg.k]) for i in range(0, len(rewards), cfg.k)) / cfg.prompts_per_iter)
+        m.update(improve(cfg, policy, samples, rewards, quantiles, tok.pad_id, dev, seed))
+        m.update(evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev))
+        m["seconds"] = time.perf_counter() - t0
+        run.log(**m)
+        history.append(m)
+        save_state(run.dir, t, policy, proxy, history, model_dir)
+        print(table_row(m))
+
+    save_model(policy, run.dir / "model", copy_from=model_dir)
+    save_reward_model(proxy, run.dir / "proxy_rm", copy_from=model_dir)
+    shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ and proxy_rm/ are the final state
+    series = lambda key: [(m["iteration"], m[key]) for m in history if m[key] is not None]
+    line_plots([("gold reward, held-out prompts", {"gold": series("gold")}),
+                ("proxy reward, held-out prompts", {"proxy": series("proxy")}),
+                ("√KL(π‖π₀)", {"√KL": series("sqrt_kl")}),
+                ("proxy accuracy on fresh gold-labelled pairs", {"accuracy": series("proxy_acc")})],
+               run.dir / "rest_loop.svg", xlabel="iteration")
+    print(f"policy in {run.dir / 'model'}, proxy RM in {run.dir / 'proxy_rm'}, metrics and plot in {run.dir} "
+          f"({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

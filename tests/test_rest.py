@@ -1,0 +1,245 @@
+"""rest_loop.py: ReST filtering and Improve bookkeeping, learning on a toy reward, bad input, resume and
+the gold-label budget. Expected values are computed by hand (reference notes §5.6), never by the code under test."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import rest_loop
+from nanorlhf.checkpoint import load_model
+from nanorlhf.errors import UserError
+from nanorlhf.reward import load_reward_model
+from nanorlhf.tokenizer import Tokenizer
+from conftest import build_tiny_tokenizer, make_hf_model
+from test_tokenizer import SMOLLM2_TEMPLATE
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random llama with a real (tiny) ChatML tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
+    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
+    return path
+
+
+class ToyGold:
+    """A deterministic stand-in for the gold scorer that rarely ties on random text; counts what it scores."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def score(self, prompts, responses):
+        self.scored += len(responses)
+        return [(sum(map(ord, r)) % 101) / 100 for r in responses]
+
+
+def write_prompts(path, n=8):
+    path.write_text("".join(json.dumps({"prompt": f"Describe place number {i}."}) + "\n" for i in range(n)))
+    return path
+
+
+# --- filtering and bookkeeping ---
+
+def test_quantile_threshold_hand_example():
+    rewards = [0.1, 0.5, 0.9, 0.3]
+    # sorted 0.1 0.3 0.5 0.9; q=0.5 sits at position 0.5·3 = 1.5: 0.3 + 0.5·(0.5 - 0.3) = 0.4
+    (tau,) = rest_loop.thresholds(rewards, [0.5])
+    assert tau == pytest.approx(0.4)
+    assert rest_loop.keep_above(rewards, tau) == [1, 2]  # 0.5 and 0.9
+    # q=0.75: position 2.25: 0.5 + 0.25·(0.9 - 0.5) = 0.6 -> only 0.9
+    assert rest_loop.thresholds(rewards, [0.75]) == [pytest.approx(0.6)]
+    assert rest_loop.keep_above(rewards, 0.6) == [2]
+    # ties at τ are dropped: [1, 1, 1, 2] at q=0.5 -> τ = 1, only the 2 survives
+    assert rest_loop.keep_above([1, 1, 1, 2], rest_loop.thresholds([1, 1, 1, 2], [0.5])[0]) == [3]
+
+
+def test_quantile_flag_must_rise():
+    assert rest_loop.parse_quantiles("0.7,0.85") == [0.7, 0.85]
+    for bad in ("0.8,0.7", "0.5,0.5", "1.0", "x", ""):
+        with pytest.raises(UserError, match="--quantiles"):
+            rest_loop.parse_quantiles(bad)
+
+
+def grow_tiny(model_dir, n_prompts=2, k=4, seed=0):
+    model, tok = load_model(model_dir).eval(), Tokenizer(model_dir)
+    samples = rest_loop.grow(model, tok, [f"Prompt {i}" for i in range(n_prompts)], k, 1.0, 6, 16, seed)
+    return model, tok, samples
+
+
+def test_bc_improve_steps_keep_shrinking_sets(tiny_chat_model):
+    model, tok, samples = grow_tiny(tiny_chat_model)
+    assert [s["prompt"] for s in samples] == ["Prompt 0"] * 4 + ["Prompt 1"] * 4  # prompt-major
+    rewards = [i / 7 for i in range(8)]
+    cfg = rest_loop.Config(improve="bc", k=4, lr=1e-3, batch_size=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.75], tok.pad_id, CPU, "t")
+    # τ1 at position 3.5 of 0/7..7/7 = 3.5/7: keeps 4/7..7/7 (4); τ2 at 5.25/7: keeps 6/7, 7/7 (2)
+    assert stats["thresholds"] == [pytest.approx(0.5), pytest.approx(0.75)]
+    assert stats["kept"] == [4, 2]
+    assert all(loss is not None and loss > 0 for loss in stats["improve_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dpo_improve_pairs_best_against_worst(tiny_chat_model):
+    model, tok, samples = grow_tiny(tiny_chat_model, n_prompts=3)
+    rewards = [0.2, 0.9, 0.1, 0.5,   # prompt 0: best 1 (0.9) vs worst 2 (0.1)
+               0.3, 0.3, 0.3, 0.3,   # prompt 1: all tied -> no pair
+               0.4, 0.0, 0.6, 0.2]   # prompt 2: best 10 (0.6) vs worst 9 (0.0)
+    pairs = rest_loop.best_worst_pairs(samples, rewards, 4)
+    assert [(p["chosen"], p["rejected"], p["reward"]) for p in pairs] == [
+        (samples[1]["ids"], samples[2]["ids"], 0.9), (samples[10]["ids"], samples[9]["ids"], 0.6)]
+    cfg = rest_loop.Config(improve="dpo", k=4, lr=1e-3, batch_size=2)
+    # sorted rewards 0 .1 .2 .2 .3 .3 .3 .3 .4 .5 .6 .9; q=0.5 at position 5.5 -> 0.3: both pairs (0.9, 0.6)
+    # q=0.85 at position 9.35 -> 0.5 + 0.35·0.1 = 0.535: still both; q=0.95 at 10.45 -> 0.6 + 0.45·0.3 = 0.735: one
+    stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.85, 0.95], tok.pad_id, CPU, "t")
+    assert stats["thresholds"] == [pytest.approx(0.3), pytest.approx(0.535), pytest.approx(0.735)]
+    assert stats["kept"] == [2, 2, 1]
+    assert stats["improve_loss"][0] == pytest.approx(0.6931472, abs=1e-5)  # first DPO batch: policy == reference
+
+
+def test_label_pairs_spend_exactly_the_budget(tiny_chat_model):
+    _, tok, samples = grow_tiny(tiny_chat_model, n_prompts=3)  # 3 prompts x K=4: 6 disjoint pairs
+    gold = ToyGold()
+    pairs = rest_loop.label_pairs(samples, 4, 5, gold, tok)
+    assert gold.scored == 10  # 5 labels = 5 comparisons of 2 responses
+    scores = gold.score([], [s["text"] for s in samples])
+    # order: (0,1), (4,5), (8,9), then (2,3), (6,7); ties are dropped after being paid for
+    expected = [(a, b) for a, b in [(0, 1), (4, 5), (8, 9), (2, 3), (6, 7)] if scores[a] != scores[b]]
+    assert len(pairs) == len(expected)
+    for pair, (a, b) in zip(pairs, expected):
+        win, lose = (a, b) if scores[a] > scores[b] else (b, a)
+        assert pair["chosen"] == tok.encode(samples[win]["text"]) and pair["rejected"] == tok.encode(samples[lose]["text"])
+
+
+# --- learning: a toy reward whose optimum is known ---
+
+def test_grow_improve_rounds_raise_a_toy_reward(tiny_chat_model):
+    """Reward = fraction of response tokens with ids 100..163 (20% of the vocabulary by chance, 1.0 at best):
+    three seeded grow/improve rounds of ReST-BC must raise the mean reward of fresh samples."""
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
+    prompts = [f"Prompt {i}" for i in range(8)]
+    reward = lambda s: sum(100 <= t < 164 for t in s["ids"]) / len(s["ids"])
+    cfg = rest_loop.Config(improve="bc", k=4, lr=1e-2, lr_decay=1.0, batch_size=8)
+    means = []
+    for t in range(4):
+        samples = rest_loop.grow(model, tok, prompts, cfg.k, 1.0, 6, 64, seed=100 + t)
+        rewards = [reward(s) for s in samples]
+        means.append(sum(rewards) / len(rewards))
+        if t < 3:
+            rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.75], tok.pad_id, CPU, f"round{t}")
+    assert means[0] < 0.3
+    assert means[-1] > means[0] + 0.2, means  # seeded: 0.19 -> 0.59 when written
+
+
+# --- bad input ---
+
+def test_bad_prompt_line_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Describe a park."}\n{"prompt": ""}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: field 'prompt' must be a non-empty string"):
+        rest_loop.read_prompts(path)
+    path.write_text('{"prompt": "Describe a park."}\n{"prompt": "x"\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: not valid JSON"):
+        rest_loop.read_prompts(path)
+
+
+def run_main(monkeypatch, *args):
+    monkeypatch.setattr("sys.argv", ["rest_loop.py", *map(str, args)])
+    rest_loop.main()
+
+
+def cli_error(monkeypatch, capsys, *args) -> str:
+    monkeypatch.setattr("sys.argv", ["rest_loop.py", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        rest_loop.run_cli(rest_loop.main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_cli_bad_prompt_file_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    err = cli_error(monkeypatch, capsys, "--model", tiny_chat_model, "--prompts", tmp_path / "p.jsonl",
+                    "--out-dir", tmp_path / "out")
+    assert "p.jsonl:2: field 'prompt' must be a non-empty string" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_gold_rm_without_head_is_the_reward_error(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    err = cli_error(monkeypatch, capsys, "--model", tiny_chat_model, "--prompts", write_prompts(tmp_path / "p.jsonl", 30),
+                    "--gold", f"rm:{tiny_chat_model}", "--out-dir", tmp_path / "out")
+    assert "no reward head" in err and str(tiny_chat_model) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_budget_is_a_clear_error(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    err = cli_error(monkeypatch, capsys, "--model", tiny_chat_model, "--prompts", write_prompts(tmp_path / "p.jsonl"),
+                    "--mode", "oneshot", "--iterations", 3, "--prompts-per-iter", 4, "--k", 4, "--gold-pairs", 4)
+    assert "12 labels in one iteration (oneshot)" in err and "only 8 disjoint pairs" in err
+
+
+# --- whole runs: outputs, budget, resume ---
+
+TINY = ["--iterations", 3, "--prompts-per-iter", 3, "--k", 4, "--max-new-tokens", 5, "--gold-pairs", 2,
+        "--eval-prompts", 2, "--eval-n", 2, "--gen-batch-size", 16, "--batch-size", 4, "--lr", 1e-3,
+        "--quantiles", "0.5,0.75"]
+
+
+def tiny_run(monkeypatch, model, prompts, out, run, *extra):
+    gold = ToyGold()
+    monkeypatch.setattr(rest_loop, "make_gold_scorer", lambda spec, **kw: gold)
+    run_main(monkeypatch, "--model", model, "--prompts", prompts, "--out-dir", out, "--run", run, *TINY, *extra)
+    metrics = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+    return metrics, gold
+
+
+def test_oneshot_and_iterated_spend_the_same_gold_labels(tiny_chat_model, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    iterated, gold_it = tiny_run(monkeypatch, tiny_chat_model, prompts, tmp_path / "out", "it", "--mode", "iterated")
+    oneshot, gold_os = tiny_run(monkeypatch, tiny_chat_model, prompts, tmp_path / "out", "os", "--mode", "oneshot")
+    assert [m.get("new_labels", 0) for m in iterated] == [0, 2, 2, 2]
+    assert [m.get("new_labels", 0) for m in oneshot] == [0, 6, 0, 0]
+    assert iterated[-1]["gold_labels"] == oneshot[-1]["gold_labels"] == 6
+    # what the gold scorer actually saw: 2 responses per label, plus 2 prompts x 2 samples at each of 4 evaluations
+    assert gold_it.scored == gold_os.scored == 2 * 6 + 4 * 4
+    assert iterated[0]["kl"] == 0.0 and oneshot[0] == iterated[0]  # iteration 0: the same π_0 and proxy
+
+
+def test_run_outputs_and_resume_matches_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    prompts, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "out"
+    full, _ = tiny_run(monkeypatch, tiny_chat_model, prompts, out, "full", "--improve", "dpo")
+    run = out / "full"
+    assert [m["iteration"] for m in full] == [0, 1, 2, 3]
+    assert all({"gold", "proxy", "proxy_acc", "kl", "sqrt_kl", "kept", "thresholds"} <= set(m) for m in full[1:])
+    assert (run / "rest_loop.svg").read_text().startswith("<svg") and not (run / "state").exists()
+    transformers.AutoModelForCausalLM.from_pretrained(run / "model")  # HF layout
+    assert load_reward_model(run / "proxy_rm").head_name == "score"
+    assert "| iter | gold | proxy |" in capsys.readouterr().out
+
+    calls = {"n": 0}
+    real_improve = rest_loop.improve
+
+    def crash_in_iteration_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_improve(*args, **kwargs)
+
+    monkeypatch.setattr(rest_loop, "improve", crash_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(monkeypatch, tiny_chat_model, prompts, out, "cut", "--improve", "dpo")
+    state = json.loads((out / "cut" / "state" / "state.json").read_text())
+    assert state["iteration"] == 1
+    monkeypatch.setattr(rest_loop, "improve", real_improve)
+    resumed, _ = tiny_run(monkeypatch, tiny_chat_model, prompts, out, "cut", "--resume", out / "cut", "--lr", 5.0)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    assert strip(resumed) == strip(full)
+    for a, b in zip(load_model(run / "model").parameters(), load_model(out / "cut" / "model").parameters()):
+        assert torch.equal(a, b)

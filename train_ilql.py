@@ -1,0 +1,537 @@
+"""ILQL on the pink-elephant task: offline Q-learning from the chosen/rejected answers of the DPO pairs.
+
+    python train_ilql.py --model llama           # the embedded SmolLM2-135M-Instruct, CPU
+    python train_ilql.py --resume out/train_ilql/RUN   # continue an interrupted run
+
+Implicit Language Q-Learning (Snell et al. 2022, arXiv 2206.11871): every token is an action, the
+prefix is the state. One shared trunk carries a V head, two Q heads and Polyak-averaged target Q heads;
+the loss is four pure functions of tensors (ilql_loss), means over the real actions of a step:
+    L_Q    = Σ_heads mean (Q_i(s_t,a_t) - r_t - γ·V(s_t+1)·[s_t+1 not terminal])²      V detached
+    L_V    = mean |τ - 1(Q̂ < V)|·(Q̂(s_t,a_t) - V(s_t))²      Q̂ = min of the target heads (expectile)
+    L_CQL  = Σ_heads mean CE(Q_i(s_t,·), a_t)                   keeps Q low on tokens not in the data
+    L_AWAC = mean exp(β_awac·(Q̂ - V))·CE(LM logits, a_t)        β_awac = 0: SFT on the responses
+    L = L_Q + L_V + cql_scale·L_CQL + awac_scale·L_AWAC
+After every optimizer step (every --target-sync-every) target ← α·online + (1-α)·target. trlX calls
+its sync once per epoch at most, so its targets often never move (research notes §3.4).
+
+Data: a TRL pair gives two samples on one prompt, chosen (+1) and rejected (-1), the reward on the
+action that predicts the end-of-turn token (the hackathon's setting). Action t sits at the hidden
+state just before response token t; the states are the actions plus the last position (terminal);
+ilql_indices also builds multi-turn indices. --reward shaped adds -shaped_penalty on the first token
+of every mention of the row's "pink" entity (or its aliases in data/pink_elephant_pairs.json; found
+with nanorlhf.pink.mentions) in any response, so credit lands on the token that commits to the name
+instead of arriving γ^T-discounted at the end. --normalize-rewards z-scores the terminal rewards
+over the dataset as trlX does (unbiased std; no division for a single sample).
+
+Heads. trlX's Q head, Linear(h,2h)→ReLU→Linear(2h,V), is 57.3M parameters for SmolLM2-135M (h=576,
+V=49152): 229M for 2 Q + 2 target Q, more than the model. Ours project into the LM's own output
+matrix E, rows scaled to unit length and detached (Q losses never move it): Q(s,·) = Ê·W_up·relu(
+W_down·h + b) + per-token bias, r = h/4 = 144, W_up zero-initialised so Q starts at 0. 215,184
+parameters per Q head, 83,233 for V (Linear(h,r)→ReLU→Linear(r,1), also starting at 0): 513,601
+trainable + 430,368 target ≈ 0.94M, 0.7% of the model, at one h×V matmul per head on the action
+positions. Like trlX, all heads read the online trunk.
+
+Decoding: π(a|s) ∝ π_β(a|s)·exp(β·(Q̂ - V)) through generate()'s logits hook, β swept by --eval-betas.
+generate() divides the hook's output by T, so for Snell's form softmax(logits/T + β·adv) (default:
+β and T stay separate knobs) the hook returns logπ + T·β·adv; --gen-style trlx returns logπ + β·adv,
+trlX's softmax((logπ + β·adv)/T). Top-k filters the combined score, as trlX; T = 0 is the argmax of
+logπ + β·adv in both styles.
+
+Resume: every --save-every steps RUN/resume/ gets state.safetensors (model, heads, target heads, AdamW
+moments, RNG) and state.json (step, optimizer settings, Python RNG), swapped in atomically. --resume
+RUN continues with the run's own config.json; metrics.jsonl is cut back to the checkpoint's step, so
+the finished run equals an uninterrupted one.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.data import collate, fit_to_length, read_preferences
+from nanorlhf.errors import UserError, run_cli
+from nanorlhf.generate import LogitsHook
+from nanorlhf.pink import HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs, mentions
+from nanorlhf.pink_eval import evaluate, format_table
+from nanorlhf.svg import line_plots
+from nanorlhf.tokenizer import Tokenizer
+from train_dpo import lr_at
+
+
+@dataclass
+class Config:
+    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
+    data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen (+1), rejected (-1)"})
+    eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
+    out_dir: str = field(default="out/train_ilql", metadata={"help": "runs are written to OUT_DIR/RUN"})
+    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
+    resume: str = field(default="", metadata={"help": "RUN_DIR of an interrupted run: continue it with its own config"})
+    reward: str = field(default="terminal", metadata={"help": "terminal (±1 on the end-of-turn action) | shaped (also -penalty where pink is named)"})
+    shaped_penalty: float = field(default=1.0, metadata={"help": "--reward shaped: reward on the first token of each pink mention is -this"})
+    normalize_rewards: bool = field(default=False, metadata={"help": "z-score the terminal rewards over the dataset (trlX)"})
+    gamma: float = field(default=0.99, metadata={"help": "discount"})
+    tau: float = field(default=0.7, metadata={"help": "expectile of the V loss (0.5 = MSE)"})
+    cql_scale: float = field(default=0.1, metadata={"help": "weight of the CQL term"})
+    awac_scale: float = field(default=1.0, metadata={"help": "weight of the AWAC/BC term on the LM"})
+    awac_beta: float = field(default=0.0, metadata={"help": "AWAC weights exp(beta*(Q-V)); 0 = plain SFT on the responses"})
+    alpha: float = field(default=0.005, metadata={"help": "Polyak weight on the online heads: target <- a*online + (1-a)*target"})
+    target_sync_every: int = field(default=1, metadata={"help": "optimizer steps between target-head syncs"})
+    two_qs: bool = field(default=True, metadata={"help": "two Q heads (min of the targets) instead of one"})
+    head_rank: int = field(default=0, metadata={"help": "inner width of the heads (0 = hidden/4)"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate of the LM"})
+    head_lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate of the V and Q heads"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
+    epochs: int = field(default=1, metadata={"help": "passes over the samples (2 per pair)"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step"})
+    max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
+    max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (LM and heads together)"})
+    save_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps (0 = only at the end)"})
+    eval_betas: str = field(default="0,1,4", metadata={"help": "comma-separated decoding betas to evaluate after training"})
+    gen_style: str = field(default="snell", metadata={"help": "snell: softmax(logits/T + b*adv) | trlx: softmax((logp + b*adv)/T)"})
+    eval_top_k: int = field(default=0, metadata={"help": "top-k on the combined score during ILQL eval (0 = off; trlX uses 20)"})
+    eval_n: int = field(default=2, metadata={"help": "samples per eval prompt"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "eval sampling temperature"})
+    eval_max_new_tokens: int = field(default=80, metadata={"help": "eval response length cap"})
+    eval_batch_size: int = field(default=56, metadata={"help": "eval generation batch size"})
+    seed: int = field(default=0, metadata={"help": "seed for shuffling, init and sampling"})
+
+
+# --- the loss: pure functions of tensors. Shapes: B rows, A actions (padded), V vocabulary ---
+
+def masked_mean(x: Tensor, mask: Tensor, n: float | Tensor | None = None) -> Tensor:
+    """Σ x·mask / n, n = Σ mask (at least 1) unless given. where(), so padding garbage (even inf) never leaks."""
+    return torch.where(mask > 0, x, 0.0).sum() / (mask.sum().clamp(min=1) if n is None else n)
+
+
+def taken(values: Tensor, actions: Tensor) -> Tensor:
+    """(B, A, V) values, (B, A) action ids -> (B, A) values of the actions taken."""
+    return values.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def q_loss(qs: list[Tensor], vs: Tensor, actions: Tensor, rewards: Tensor, next_nonterminal: Tensor, mask: Tensor,
+           gamma: float, n=None) -> Tensor:
+    """Σ over the Q heads of the squared one-step error against r + γ·V(s') (V detached, 0 if s' is terminal).
+    vs (B, A+1) at the states; next_nonterminal (B, A) is 1 where the state after action t is not terminal."""
+    target = rewards + gamma * torch.where(next_nonterminal > 0, vs[:, 1:].detach(), 0.0)
+    return sum(masked_mean((taken(q, actions) - target) ** 2, mask, n) for q in qs)
+
+
+def expectile_loss(q_hat: Tensor, v: Tensor, tau: float, mask: Tensor, n=None) -> Tensor:
+    """V toward the τ-expectile of the target Q: weight τ where Q̂ ≥ V, 1-τ below (trlX's ≥)."""
+    diff = q_hat.detach() - v
+    return masked_mean(torch.where(diff >= 0, tau, 1 - tau) * diff ** 2, mask, n)
+
+
+def cql_loss(qs: list[Tensor], actions: Tensor, mask: Tensor, n=None) -> Tensor:
+    """Σ over the Q heads of CE(Q(s,·) as logits, dataset token): logsumexp Q - Q(s,a)."""
+    return sum(masked_mean(q.logsumexp(-1) - taken(q, actions), mask, n) for q in qs)
+
+
+def awac_loss(logits: Tensor, actions: Tensor, adv: Tensor, beta: float, mask: Tensor, n=None) -> tuple[Tensor, Tensor]:
+    """Advantage-weighted NLL of the dataset tokens under the LM; the weights exp(β·adv) get no gradient."""
+    weights = torch.where(mask > 0, beta * adv.detach(), 0.0).exp()
+    return masked_mean(weights * (logits.logsumexp(-1) - taken(logits, actions)), mask, n), weights
+
+
+def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Tensor, actions: Tensor, rewards: Tensor,
+              next_nonterminal: Tensor, mask: Tensor, gamma: float = 0.99, tau: float = 0.7, cql_scale: float = 0.1,
+              awac_scale: float = 1.0, awac_beta: float = 0.0, n=None) -> tuple[Tensor, dict[str, float], Tensor]:
+    """-> (loss, stats, advantage Q̂-V (B, A), detached). qs/target_qs: per head (B, A, V) at the action
+    positions; vs (B, A+1) at the states; logits (B, A, V) of the LM at the actions; mask (B, A) 1 on real
+    actions. `n` overrides the normaliser (the step's action count under gradient accumulation)."""
+    qs, logits, vs = [q.float() for q in qs], logits.float(), vs.float()
+    q_hat = torch.stack([taken(t.float(), actions) for t in target_qs]).min(0).values.detach()
+    v = vs[:, :-1]
+    l_q = q_loss(qs, vs, actions, rewards, next_nonterminal, mask, gamma, n)
+    l_v = expectile_loss(q_hat, v, tau, mask, n)
+    l_cql = cql_loss(qs, actions, mask, n)
+    l_awac, weights = awac_loss(logits, actions, q_hat - v, awac_beta, mask, n)
+    loss = l_q + l_v + cql_scale * l_cql + awac_scale * l_awac
+    stats = {"loss": loss, "loss/q": l_q, "loss/v": l_v, "loss/cql": l_cql, "loss/awac": l_awac,
+             "v": masked_mean(v.detach(), mask, n), "q_hat": masked_mean(q_hat, mask, n),
+             "q": masked_mean(taken(qs[0].detach(), actions), mask, n), "awac_weight": masked_mean(weights, mask, n)}
+    return loss, {k: float(val.detach()) for k, val in stats.items()}, (q_hat - v).detach()
+
+
+# --- heads and target heads ---
+
+class QHead(nn.Module):
+    """Q(s,·) = Ê·W_up·relu(W_down·h + b) + bias; Ê (the LM's output matrix, unit rows) is passed in."""
+
+    def __init__(self, hidden: int, rank: int, vocab: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden, rank), nn.Linear(rank, hidden, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        nn.init.zeros_(self.up.weight)  # Q starts at 0, like the returns it will fit, not at the LM's logits
+
+    def forward(self, h: Tensor, unembed: Tensor) -> Tensor:
+        return F.linear(self.up(F.relu(self.down(h))), unembed) + self.bias
+
+
+class ILQLHeads(nn.Module):
+    def __init__(self, hidden: int, unembed: Tensor, rank: int = 0, two_qs: bool = True):
+        super().__init__()
+        rank = rank or hidden // 4
+        self.unembed = unembed.detach()  # a plain attribute: shares the LM's storage, no parameter, no gradient
+        self.v_head = nn.Sequential(nn.Linear(hidden, rank), nn.ReLU(), nn.Linear(rank, 1))
+        nn.init.zeros_(self.v_head[2].weight), nn.init.zeros_(self.v_head[2].bias)  # V starts at 0
+        self.q_heads = nn.ModuleList(QHead(hidden, rank, unembed.shape[0]) for _ in range(1 + two_qs))
+        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)  # start identical
+
+    def v(self, h: Tensor) -> Tensor:
+        return self.v_head(h).squeeze(-1)
+
+    def qs(self, h: Tensor, target: bool = False) -> list[Tensor]:
+        # unit rows: Q(s,a) = <ê_a, x(s)> + b_a, so the scale of Q does not depend on the scale of E
+        basis = F.normalize(self.unembed, dim=-1)
+        return [q(h, basis) for q in (self.target_q_heads if target else self.q_heads)]
+
+    @torch.no_grad()
+    def sync_targets(self, alpha: float) -> None:
+        """Polyak: target <- α·online + (1-α)·target, on the Q heads only (there is no target V)."""
+        for t, o in zip(self.target_q_heads.parameters(), self.q_heads.parameters()):
+            t.lerp_(o, alpha)
+
+    @torch.no_grad()
+    def target_gap(self) -> float:
+        """‖target - online‖ over all Q-head parameters: a stuck or racing target shows here."""
+        pairs = zip(self.target_q_heads.parameters(), self.q_heads.parameters())
+        return math.sqrt(sum(float((t - o).pow(2).sum()) for t, o in pairs))
+
+
+def ilql_scores(logits: Tensor, adv: Tensor, beta: float, temperature: float = 1.0, top_k: int = 0, style: str = "snell"):
+    """What the hook hands to generate(), which divides it by T before the softmax (see the docstring)."""
+    scale = temperature if style == "snell" and temperature > 0 else 1.0
+    score = logits.float().log_softmax(-1) + beta * scale * adv.float()
+    if top_k > 0:  # after the advantage, as trlX
+        kth = torch.topk(score, min(top_k, score.shape[-1])).values[..., -1:]
+        score = score.masked_fill(score < kth, float("-inf"))
+    return score
+
+
+def ilql_logits_hook(heads: ILQLHeads, beta: float, temperature: float = 1.0, top_k: int = 0,
+                     style: str = "snell") -> LogitsHook:
+    """Perturb the LM by β·(min target Q - V) at every decoding step; pass the same T to generate()."""
+    def hook(logits: Tensor, hidden: Tensor, step: int) -> Tensor:
+        if beta == 0 and top_k == 0:
+            return logits  # the base policy, bit for bit
+        adv = torch.stack(heads.qs(hidden, target=True)).min(0).values - heads.v(hidden).unsqueeze(-1)
+        return ilql_scores(logits, adv, beta, temperature, top_k, style)
+    return hook
+
+
+def save_heads(heads: ILQLHeads, path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, path,
+              metadata={"rank": str(heads.v_head[0].out_features), "two_qs": str(len(heads.q_heads) == 2)})
+
+
+def load_heads(path: str | Path, model) -> ILQLHeads:
+    """Heads saved by save_heads, bound to `model`'s output matrix."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, int(meta["rank"]), meta["two_qs"] == "True")
+    heads.load_state_dict(load_file(path))
+    return heads.to(model.lm_head.weight.device)
+
+
+# --- data: pairs -> samples with action/state indices and rewards ---
+
+def ilql_indices(lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Lengths [prompt_1, output_1, prompt_2, output_2, ...] -> (actions_ixs, states_ixs, next_nonterminal).
+
+    The action for the output token at position p sits at p-1, the hidden state that predicts it.
+    Prompt tokens are never actions; the state after an output turn is the next prompt's last token,
+    which has seen them. states = actions + [last position]; next_nonterminal (trlX's dones[1:]) is 0
+    only after the last action."""
+    if not lengths or len(lengths) % 2 or lengths[0] < 1 or min(lengths[1::2]) < 1 or min(lengths) < 0:
+        raise ValueError(f"need [prompt, output, ...] lengths with a non-empty first prompt, got {lengths}")
+    actions, offset = [], 0
+    for i, n in enumerate(lengths):
+        if i % 2:
+            actions += range(offset - 1, offset + n - 1)
+        offset += n
+    return actions, actions + [offset - 1], [1] * (len(actions) - 1) + [0]
+
+
+def normalize_rewards(values: list[float]) -> list[float]:
+    """trlX: (R - mean) / (unbiased std + float64 eps); one sample has a NaN std and trlX skips the division."""
+    r = torch.tensor(values, dtype=torch.float64)
+    r = r - r.mean()
+    return (r / (r.std() + torch.finfo(torch.float64).eps) if len(r) > 1 else r).tolist()
+
+
+def mention_starts(tok: Tokenizer, text: str, names: list[str]) -> list[int]:
+    """Token indices (in tok.encode(text)) where a mention of any of `names` begins, one per mention."""
+    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
+    starts, seg = [], 0  # seg: where the text not yet searched begins
+    for k, (_, end) in enumerate(offsets):
+        if mentions(text[seg:end], names):  # a mention completes at token k: find its first token
+            i = k
+            while i > 0 and not mentions(text[offsets[i][0]:end], names):
+                i -= 1
+            starts.append(i)
+            seg = end
+    return starts
+
+
+def make_samples(rows: list[dict], tok: Tokenizer, cfg: Config, vocab_size: int) -> tuple[list[dict], int]:
+    """Each pair -> two samples {prompt, response, actions/states/next_nonterminal, rewards, label}."""
+    aliases = {}
+    if cfg.reward == "shaped" and PAIRS_PATH.is_file():
+        aliases = {p["pink"]: p.get("pink_aliases", []) for p in load_pairs(PAIRS_PATH)}
+    samples, truncated = [], 0
+    for row in rows:
+        if cfg.reward == "shaped" and not (isinstance(row.get("pink"), str) and row["pink"].strip()):
+            raise UserError(f"{row['where']}: --reward shaped needs a non-empty 'pink' field (the entity to avoid)")
+        prompt = tok.chat_prompt(row["prompt"])
+        for text, label in ((row["chosen"], 1.0), (row["rejected"], -1.0)):
+            response = tok.response_ids(text)
+            if max(prompt + response) >= vocab_size:
+                raise UserError(f"{row['where']}: token id {max(prompt + response)} is outside the model's "
+                                f"vocabulary ({vocab_size}): tokenizer and model do not match")
+            cut_prompt, response, was_cut = fit_to_length(prompt, response, cfg.max_len)
+            truncated += was_cut
+            actions, states, next_nonterminal = ilql_indices([len(cut_prompt), len(response)])
+            shaping = [0.0] * len(actions)  # per action; action k predicts response token k
+            if cfg.reward == "shaped":
+                for k in mention_starts(tok, text, [row["pink"], *aliases.get(row["pink"], [])]):
+                    if k < len(shaping):
+                        shaping[k] -= cfg.shaped_penalty
+            samples.append({"prompt": cut_prompt, "response": response, "actions_ixs": actions, "states_ixs": states,
+                            "next_nonterminal": next_nonterminal, "shaping": shaping, "label": label})
+    terminal = [s["label"] for s in samples]
+    for s, r in zip(samples, normalize_rewards(terminal) if cfg.normalize_rewards else terminal):
+        s["rewards"] = s["shaping"][:-1] + [s["shaping"][-1] + r]  # the terminal reward on the last action
+    return samples, truncated
+
+
+def ilql_batch(samples: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded tokens (real pad id) plus (B, A) action tensors and (B, A+1) state indices; padding is 0."""
+    batch = collate([s["prompt"] for s in samples], [s["response"] for s in samples], pad_id)
+    A = max(len(s["actions_ixs"]) for s in samples)
+    fields = {"actions_ixs": (A, torch.long), "states_ixs": (A + 1, torch.long), "action_mask": (A, torch.float),
+              "next_nonterminal": (A, torch.float), "rewards": (A, torch.float)}
+    for name, (width, dtype) in fields.items():
+        batch[name] = torch.zeros(len(samples), width, dtype=dtype)
+        for row, s in enumerate(samples):
+            values = [1.0] * len(s["actions_ixs"]) if name == "action_mask" else s[name]
+            batch[name][row, :len(values)] = torch.tensor(values, dtype=dtype)
+    batch["label"] = torch.tensor([s["label"] for s in samples])
+    return batch
+
+
+def forward(model, heads: ILQLHeads, batch: dict[str, Tensor]):
+    """-> qs, target_qs (B, A, V), vs (B, A+1), LM logits (B, A, V), actions (B, A); heads see gathered states only."""
+    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    at = lambda ixs: hidden.gather(1, ixs.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    h_actions, h_states = at(batch["actions_ixs"]), at(batch["states_ixs"])
+    with torch.no_grad():
+        target_qs = heads.qs(h_actions, target=True)
+    actions = batch["input_ids"].gather(1, batch["actions_ixs"] + 1)  # the token each action emitted
+    return heads.qs(h_actions), target_qs, heads.v(h_states), model.lm_head(h_actions), actions
+
+
+# --- resumable checkpoints: safetensors + json, never pickle ---
+
+def save_resume(path: Path, step: int, model, heads: ILQLHeads, optimizer) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()
+               if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}  # tied: stored once
+    tensors.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
+    opt = optimizer.state_dict()
+    tensors.update({f"optim.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": step, "param_groups": opt["param_groups"], "python_random": random.getstate()}
+    tmp, old = (path.with_name(path.name + suffix) for suffix in (f".tmp-{os.getpid()}", ".old"))
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+    if path.exists():
+        os.replace(path, old)  # a crash from here on leaves resume.old, which resume_dir() also accepts
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_dir(run_dir: Path) -> Path:
+    for name in ("resume", "resume.old"):
+        if (run_dir / name / "state.json").is_file():
+            return run_dir / name
+    raise UserError(f"--resume {run_dir}: no resumable checkpoint (resume/state.json) in that directory")
+
+
+def load_resume(path: Path, model, heads: ILQLHeads, optimizer) -> int:
+    meta, tensors = json.loads((path / "state.json").read_text()), load_file(path / "state.safetensors")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    weights = part("model.")
+    if model.cfg.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    model.load_state_dict(weights)  # copies in place: heads.unembed still shares the LM's storage
+    heads.load_state_dict(part("heads."))
+    state = {}
+    for k, v in part("optim.").items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, state_ints, gauss = meta["python_random"]
+    random.setstate((version, tuple(state_ints), gauss))
+    return meta["step"]
+
+
+# --- the run ---
+
+def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int, dev, run: Run, history=()) -> list[dict]:
+    model.train()
+    optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "peak_lr": cfg.lr},
+                                   {"params": [p for p in heads.parameters() if p.requires_grad],
+                                    "lr": cfg.head_lr, "peak_lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)  # the same order on every (re)start: the step number is all a resume needs
+    micro_batches = []
+    for _ in range(cfg.epochs):
+        order = samples[:]
+        rng.shuffle(order)
+        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
+    start = load_resume(resume_dir(run.dir), model, heads, optimizer) if cfg.resume else 0
+    history, syncs = list(history), start // cfg.target_sync_every
+    bar = tqdm(total=total_steps, initial=start, desc="ILQL", unit="step")
+    for step in range(start, total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_at(step, total_steps, cfg.warmup_steps)
+        chunk = [ilql_batch(b, pad_id) for b in micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        n = sum(float(b["action_mask"].sum()) for b in chunk)  # every term is a mean over the step's actions
+        metrics, adv_sums = {}, {"chosen": [0.0, 0], "rejected": [0.0, 0]}
+        for batch in chunk:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with autocast(dev):
+                qs, target_qs, vs, logits, actions = forward(model, heads, batch)
+            loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"], batch["next_nonterminal"],
+                                         batch["action_mask"], cfg.gamma, cfg.tau, cfg.cql_scale, cfg.awac_scale,
+                                         cfg.awac_beta, n)
+            loss.backward()
+            metrics = {k: metrics.get(k, 0.0) + v for k, v in stats.items()}
+            for name, rows in (("chosen", batch["label"] > 0), ("rejected", batch["label"] < 0)):
+                mask = batch["action_mask"] * rows[:, None]
+                adv_sums[name][0] += float((adv * mask).sum())
+                adv_sums[name][1] += int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.target_sync_every == 0:
+            heads.sync_targets(cfg.alpha)
+            syncs += 1
+        metrics.update({f"adv/{k}": s / max(c, 1) for k, (s, c) in adv_sums.items()})
+        metrics.update(step=step + 1, grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"],
+                       target_syncs=syncs, target_gap=heads.target_gap())
+        run.log(**metrics)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", adv_gap=f"{metrics['adv/chosen'] - metrics['adv/rejected']:.3f}")
+        bar.update()
+        if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_resume(run.dir / "resume", step + 1, model, heads, optimizer)
+    bar.close()
+    model.eval()
+    return history
+
+
+def parse_betas(text: str) -> list[float]:
+    try:
+        betas = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        betas = []
+    if not betas or any(b < 0 or not math.isfinite(b) for b in betas):
+        raise UserError(f"--eval-betas {text!r}: expected comma-separated numbers >= 0, e.g. 0,1,4")
+    return betas
+
+
+def resume_run(run_dir: str) -> tuple[Config, list[dict]]:
+    """The interrupted run's own config (other flags are ignored) and its metrics up to the checkpoint,
+    which are also what metrics.jsonl is cut back to."""
+    path = Path(run_dir)
+    step = json.loads((resume_dir(path) / "state.json").read_text())["step"]
+    saved = json.loads((path / "config.json").read_text())
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    lines = (path / "metrics.jsonl").read_text().splitlines() if (path / "metrics.jsonl").is_file() else []
+    history = [m for m in map(json.loads, lines) if m["step"] <= step]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+    print(f"resuming {path} at step {step}")
+    return dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path)), history
+
+
+def main() -> None:
+    cfg, history = parse_config(Config, __doc__), []
+    if cfg.resume:
+        cfg, history = resume_run(cfg.resume)
+    if cfg.reward not in ("terminal", "shaped"):
+        raise UserError(f"--reward {cfg.reward!r}: choose terminal or shaped")
+    if cfg.gen_style not in ("snell", "trlx"):
+        raise UserError(f"--gen-style {cfg.gen_style!r}: choose snell or trlx")
+    if cfg.target_sync_every < 1:
+        raise UserError(f"--target-sync-every {cfg.target_sync_every}: must be >= 1")
+    betas = parse_betas(cfg.eval_betas)
+    seed_everything(cfg.seed)
+    started, dev = time.perf_counter(), device()
+    rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
+    eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
+    model_dir = resolve_model(cfg.model)
+    tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    samples, truncated = make_samples(rows, tok, cfg, model.cfg.vocab_size)
+    heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, cfg.head_rank, cfg.two_qs).to(dev)
+    print(f"{len(samples)} samples ({len(rows)} pairs) from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens; "
+          f"heads: {sum(p.numel() for p in heads.parameters() if p.requires_grad):,} trainable parameters")
+    run = Run("train_ilql", cfg.out_dir, cfg.run, cfg)
+
+    saved = run.dir / "eval.json"  # a resumed run keeps the base evaluation it already has
+    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    if eval_rows:  # the base model is the policy before its first step (β is moot: the heads are untrained)
+        if "base" not in results:
+            results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
+                                       cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
+            run.write_json("eval.json", results)
+    history = train(cfg, model, heads, samples, tok.pad_id, dev, run, history)
+    save_model(model, run.dir / "model", copy_from=model_dir)
+    save_heads(heads, run.dir / "ilql_heads.safetensors")
+    series = lambda *keys: {k: [(m["step"], m[k]) for m in history] for k in keys}
+    line_plots([("ILQL loss terms", series("loss/q", "loss/v", "loss/cql", "loss/awac")),
+                ("values on dataset actions", series("v", "q_hat", "q")),
+                ("advantage Q̂-V by response", series("adv/chosen", "adv/rejected")),
+                ("‖target - online‖ (Q heads)", series("target_gap"))], run.dir / "training.svg")
+    if eval_rows:
+        base_model = load_model(model_dir, device=dev).eval()  # NLL of the trained samples under the base
+        for beta in betas:
+            hook = ilql_logits_hook(heads, beta, cfg.eval_temperature, cfg.eval_top_k, cfg.gen_style)
+            results[f"ILQL β={beta:g}"] = evaluate(model, tok, eval_rows, base_model, cfg.eval_n, cfg.eval_temperature,
+                                                   cfg.seed, cfg.eval_max_new_tokens, cfg.eval_batch_size,
+                                                   logits_hook=hook, desc=f"eval ILQL beta={beta:g}")
+        run.write_json("eval.json", results)
+        print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples (temperature "
+              f"{cfg.eval_temperature}, {cfg.gen_style} style, top-k {cfg.eval_top_k or 'off'}, seed {cfg.seed})")
+        print(format_table(results))
+    print(f"model, heads, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
