@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, fit_to_length, read_preferences, sequence_logps
+from nanorlhf.data import collate, fit_to_length, read_preferences, response_logps
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import HELDOUT_PATH, load_eval_rows
 from nanorlhf.pink_eval import evaluate, format_table
@@ -178,8 +178,7 @@ def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: boo
     """-> (chosen_logps, rejected_logps), each (B,), for a pair_batch."""
     batch = {k: v.to(dev) for k, v in batch.items()}
     with autocast(dev):
-        logits = model(batch["input_ids"], batch["attention_mask"])  # (2B, T, V)
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average)  # (2B,), fp32
+        logps = response_logps(model, batch, average)  # (2B,), fp32; = sequence_logps of the full logits
     return logps.chunk(2)
 
 

@@ -126,3 +126,17 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, average
     if average:
         return total / mask.sum(dim=-1).clamp(min=1)
     return total
+
+
+def response_logps(model, batch: dict[str, Tensor], average: bool = False) -> Tensor:
+    """sequence_logps(model(input_ids), ...) for a collate() batch, but the vocabulary projection runs
+    only where a token is scored: prompt and padding positions (a third of a typical pair) skip the
+    largest matmul and the log-softmax over the vocabulary. -> (B,) fp32."""
+    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    scored = batch["loss_mask"][:, 1:].bool()  # (B, T-1): position t predicts token t+1
+    logits = model.lm_head(hidden[:, :-1][scored]).float()  # (N, V), N = scored tokens in the batch
+    targets = batch["input_ids"][:, 1:][scored]  # (N,)
+    token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    rows = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]  # (N,)
+    total = torch.zeros(scored.shape[0], device=scored.device).index_add(0, rows, token_logps)
+    return total / scored.sum(-1).clamp(min=1) if average else total

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.data import collate, sequence_logps
+from nanorlhf.data import collate, response_logps
 from nanorlhf.errors import run_cli
 from nanorlhf.generate import LogitsHook, generate
 from nanorlhf.pink import AVOID_TEMPLATE, HELDOUT_PATH, judge, load_eval_rows
@@ -44,8 +44,7 @@ def mean_nll(model, prompts: list[list[int]], responses: list[list[int]], pad_id
     total, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
         batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        total -= sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum().item()
+        total -= response_logps(model, batch).sum().item()
         count += int(batch["loss_mask"][:, 1:].sum())
     return total / max(count, 1)
 

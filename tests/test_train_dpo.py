@@ -47,6 +47,17 @@ def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, 
                 torch.testing.assert_close(together, expected[0], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_response_logps_equals_sequence_logps_of_full_logits(tiny_chat_model, average):
+    from nanorlhf.data import response_logps
+    model = load_model(tiny_chat_model).eval()
+    batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
+    with torch.no_grad():
+        expected = sequence_logps(model(batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                                  batch["loss_mask"], average)
+        torch.testing.assert_close(response_logps(model, batch, average), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_steps_split_by_accumulation_give_the_same_update(tiny_chat_model, tmp_path):
     """4 pairs as 1 x 4 or as 2 accumulated halves: the same parameters after one step."""
     tok = Tokenizer(tiny_chat_model)
