@@ -42,7 +42,7 @@ class Config:
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | hinge | ipo"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull toward the reference"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO/robust: assumed fraction of flipped labels"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})

@@ -22,6 +22,16 @@ TINY_CONFIGS = {
 }
 
 
+# SmolLM2-Instruct's ChatML template (as published with the model)
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+
 def make_hf_model(name: str, seed: int = 0, vocab_size: int = 128):
     cls, extra = TINY_CONFIGS[name]
     cfg = cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -64,3 +74,12 @@ def build_tiny_tokenizer(out_dir: Path, chat_template: str | None = None) -> Tok
         config["chat_template"] = chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
     return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny random llama with a real (tiny) ChatML tokenizer, saved as an HF directory."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
+    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
+    return path

@@ -17,18 +17,8 @@ from nanorlhf.cli import Run
 from nanorlhf.data import read_preferences
 from nanorlhf.generate import generate
 from nanorlhf.tokenizer import Tokenizer
-from conftest import build_tiny_tokenizer, make_hf_model
-from test_tokenizer import SMOLLM2_TEMPLATE
 from train_ilql import (ILQLHeads, awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss,
                         ilql_logits_hook, ilql_scores, normalize_rewards, q_loss)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-ilql")
-    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
-    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
-    return path
 
 
 def write_pairs(path, n=6, pink=True):

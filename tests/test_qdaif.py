@@ -12,8 +12,6 @@ import qdaif
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
 from nanorlhf.tokenizer import Tokenizer
-from conftest import build_tiny_tokenizer, make_hf_model
-from test_tokenizer import SMOLLM2_TEMPLATE
 
 GENRES = ["haiku", "sonnet", "ballad", "limerick", "hymn"]
 TONES = ["happy", "dark", "mysterious", "romantic", "reflective"]
@@ -271,14 +269,6 @@ def test_unreadable_rm_directory(tmp_path):
 
 
 # --- the LM-facing code, on a tiny random model ---
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-chat")
-    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
-    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
-    return path
-
 
 def test_option_logprobs_with_a_rewound_cache_equal_full_forwards(tiny_chat_model):
     model, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)

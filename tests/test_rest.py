@@ -12,19 +12,8 @@ from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
 from nanorlhf.reward import load_reward_model
 from nanorlhf.tokenizer import Tokenizer
-from conftest import build_tiny_tokenizer, make_hf_model
-from test_tokenizer import SMOLLM2_TEMPLATE
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny random llama with a real (tiny) ChatML tokenizer, saved as an HF directory."""
-    path = tmp_path_factory.mktemp("tiny-chat")
-    make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
-    build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
-    return path
 
 
 class ToyGold:

@@ -7,16 +7,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanorlhf.tokenizer import Tokenizer
-from conftest import build_tiny_tokenizer
-
-# SmolLM2-Instruct's ChatML template (as published with the model)
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
+from conftest import SMOLLM2_TEMPLATE, build_tiny_tokenizer
 
 def test_chatml_matches_transformers_template(tmp_path):
     build_tiny_tokenizer(tmp_path, chat_template=SMOLLM2_TEMPLATE)
