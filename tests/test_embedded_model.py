@@ -42,3 +42,28 @@ def test_greedy_answer_says_paris(smollm2):
                    temperature=0, tokenizer=tok)
     assert "Paris" in out.texts[0], out.texts[0]
     assert out.ids[0][-1] in tok.stop_ids  # it finished its turn
+
+
+def test_a_few_dpo_steps_lower_the_loss_on_the_training_batch(smollm2):
+    import train_dpo
+    from nanorlhf.data import read_preferences
+
+    model_dir, _, tok = smollm2
+    model = load_model(model_dir)  # a fresh copy: the fixture's model stays the base
+    pairs, _ = train_dpo.tokenize_pairs(read_preferences("data/pink_dpo_train.jsonl")[:4], tok, 192,
+                                        model.cfg.vocab_size)
+    cpu = torch.device("cpu")
+    train_dpo.reference_logps(model, pairs, tok.pad_id, 4, cpu, average=False)
+    ref = [torch.tensor([p[k] for p in pairs]) for k in ("ref_chosen", "ref_rejected")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    losses = []
+    for _ in range(4):
+        chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(pairs, tok.pad_id), cpu, False)
+        loss = train_dpo.dpo_loss(chosen, rejected, *ref, beta=0.1)[0].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert abs(losses[0] - 0.6931472) < 1e-3  # policy == reference before the first step
+    assert losses[-1] < losses[0] - 0.05, losses
