@@ -14,6 +14,7 @@ tqdm bar -> the same evaluation for the trained model, side by side -> checkpoin
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -266,7 +267,13 @@ def main() -> None:
     if eval_rows:  # the base model is the policy before its first step
         results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
                                    cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
-    history = train(cfg, model, pairs, tok.pad_id, dev, run)
+    try:
+        history = train(cfg, model, pairs, tok.pad_id, dev, run)
+    except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
+        save_model(model.eval(), run.dir / "model", copy_from=model_dir)
+        print(f"\ninterrupted: model after the last finished step in {run.dir / 'model'}, metrics in "
+              f"{run.dir / 'metrics.jsonl'}", file=sys.stderr)
+        sys.exit(130)
     save_model(model, run.dir / "model", copy_from=model_dir)
     line_plots([("DPO loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
                 ("implicit rewards", {name: [(m["step"], m[f"rewards/{name}"]) for m in history]

@@ -131,3 +131,19 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "p.jsonl:1: missing field 'chosen'" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monkeypatch):
+    def interrupted(cfg, model, pairs, pad_id, dev, run):
+        run.log(step=1, loss=0.69)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_dpo, "train", interrupted)
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
+                                     str(write_pairs(tmp_path / "p.jsonl", 2)), "--eval-data", "",
+                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
+    with pytest.raises(SystemExit) as info:
+        train_dpo.main()
+    assert info.value.code == 130
+    load_model(tmp_path / "out" / "r" / "model")  # a complete checkpoint, not a half-written one
+    assert json.loads((tmp_path / "out" / "r" / "metrics.jsonl").read_text())["step"] == 1
