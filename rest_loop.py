@@ -49,7 +49,7 @@ import torch
 
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, read_jsonl, sequence_logps
+from nanorlhf.data import collate, read_jsonl, response_logps
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink_eval import sample_responses
 from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids, reward_model_from_lm,
@@ -156,12 +156,16 @@ def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, grad
     return sum(losses) / len(losses) if losses else None
 
 
+def sample_batch(samples: list[dict], pad_id: int, dev) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
+
+
 def bc_loss(model, samples: list[dict], pad_id: int, dev) -> torch.Tensor:
     """ReST's BC: negative log-likelihood per response token of the kept samples."""
-    batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
+    batch = sample_batch(samples, pad_id, dev)
     with autocast(dev):
-        logits = model(batch["input_ids"], batch["attention_mask"])
-    return -sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"][:, 1:].sum()
+        logps = response_logps(model, batch)  # (B,) summed over each response
+    return -logps.sum() / batch["loss_mask"][:, 1:].sum()
 
 
 def dpo_batch_loss(model, pairs: list[dict], pad_id: int, dev, beta: float) -> torch.Tensor:
@@ -231,22 +235,19 @@ def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str)
 # --- evaluation ---
 
 @torch.no_grad()
-def response_logps(model, samples: list[dict], pad_id: int, dev, batch_size: int = 16) -> list[float]:
+def sample_logps(model, samples: list[dict], pad_id: int, dev, batch_size: int = 16) -> list[float]:
     """log p(response | prompt), summed over the response tokens, for every sample."""
     out = []
     for i in range(0, len(samples), batch_size):
-        rows = samples[i:i + batch_size]
-        batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in rows], [s["ids"] for s in rows], pad_id).items()}
         with autocast(dev):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        out += sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).tolist()
+            out += response_logps(model, sample_batch(samples[i:i + batch_size], pad_id, dev)).tolist()
     return out
 
 
 def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: list[str], dev) -> dict:
     samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7, "eval")
     texts, asked = [s["text"] for s in samples], [s["prompt"] for s in samples]
-    kl = [a - b for a, b in zip(response_logps(policy, samples, tok.pad_id, dev), response_logps(ref, samples, tok.pad_id, dev))]
+    kl = [a - b for a, b in zip(sample_logps(policy, samples, tok.pad_id, dev), sample_logps(ref, samples, tok.pad_id, dev))]
     gold_scores, proxy_scores = gold.score(asked, texts), score_texts(proxy, tok, asked, texts, 2 * cfg.batch_size)
     correct = labelled = 0
     for i in range(0, len(samples), cfg.eval_n):  # samples (0, 1) of every prompt: a fresh gold-labelled pair
