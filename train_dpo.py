@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, fit_to_length, read_preferences, response_logps
+from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences, response_logps
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import HELDOUT_PATH, load_eval_rows
 from nanorlhf.pink_eval import evaluate, format_table
@@ -163,9 +163,7 @@ def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: i
         room = max_len - len(cut_prompt)
         pairs.append({"prompt": cut_prompt, "chosen": chosen[:room], "rejected": rejected[:room]})
         truncated += was_cut
-        if max(prompt + chosen + rejected) >= vocab_size:
-            raise UserError(f"{row['where']}: token id {max(prompt + chosen + rejected)} is outside the model's "
-                            f"vocabulary ({vocab_size}): tokenizer and model do not match")
+        check_vocab(prompt + chosen + rejected, vocab_size, row["where"])
     return pairs, truncated
 
 

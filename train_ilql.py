@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, fit_to_length, read_preferences
+from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import LogitsHook
 from nanorlhf.pink import HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs, mentions
@@ -304,9 +304,7 @@ def make_samples(rows: list[dict], tok: Tokenizer, cfg: Config, vocab_size: int)
         prompt = tok.chat_prompt(row["prompt"])
         for text, label in ((row["chosen"], 1.0), (row["rejected"], -1.0)):
             response = tok.response_ids(text)
-            if max(prompt + response) >= vocab_size:
-                raise UserError(f"{row['where']}: token id {max(prompt + response)} is outside the model's "
-                                f"vocabulary ({vocab_size}): tokenizer and model do not match")
+            check_vocab(prompt + response, vocab_size, row["where"])
             cut_prompt, response, was_cut = fit_to_length(prompt, response, cfg.max_len)
             truncated += was_cut
             actions, states, next_nonterminal = ilql_indices([len(cut_prompt), len(response)])

@@ -87,6 +87,13 @@ def fit_to_length(prompt: list[int], response: list[int], max_len: int, min_resp
     return prompt, response, True
 
 
+def check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
+    """A token id the model has no embedding for means tokenizer and model do not belong together."""
+    if ids and max(ids) >= vocab_size:
+        raise UserError(f"{where}: token id {max(ids)} is outside the model's vocabulary ({vocab_size}): "
+                        "tokenizer and model do not match")
+
+
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of prompt+response rows.
 
