@@ -35,10 +35,8 @@ derived from (--seed, iteration), so the iteration number is all a resume needs.
 union with the original demonstrations (there are none) and validation-based early stopping.
 """
 
-import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -52,6 +50,7 @@ from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import collate, read_jsonl, response_logps
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink_eval import sample_responses
+from nanorlhf.resume import atomic_dir, latest, resumed_config
 from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids, reward_model_from_lm,
                              save_reward_model, score_texts)
 from nanorlhf.svg import line_plots
@@ -263,35 +262,10 @@ def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: lis
 # --- resumable state: safetensors + json, never pickle ---
 
 def save_state(run_dir: Path, iteration: int, policy, proxy, history: list[dict], model_dir: Path) -> None:
-    path = run_dir / "state"
-    tmp, old = run_dir / f"state.tmp-{os.getpid()}", run_dir / "state.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(policy, tmp / "policy", copy_from=model_dir)
-    save_reward_model(proxy, tmp / "proxy_rm", copy_from=model_dir)
-    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "history": history}) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)  # a crash anywhere above leaves the previous state (or state.old) intact
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def state_dir(run_dir: Path) -> Path | None:
-    for name in ("state", "state.old"):
-        if (run_dir / name / "state.json").is_file():
-            return run_dir / name
-    return None
-
-
-def resumed_config(run_dir: str) -> Config:
-    """The interrupted run's own config (flags given with --resume are ignored)."""
-    path = Path(run_dir)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--resume {run_dir}: no config.json there (not a rest_loop run directory)")
-    saved = json.loads((path / "config.json").read_text())
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-    return dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
+    with atomic_dir(run_dir / "state") as tmp:  # a crash leaves the previous state (or state.old) intact
+        save_model(policy, tmp / "policy", copy_from=model_dir)
+        save_reward_model(proxy, tmp / "proxy_rm", copy_from=model_dir)
+        (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "history": history}) + "\n")
 
 
 # --- the run ---
@@ -332,7 +306,7 @@ def table_row(m: dict) -> str:
 def main() -> None:
     cfg = parse_config(Config, __doc__)
     if cfg.resume:
-        cfg = resumed_config(cfg.resume)
+        cfg = resumed_config(Config, cfg.resume, "rest_loop")
     quantiles = check(cfg)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
@@ -345,7 +319,7 @@ def main() -> None:
     tok, ref = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()  # ref: π_0, frozen
     for p in ref.parameters():
         p.requires_grad_(False)
-    saved = state_dir(Path(cfg.resume)) if cfg.resume else None
+    saved = latest(Path(cfg.resume), "state", "state.json") if cfg.resume else None
     if cfg.resume and not saved and (Path(cfg.resume) / "proxy_rm").is_dir():
         raise UserError(f"--resume {cfg.resume}: that run is complete (model/ and proxy_rm/ are written)")
     if saved:

@@ -1,55 +1,49 @@
 """ILQL on the pink-elephant task: offline Q-learning from the chosen/rejected answers of the DPO pairs.
 
-    python train_ilql.py --model llama           # the embedded SmolLM2-135M-Instruct, CPU
-    python train_ilql.py --resume out/train_ilql/RUN   # continue an interrupted run
+    python train_ilql.py --model llama                   # the embedded SmolLM2-135M-Instruct, CPU
+    python train_ilql.py --resume out/train_ilql/RUN     # continue an interrupted run
 
-Implicit Language Q-Learning (Snell et al. 2022, arXiv 2206.11871): every token is an action, the
-prefix is the state. One shared trunk carries a V head, two Q heads and Polyak-averaged target Q heads;
-the loss is four pure functions of tensors (ilql_loss), means over the real actions of a step:
+Implicit Language Q-Learning (Snell et al. 2022, arXiv 2206.11871): every token is an action, the prefix
+is the state. A V head, two Q heads and Polyak-averaged target Q heads read the LM's last hidden state;
+the loss is four pure functions of tensors (ilql_loss), means over the real actions:
     L_Q    = Σ_heads mean (Q_i(s_t,a_t) - r_t - γ·V(s_t+1)·[s_t+1 not terminal])²      V detached
     L_V    = mean |τ - 1(Q̂ < V)|·(Q̂(s_t,a_t) - V(s_t))²      Q̂ = min of the target heads (expectile)
     L_CQL  = Σ_heads mean CE(Q_i(s_t,·), a_t)                   keeps Q low on tokens not in the data
     L_AWAC = mean exp(β_awac·(Q̂ - V))·CE(LM logits, a_t)        β_awac = 0: SFT on the responses
     L = L_Q + L_V + cql_scale·L_CQL + awac_scale·L_AWAC
-After every optimizer step (every --target-sync-every) target ← α·online + (1-α)·target. trlX calls
-its sync once per epoch at most, so its targets often never move (research notes §3.4).
+After every optimizer step target ← α·online + (1-α)·target (trlX syncs once per epoch at most, so its
+targets often never move: research notes §3.4).
 
-Data: a TRL pair gives two samples on one prompt, chosen (+1) and rejected (-1), the reward on the
-action that predicts the end-of-turn token (the hackathon's setting). Action t sits at the hidden
-state just before response token t; the states are the actions plus the last position (terminal);
-ilql_indices also builds multi-turn indices. --reward shaped adds -shaped_penalty on the first token
-of every mention of the row's "pink" entity (or its aliases in data/pink_elephant_pairs.json; found
-with nanorlhf.pink.mentions) in any response, so credit lands on the token that commits to the name
-instead of arriving γ^T-discounted at the end. --normalize-rewards z-scores the terminal rewards
-over the dataset as trlX does (unbiased std; no division for a single sample).
+The LM. --train-lm false (default): π_β is the base model, frozen, as Snell recommends; its hidden states
+are computed once, the heads train on them for several epochs, L_AWAC is dropped and β = 0 is the base
+policy exactly. --train-lm true: trlX's shared trunk, trained by every term (with β_awac = 0 its L_AWAC
+clones the chosen AND the rejected answers).
 
-Heads. trlX's Q head, Linear(h,2h)→ReLU→Linear(2h,V), is 57.3M parameters for SmolLM2-135M (h=576,
-V=49152): 229M for 2 Q + 2 target Q, more than the model. Ours project into the LM's own output
-matrix E, rows scaled to unit length and detached (Q losses never move it): Q(s,·) = Ê·W_up·relu(
-W_down·h + b) + per-token bias, r = h/4 = 144, W_up zero-initialised so Q starts at 0. 215,184
-parameters per Q head, 83,233 for V (Linear(h,r)→ReLU→Linear(r,1), also starting at 0): 513,601
-trainable + 430,368 target ≈ 0.94M, 0.7% of the model, at one h×V matmul per head on the action
-positions. Like trlX, all heads read the online trunk.
+Data: a pair gives two samples, chosen (+1) and rejected (-1), the reward on the action that predicts
+the end-of-turn token (the hackathon's setting). Action t sits at the hidden state before response token
+t; the states are the actions plus the last position (terminal). --reward shaped also puts -penalty on
+the first token of every mention of the row's "pink" entity or its aliases, so credit lands on the token
+that commits to the name instead of arriving γ^T-discounted at the end. --normalize-rewards z-scores the
+terminal rewards as trlX does.
+
+Heads. trlX's Q head, Linear(h,2h)→ReLU→Linear(2h,V), has 57.3M parameters for SmolLM2-135M (h=576,
+V=49152): 229M for 2 Q + 2 targets, more than the model. Ours project into the LM's own output matrix,
+rows scaled to unit length and detached: Q(s,·) = Ê·W_up·relu(W_down·h + b) + per-token bias, r = h/4,
+W_up zero-initialised so Q starts at 0: 215,184 parameters per Q head, 83,233 for V, 0.94M with the
+targets (0.7% of the model). Computed as (Ê·W_up)·z, which costs r/h = 1/4 of Ê·(W_up·z) per position.
 
 Decoding: π(a|s) ∝ π_β(a|s)·exp(β·(Q̂ - V)) through generate()'s logits hook, β swept by --eval-betas.
-generate() divides the hook's output by T, so for Snell's form softmax(logits/T + β·adv) (default:
-β and T stay separate knobs) the hook returns logπ + T·β·adv; --gen-style trlx returns logπ + β·adv,
-trlX's softmax((logπ + β·adv)/T). Top-k filters the combined score, as trlX; T = 0 is the argmax of
-logπ + β·adv in both styles.
+generate() divides the hook's output by T: for Snell's softmax(logits/T + β·adv) (default) the hook
+returns logπ + T·β·adv; --gen-style trlx returns logπ + β·adv, trlX's softmax((logπ + β·adv)/T).
 
-Resume: every --save-every steps RUN/resume/ gets state.safetensors (model, heads, target heads, AdamW
-moments, RNG) and state.json (step, optimizer settings, Python RNG), swapped in atomically. --resume
-RUN continues with the run's own config.json; metrics.jsonl is cut back to the checkpoint's step, so
-the finished run equals an uninterrupted one.
+Resume: every --save-every steps RUN/resume/ gets the heads, targets, AdamW moments, RNG (and the LM
+when it trains), swapped in atomically; --resume RUN ends with the same metrics as an unbroken run.
 """
 
 import copy
-import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +60,9 @@ from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import LogitsHook
-from nanorlhf.pink import HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs, mentions
+from nanorlhf.pink import HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
 from nanorlhf.pink_eval import evaluate, format_table
+from nanorlhf.resume import cut_metrics, latest, load_train_state, resumed_config, save_train_state
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 from train_dpo import lr_at
@@ -81,19 +76,20 @@ class Config:
     out_dir: str = field(default="out/train_ilql", metadata={"help": "runs are written to OUT_DIR/RUN"})
     run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     resume: str = field(default="", metadata={"help": "RUN_DIR of an interrupted run: continue it with its own config"})
+    train_lm: bool = field(default=False, metadata={"help": "false: the LM is frozen (π_β = base), only the heads train | true: shared trunk (trlX)"})
     reward: str = field(default="terminal", metadata={"help": "terminal (±1 on the end-of-turn action) | shaped (also -penalty where pink is named)"})
     shaped_penalty: float = field(default=1.0, metadata={"help": "--reward shaped: reward on the first token of each pink mention is -this"})
     normalize_rewards: bool = field(default=False, metadata={"help": "z-score the terminal rewards over the dataset (trlX)"})
     gamma: float = field(default=0.99, metadata={"help": "discount"})
     tau: float = field(default=0.7, metadata={"help": "expectile of the V loss (0.5 = MSE)"})
     cql_scale: float = field(default=0.1, metadata={"help": "weight of the CQL term"})
-    awac_scale: float = field(default=1.0, metadata={"help": "weight of the AWAC/BC term on the LM"})
+    awac_scale: float = field(default=1.0, metadata={"help": "weight of the AWAC/BC term on the LM (--train-lm true only)"})
     awac_beta: float = field(default=0.0, metadata={"help": "AWAC weights exp(beta*(Q-V)); 0 = plain SFT on the responses"})
     alpha: float = field(default=0.005, metadata={"help": "Polyak weight on the online heads: target <- a*online + (1-a)*target"})
     target_sync_every: int = field(default=1, metadata={"help": "optimizer steps between target-head syncs"})
     two_qs: bool = field(default=True, metadata={"help": "two Q heads (min of the targets) instead of one"})
     head_rank: int = field(default=0, metadata={"help": "inner width of the heads (0 = hidden/4)"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate of the LM"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate of the LM (--train-lm true)"})
     head_lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate of the V and Q heads"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
@@ -151,19 +147,22 @@ def awac_loss(logits: Tensor, actions: Tensor, adv: Tensor, beta: float, mask: T
     return masked_mean(weights * (logits.logsumexp(-1) - taken(logits, actions)), mask, n), weights
 
 
-def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Tensor, actions: Tensor, rewards: Tensor,
+def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Tensor | None, actions: Tensor, rewards: Tensor,
               next_nonterminal: Tensor, mask: Tensor, gamma: float = 0.99, tau: float = 0.7, cql_scale: float = 0.1,
               awac_scale: float = 1.0, awac_beta: float = 0.0, n=None) -> tuple[Tensor, dict[str, float], Tensor]:
     """-> (loss, stats, advantage Q̂-V (B, A), detached). qs/target_qs: per head (B, A, V) at the action
-    positions; vs (B, A+1) at the states; logits (B, A, V) of the LM at the actions; mask (B, A) 1 on real
+    positions; vs (B, A+1) at the states; logits (B, A, V) of the LM at the actions (None: no AWAC); mask (B, A) 1 on real
     actions. `n` overrides the normaliser (the step's action count under gradient accumulation)."""
-    qs, logits, vs = [q.float() for q in qs], logits.float(), vs.float()
+    qs, vs = [q.float() for q in qs], vs.float()
     q_hat = torch.stack([taken(t.float(), actions) for t in target_qs]).min(0).values.detach()
     v = vs[:, :-1]
     l_q = q_loss(qs, vs, actions, rewards, next_nonterminal, mask, gamma, n)
     l_v = expectile_loss(q_hat, v, tau, mask, n)
     l_cql = cql_loss(qs, actions, mask, n)
-    l_awac, weights = awac_loss(logits, actions, q_hat - v, awac_beta, mask, n)
+    if logits is None:  # a frozen LM: nothing for the AWAC term to train
+        l_awac, weights = vs.new_zeros(()), torch.ones_like(v)
+    else:
+        l_awac, weights = awac_loss(logits.float(), actions, q_hat - v, awac_beta, mask, n)
     loss = l_q + l_v + cql_scale * l_cql + awac_scale * l_awac
     stats = {"loss": loss, "loss/q": l_q, "loss/v": l_v, "loss/cql": l_cql, "loss/awac": l_awac,
              "v": masked_mean(v.detach(), mask, n), "q_hat": masked_mean(q_hat, mask, n),
@@ -174,7 +173,7 @@ def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Ten
 # --- heads and target heads ---
 
 class QHead(nn.Module):
-    """Q(s,·) = Ê·W_up·relu(W_down·h + b) + bias; Ê (the LM's output matrix, unit rows) is passed in."""
+    """Q(s,·) = Ê·W_up·relu(W_down·h + b) + bias, evaluated as (Ê·W_up)·z (see `matrix`)."""
 
     def __init__(self, hidden: int, rank: int, vocab: int):
         super().__init__()
@@ -182,8 +181,12 @@ class QHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.zeros_(self.up.weight)  # Q starts at 0, like the returns it will fit, not at the LM's logits
 
-    def forward(self, h: Tensor, unembed: Tensor) -> Tensor:
-        return F.linear(self.up(F.relu(self.down(h))), unembed) + self.bias
+    def matrix(self, basis: Tensor) -> Tensor:
+        """(V, H) unit rows Ê -> (V, r) Ê·W_up: one V×H×r product per call instead of V×H per position."""
+        return basis @ self.up.weight
+
+    def forward(self, h: Tensor, matrix: Tensor) -> Tensor:
+        return F.linear(F.relu(self.down(h)), matrix) + self.bias  # (..., H) -> (..., V)
 
 
 class ILQLHeads(nn.Module):
@@ -199,10 +202,15 @@ class ILQLHeads(nn.Module):
     def v(self, h: Tensor) -> Tensor:
         return self.v_head(h).squeeze(-1)
 
-    def qs(self, h: Tensor, target: bool = False) -> list[Tensor]:
+    def q_matrices(self, target: bool = False) -> list[Tensor]:
         # unit rows: Q(s,a) = <ê_a, x(s)> + b_a, so the scale of Q does not depend on the scale of E
         basis = F.normalize(self.unembed, dim=-1)
-        return [q(h, basis) for q in (self.target_q_heads if target else self.q_heads)]
+        return [q.matrix(basis) for q in (self.target_q_heads if target else self.q_heads)]
+
+    def qs(self, h: Tensor, target: bool = False, matrices: list[Tensor] | None = None) -> list[Tensor]:
+        """Per Q head (..., V). `matrices`: q_matrices() computed once while the heads stay fixed (decoding)."""
+        matrices = matrices or self.q_matrices(target)
+        return [q(h, m) for q, m in zip(self.target_q_heads if target else self.q_heads, matrices)]
 
     @torch.no_grad()
     def sync_targets(self, alpha: float) -> None:
@@ -227,20 +235,25 @@ def ilql_scores(logits: Tensor, adv: Tensor, beta: float, temperature: float = 1
     return score
 
 
+@torch.no_grad()
 def ilql_logits_hook(heads: ILQLHeads, beta: float, temperature: float = 1.0, top_k: int = 0,
                      style: str = "snell") -> LogitsHook:
-    """Perturb the LM by β·(min target Q - V) at every decoding step; pass the same T to generate()."""
+    """Perturb the LM by β·(min target Q - V) at every decoding step; pass the same T to generate().
+    The heads must not change while the hook is in use (their V×r matrices are computed here, once)."""
+    matrices = heads.q_matrices(target=True)
+
     def hook(logits: Tensor, hidden: Tensor, step: int) -> Tensor:
         if beta == 0 and top_k == 0:
             return logits  # the base policy, bit for bit
-        adv = torch.stack(heads.qs(hidden, target=True)).min(0).values - heads.v(hidden).unsqueeze(-1)
+        adv = torch.stack(heads.qs(hidden, True, matrices)).min(0).values - heads.v(hidden).unsqueeze(-1)
         return ilql_scores(logits, adv, beta, temperature, top_k, style)
     return hook
 
 
-def save_heads(heads: ILQLHeads, path: Path) -> None:
+def save_heads(heads: ILQLHeads, path: Path, base_model: str = "") -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, path,
-              metadata={"rank": str(heads.v_head[0].out_features), "two_qs": str(len(heads.q_heads) == 2)})
+              metadata={"rank": str(heads.v_head[0].out_features), "two_qs": str(len(heads.q_heads) == 2),
+                        "base_model": base_model})
 
 
 def load_heads(path: str | Path, model) -> ILQLHeads:
@@ -276,20 +289,6 @@ def normalize_rewards(values: list[float]) -> list[float]:
     r = torch.tensor(values, dtype=torch.float64)
     r = r - r.mean()
     return (r / (r.std() + torch.finfo(torch.float64).eps) if len(r) > 1 else r).tolist()
-
-
-def mention_starts(tok: Tokenizer, text: str, names: list[str]) -> list[int]:
-    """Token indices (in tok.encode(text)) where a mention of any of `names` begins, one per mention."""
-    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
-    starts, seg = [], 0  # seg: where the text not yet searched begins
-    for k, (_, end) in enumerate(offsets):
-        if mentions(text[seg:end], names):  # a mention completes at token k: find its first token
-            i = k
-            while i > 0 and not mentions(text[offsets[i][0]:end], names):
-                i -= 1
-            starts.append(i)
-            seg = end
-    return starts
 
 
 def make_samples(rows: list[dict], tok: Tokenizer, cfg: Config, vocab_size: int) -> tuple[list[dict], int]:
@@ -333,79 +332,74 @@ def ilql_batch(samples: list[dict], pad_id: int) -> dict[str, Tensor]:
             values = [1.0] * len(s["actions_ixs"]) if name == "action_mask" else s[name]
             batch[name][row, :len(values)] = torch.tensor(values, dtype=dtype)
     batch["label"] = torch.tensor([s["label"] for s in samples])
+    if "h_states" in samples[0]:  # cached features of a frozen LM: (B, A+1, H)
+        batch["h_states"] = nn.utils.rnn.pad_sequence([s["h_states"] for s in samples], batch_first=True)
     return batch
 
 
-def forward(model, heads: ILQLHeads, batch: dict[str, Tensor]):
-    """-> qs, target_qs (B, A, V), vs (B, A+1), LM logits (B, A, V), actions (B, A); heads see gathered states only."""
-    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-    at = lambda ixs: hidden.gather(1, ixs.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    h_actions, h_states = at(batch["actions_ixs"]), at(batch["states_ixs"])
+@torch.no_grad()
+def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev) -> None:
+    """A frozen LM's last hidden states at each sample's states, computed once: s["h_states"] (A+1, H)."""
+    for i in tqdm(range(0, len(samples), batch_size), desc="features", unit="batch"):
+        chunk = samples[i:i + batch_size]
+        batch = {k: v.to(dev) for k, v in ilql_batch(chunk, pad_id).items()}
+        with autocast(dev):
+            hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+        h_states = hidden.float().gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        for row, s in enumerate(chunk):
+            s["h_states"] = h_states[row, :len(s["states_ixs"])].clone()
+
+
+def forward(model, heads: ILQLHeads, batch: dict[str, Tensor], lm_logits: bool = True):
+    """-> qs, target_qs (B, A, V), vs (B, A+1), LM logits (B, A, V) or None, actions (B, A).
+    The heads see the gathered states only; the actions are the states but the last (ilql_indices)."""
+    h_states = batch.get("h_states")
+    if h_states is None:
+        hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+        h_states = hidden.gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    h_actions = h_states[:, :-1]  # padded rows: their extra "actions" are masked out by action_mask
     with torch.no_grad():
         target_qs = heads.qs(h_actions, target=True)
     actions = batch["input_ids"].gather(1, batch["actions_ixs"] + 1)  # the token each action emitted
-    return heads.qs(h_actions), target_qs, heads.v(h_states), model.lm_head(h_actions), actions
+    return (heads.qs(h_actions), target_qs, heads.v(h_states), model.lm_head(h_actions) if lm_logits else None,
+            actions)
 
 
 # --- resumable checkpoints: safetensors + json, never pickle ---
 
-def save_resume(path: Path, step: int, model, heads: ILQLHeads, optimizer) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()
-               if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}  # tied: stored once
-    tensors.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
-    opt = optimizer.state_dict()
-    tensors.update({f"optim.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "param_groups": opt["param_groups"], "python_random": random.getstate()}
-    tmp, old = (path.with_name(path.name + suffix) for suffix in (f".tmp-{os.getpid()}", ".old"))
-    for d in (tmp, old):
-        shutil.rmtree(d, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta) + "\n")
-    if path.exists():
-        os.replace(path, old)  # a crash from here on leaves resume.old, which resume_dir() also accepts
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def save_resume(path: Path, step: int, model, heads: ILQLHeads, optimizer, train_lm: bool) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()  # a frozen LM is the base: not stored
+               if train_lm and not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}  # tied: stored once
+    save_train_state(path, step, {**tensors, **{f"heads.{k}": v for k, v in heads.state_dict().items()}}, optimizer)
 
 
 def resume_dir(run_dir: Path) -> Path:
-    for name in ("resume", "resume.old"):
-        if (run_dir / name / "state.json").is_file():
-            return run_dir / name
-    raise UserError(f"--resume {run_dir}: no resumable checkpoint (resume/state.json) in that directory")
+    if (found := latest(run_dir, "resume", "state.json")) is None:
+        raise UserError(f"--resume {run_dir}: no resumable checkpoint (resume/state.json) in that directory")
+    return found
 
 
 def load_resume(path: Path, model, heads: ILQLHeads, optimizer) -> int:
-    meta, tensors = json.loads((path / "state.json").read_text()), load_file(path / "state.safetensors")
+    step, tensors = load_train_state(path, optimizer)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    weights = part("model.")
-    if model.cfg.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    model.load_state_dict(weights)  # copies in place: heads.unembed still shares the LM's storage
+    if weights := part("model."):
+        if model.cfg.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        model.load_state_dict(weights)  # copies in place: heads.unembed still shares the LM's storage
     heads.load_state_dict(part("heads."))
-    state = {}
-    for k, v in part("optim.").items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    version, state_ints, gauss = meta["python_random"]
-    random.setstate((version, tuple(state_ints), gauss))
-    return meta["step"]
+    return step
 
 
 # --- the run ---
 
 def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int, dev, run: Run, history=()) -> list[dict]:
-    model.train()
-    optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "peak_lr": cfg.lr},
-                                   {"params": [p for p in heads.parameters() if p.requires_grad],
-                                    "lr": cfg.head_lr, "peak_lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+    model.train(cfg.train_lm).requires_grad_(cfg.train_lm)
+    groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.head_lr, "peak_lr": cfg.head_lr}]
+    if cfg.train_lm:
+        groups.append({"params": list(model.parameters()), "lr": cfg.lr, "peak_lr": cfg.lr})
+    else:  # the LM never changes: its features once, then only the small heads run
+        cache_features(model, samples, pad_id, cfg.batch_size * cfg.grad_accum, dev)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)  # the same order on every (re)start: the step number is all a resume needs
     micro_batches = []
     for _ in range(cfg.epochs):
@@ -425,7 +419,7 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
         for batch in chunk:
             batch = {k: v.to(dev) for k, v in batch.items()}
             with autocast(dev):
-                qs, target_qs, vs, logits, actions = forward(model, heads, batch)
+                qs, target_qs, vs, logits, actions = forward(model, heads, batch, lm_logits=cfg.train_lm)
             loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"], batch["next_nonterminal"],
                                          batch["action_mask"], cfg.gamma, cfg.tau, cfg.cql_scale, cfg.awac_scale,
                                          cfg.awac_beta, n)
@@ -449,7 +443,7 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", adv_gap=f"{metrics['adv/chosen'] - metrics['adv/rejected']:.3f}")
         bar.update()
         if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_resume(run.dir / "resume", step + 1, model, heads, optimizer)
+            save_resume(run.dir / "resume", step + 1, model, heads, optimizer, cfg.train_lm)
     bar.close()
     model.eval()
     return history
@@ -466,17 +460,10 @@ def parse_betas(text: str) -> list[float]:
 
 
 def resume_run(run_dir: str) -> tuple[Config, list[dict]]:
-    """The interrupted run's own config (other flags are ignored) and its metrics up to the checkpoint,
-    which are also what metrics.jsonl is cut back to."""
-    path = Path(run_dir)
-    step = json.loads((resume_dir(path) / "state.json").read_text())["step"]
-    saved = json.loads((path / "config.json").read_text())
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-    lines = (path / "metrics.jsonl").read_text().splitlines() if (path / "metrics.jsonl").is_file() else []
-    history = [m for m in map(json.loads, lines) if m["step"] <= step]
-    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-    print(f"resuming {path} at step {step}")
-    return dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path)), history
+    """The interrupted run's config and its metrics up to the checkpoint (metrics.jsonl is cut back to them)."""
+    step = json.loads((resume_dir(Path(run_dir)) / "state.json").read_text())["step"]
+    print(f"resuming {run_dir} at step {step}")
+    return resumed_config(Config, run_dir, "train_ilql"), cut_metrics(Path(run_dir), step)
 
 
 def main() -> None:
@@ -499,27 +486,31 @@ def main() -> None:
     samples, truncated = make_samples(rows, tok, cfg, model.cfg.vocab_size)
     heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, cfg.head_rank, cfg.two_qs).to(dev)
     print(f"{len(samples)} samples ({len(rows)} pairs) from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens; "
-          f"heads: {sum(p.numel() for p in heads.parameters() if p.requires_grad):,} trainable parameters")
+          f"heads: {sum(p.numel() for p in heads.parameters() if p.requires_grad):,} trainable parameters; "
+          f"LM {'trained' if cfg.train_lm else 'frozen'}")
     run = Run("train_ilql", cfg.out_dir, cfg.run, cfg)
 
     saved = run.dir / "eval.json"  # a resumed run keeps the base evaluation it already has
     results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
-    if eval_rows:  # the base model is the policy before its first step (β is moot: the heads are untrained)
-        if "base" not in results:
-            results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
-                                       cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
-            run.write_json("eval.json", results)
+    if eval_rows and "base" not in results:  # the policy before its first step (the heads are still 0)
+        results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
+                                   cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
+        run.write_json("eval.json", results)
     history = train(cfg, model, heads, samples, tok.pad_id, dev, run, history)
-    save_model(model, run.dir / "model", copy_from=model_dir)
-    save_heads(heads, run.dir / "ilql_heads.safetensors")
+    if cfg.train_lm:
+        save_model(model, run.dir / "model", copy_from=model_dir)
+    save_heads(heads, run.dir / "ilql_heads.safetensors", base_model="" if cfg.train_lm else str(model_dir))
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history] for k in keys}
     line_plots([("ILQL loss terms", series("loss/q", "loss/v", "loss/cql", "loss/awac")),
                 ("values on dataset actions", series("v", "q_hat", "q")),
                 ("advantage Q̂-V by response", series("adv/chosen", "adv/rejected")),
                 ("‖target - online‖ (Q heads)", series("target_gap"))], run.dir / "training.svg")
     if eval_rows:
-        base_model = load_model(model_dir, device=dev).eval()  # NLL of the trained samples under the base
+        base_model = load_model(model_dir, device=dev).eval() if cfg.train_lm else model  # NLL under the base
         for beta in betas:
+            if beta == 0 and not cfg.eval_top_k and not cfg.train_lm:  # the frozen base, unperturbed: same samples
+                results["ILQL β=0"] = results["base"]
+                continue
             hook = ilql_logits_hook(heads, beta, cfg.eval_temperature, cfg.eval_top_k, cfg.gen_style)
             results[f"ILQL β={beta:g}"] = evaluate(model, tok, eval_rows, base_model, cfg.eval_n, cfg.eval_temperature,
                                                    cfg.seed, cfg.eval_max_new_tokens, cfg.eval_batch_size,
@@ -528,7 +519,8 @@ def main() -> None:
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples (temperature "
               f"{cfg.eval_temperature}, {cfg.gen_style} style, top-k {cfg.eval_top_k or 'off'}, seed {cfg.seed})")
         print(format_table(results))
-    print(f"model, heads, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+    where = "heads" if cfg.train_lm else f"heads (on the unchanged {cfg.model})"
+    print(f"{where}, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

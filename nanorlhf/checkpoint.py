@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from nanorlhf.errors import UserError
 from nanorlhf.model import ModelConfig, Transformer
+from nanorlhf.resume import atomic_dir
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -178,24 +179,14 @@ def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_from: Path | None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files copied from `copy_from`) atomically:
     everything goes to a temporary sibling first and is renamed into place, so a crash leaves no half checkpoint."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(Path(out_dir)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         for name in TOKENIZER_FILES if copy_from else ():
             if (Path(copy_from) / name).is_file():
                 shutil.copy(Path(copy_from) / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def save_model(model: Transformer, out_dir: str | Path, copy_from: str | Path | None = None) -> Path:

@@ -56,6 +56,21 @@ def mentions(text: str, names: list[str]) -> bool:
     return any(_name_regex(n).search(text) for n in names if n.strip())
 
 
+def mention_starts(tok, text: str, names: list[str]) -> list[int]:
+    """Token indices (in nanorlhf Tokenizer `tok`.encode(text)) where a mention of any of `names` begins, one per
+    mention: where a per-token penalty for naming the pink entity belongs."""
+    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
+    starts, seg = [], 0  # seg: where the text not yet searched begins
+    for k, (_, end) in enumerate(offsets):
+        if mentions(text[seg:end], names):  # a mention completes at token k: find its first token
+            i = k
+            while i > 0 and not mentions(text[offsets[i][0]:end], names):
+                i -= 1
+            starts.append(i)
+            seg = end
+    return starts
+
+
 def judge(response: str, row: dict) -> dict[str, bool]:
     """Score one response to an eval row: does it mention the pink entity, and the grey one?"""
     return {"pink": mentions(response, [row["pink"], *row.get("pink_aliases", [])]),

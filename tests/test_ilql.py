@@ -16,6 +16,7 @@ from nanorlhf.checkpoint import load_model
 from nanorlhf.cli import Run
 from nanorlhf.data import read_preferences
 from nanorlhf.generate import generate
+from nanorlhf.pink import mention_starts
 from nanorlhf.tokenizer import Tokenizer
 from train_ilql import (ILQLHeads, awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss,
                         ilql_logits_hook, ilql_scores, normalize_rewards, q_loss)
@@ -318,13 +319,13 @@ def test_heads_on_gathered_states_equal_heads_everywhere(tiny_chat_model, tmp_pa
 def test_shaped_reward_on_first_token_of_each_mention(tiny_chat_model, tmp_path):
     tok = Tokenizer(tiny_chat_model)
     # tokens: I Ġ l o v e ĠPa ris Ġ an d ĠPa ris ' s ...: the mentions begin at tokens 6 and 11
-    assert train_ilql.mention_starts(tok, "I love Paris and Paris's capital.", ["Paris"]) == [6, 11]
-    assert train_ilql.mention_starts(tok, "The elephant is grey.", ["Paris"]) == []
+    assert mention_starts(tok, "I love Paris and Paris's capital.", ["Paris"]) == [6, 11]
+    assert mention_starts(tok, "The elephant is grey.", ["Paris"]) == []
     rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 1))
     cfg = train_ilql.Config(reward="shaped", shaped_penalty=0.5)
     chosen, rejected = train_ilql.make_samples(rows, tok, cfg, 320)[0]
     assert chosen["rewards"] == [0.0] * (len(chosen["response"]) - 1) + [1.0]
-    first = train_ilql.mention_starts(tok, "The capital of France is Paris.", ["Paris"])
+    first = mention_starts(tok, "The capital of France is Paris.", ["Paris"])
     assert len(first) == 1 and tok.decode(rejected["response"][first[0]:first[0] + 2]).strip() == "Paris"
     assert rejected["rewards"][first[0]] == -0.5 and rejected["rewards"][-1] == -1.0
     assert sum(rejected["rewards"]) == -1.5
@@ -337,11 +338,12 @@ def cli(monkeypatch, *args):
     train_ilql.main()
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_lm", ["true", "false"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, train_lm):
     data = write_pairs(tmp_path / "p.jsonl", 6)  # 12 samples / 2 -> 6 steps, resumable state every 2
     common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "", "--out-dir", str(tmp_path / "out"),
               "--batch-size", "2", "--grad-accum", "1", "--save-every", "2", "--lr", "1e-3", "--head-lr", "1e-2",
-              "--alpha", "0.3", "--reward", "shaped"]
+              "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm]
     cli(monkeypatch, *common, "--run", "straight")
 
     original = Run.log
@@ -364,26 +366,35 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, broken)]
     assert [json.loads(l)["step"] for l in lines[1]] == [1, 2, 3, 4, 5, 6]
     assert lines[0] == lines[1]
-    for name in ("model/model.safetensors", "ilql_heads.safetensors"):
+    saved = ["model/model.safetensors", "ilql_heads.safetensors"] if train_lm == "true" else ["ilql_heads.safetensors"]
+    assert (straight / "model").exists() == (train_lm == "true")  # a frozen LM is not copied
+    for name in saved:
         a, b = (train_ilql.load_file(d / name) for d in (straight, broken))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("train_lm", ["true", "false"])
+def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsys, train_lm):
     data = write_pairs(tmp_path / "p.jsonl", 4)
     eval_rows = tmp_path / "eval.jsonl"
     eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
     cli(monkeypatch, "--model", str(tiny_chat_model), "--data", str(data), "--eval-data", str(eval_rows),
         "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6", "--eval-betas", "0,2",
-        "--eval-top-k", "5")
+        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm)
     run = tmp_path / "out" / "r"
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1]  # 8 samples / (8 x 2) -> one step
     assert {"loss/q", "loss/v", "loss/cql", "loss/awac", "adv/chosen", "target_syncs"} <= set(metrics[0])
+    assert (metrics[0]["loss/awac"] > 0) == (train_lm == "true")  # a frozen LM has no AWAC term
     assert (run / "training.svg").read_text().startswith("<svg")
-    assert set(json.loads((run / "eval.json").read_text())) == {"base", "ILQL β=0", "ILQL β=2"}
-    transformers.AutoModelForCausalLM.from_pretrained(run / "model")  # HF layout
-    model = load_model(run / "model")
+    results = json.loads((run / "eval.json").read_text())
+    assert set(results) == {"base", "ILQL β=0", "ILQL β=2"}
+    if train_lm == "true":
+        transformers.AutoModelForCausalLM.from_pretrained(run / "model")  # HF layout
+        model = load_model(run / "model")
+    else:  # nothing but the heads: β = 0 on the frozen base is the base run
+        assert not (run / "model").exists() and results["ILQL β=0"] == results["base"]
+        model = load_model(tiny_chat_model)
     heads = train_ilql.load_heads(run / "ilql_heads.safetensors", model)
     assert len(heads.q_heads) == 2 and heads.unembed.data_ptr() == model.lm_head.weight.data_ptr()
     assert "pink mention rate" in capsys.readouterr().out

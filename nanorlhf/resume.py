@@ -1,0 +1,93 @@
+"""Crash-safe run state, shared by the scripts that can be resumed: a directory written whole or not at
+all, the interrupted run's own config, and the optimizer / RNG state as plain tensors (never pickle)."""
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanorlhf.errors import UserError
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Yield an empty temporary sibling of `path` to fill; when the block finishes it replaces `path`.
+    A crash inside the block leaves the previous `path` untouched; a crash during the swap leaves it as
+    PATH.old, which `latest` also accepts."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + f".tmp-{os.getpid()}"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(run_dir: Path, name: str, marker: str) -> Path | None:
+    """RUN/NAME, or RUN/NAME.old after a crash mid-swap, if it holds `marker` (a file written last)."""
+    for candidate in (name, name + ".old"):
+        if (Path(run_dir) / candidate / marker).is_file():
+            return Path(run_dir) / candidate
+    return None
+
+
+def resumed_config(cls, run_dir: str, script: str):
+    """The interrupted run's own config from RUN/config.json (flags given alongside --resume are ignored)."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there (not a {script} run directory)")
+    saved = json.loads((path / "config.json").read_text())
+    cfg = cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    return dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
+
+
+def save_train_state(path: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """PATH/state.safetensors (the given tensors, the optimizer's moments, the RNG) and PATH/state.json
+    (step, param groups, Python's RNG), written atomically; state.json last, so its presence means complete."""
+    state = optimizer.state_dict()
+    tensors = {**tensors, **{f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()},
+               "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": step, "param_groups": state["param_groups"], "python_random": list(random.getstate())}
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+
+
+def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore the optimizer and the RNGs from save_train_state's files -> (step, all stored tensors)."""
+    meta, tensors = json.loads((Path(path) / "state.json").read_text()), load_file(Path(path) / "state.safetensors")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            i, name = key[len("optim."):].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, ints, gauss = meta["python_random"]
+    random.setstate((version, tuple(ints), gauss))
+    return meta["step"], tensors
+
+
+def cut_metrics(run_dir: Path, step: int) -> list[dict]:
+    """Drop the lines of RUN/metrics.jsonl logged after `step` (the checkpoint) -> the lines kept."""
+    path = Path(run_dir) / "metrics.jsonl"
+    history = [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= step] if path.is_file() else []
+    path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    return history
