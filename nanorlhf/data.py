@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from nanorlhf.cli import autocast
 from nanorlhf.errors import UserError
 
 
@@ -36,6 +38,16 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A jsonl of {"prompt": str} rows -> the prompts."""
+    prompts = []
+    for where, obj in read_jsonl(path):
+        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise UserError(f"{where}: field 'prompt' must be a non-empty string")
+        prompts.append(obj["prompt"])
+    return prompts
 
 
 def _messages(value, where: str, key: str) -> list[dict]:
@@ -139,11 +151,25 @@ def response_logps(model, batch: dict[str, Tensor], average: bool = False) -> Te
     """sequence_logps(model(input_ids), ...) for a collate() batch, but the vocabulary projection runs
     only where a token is scored: prompt and padding positions (a third of a typical pair) skip the
     largest matmul and the log-softmax over the vocabulary. -> (B,) fp32."""
-    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
     scored = batch["loss_mask"][:, 1:].bool()  # (B, T-1): position t predicts token t+1
-    logits = model.lm_head(hidden[:, :-1][scored]).float()  # (N, V), N = scored tokens in the batch
+    at = F.pad(scored, (0, 1))  # (B, T): the last position predicts nothing
+    # one call of model's forward (DDP and FSDP hook it); fp32 before the log-softmax even under bf16 autocast
+    logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at).float()  # (N, V), N = scored tokens
     targets = batch["input_ids"][:, 1:][scored]  # (N,)
     token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
     rows = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]  # (N,)
     total = torch.zeros(scored.shape[0], device=scored.device).index_add(0, rows, token_logps)
     return total / scored.sum(-1).clamp(min=1) if average else total
+
+
+@torch.no_grad()
+def response_logps_batched(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                           batch_size: int = 16) -> list[float]:
+    """log p(response | prompt), summed over each response's tokens: response_logps in right-padded batches
+    on the model's device (bf16 autocast on CUDA)."""
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(prompts), batch_size):
+        batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
+        with autocast(device):
+            out += response_logps(model, {k: v.to(device) for k, v in batch.items()}).tolist()
+    return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -183,6 +184,9 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # keep only each block's input and recompute its activations in backward: memory per block
+        # drops from its intermediates to one (B, T, hidden) tensor, for about one more forward of compute
+        self.grad_checkpointing = False
 
     def forward(
         self,
@@ -208,14 +212,21 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.norm(x)
 
 
 class Transformer(nn.Module):
-    """Causal LM: Backbone + lm_head. `model(ids)` -> logits (B, T, vocab)."""
+    """Causal LM: Backbone + lm_head. `model(ids)` -> logits (B, T, vocab).
+
+    Everything a training step needs goes through forward() (not model.model + model.lm_head), so
+    DDP and FSDP, which hook the wrapped module's forward, see the whole step.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -235,9 +246,11 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,  # logits for the last position only (sampling): skips a big matmul
+        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only where True -> (N, vocab)
     ):
         hidden = self.model(input_ids, attention_mask, cache)  # (B, T, hidden)
-        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # (B, T or 1, vocab)
+        picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
+        logits = self.lm_head(picked)  # (B, T or 1, vocab), or (N, vocab) with logits_at
         return (logits, hidden) if return_hidden else logits
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.data import collate, response_logps
+from nanorlhf.data import response_logps_batched
 from nanorlhf.errors import run_cli
 from nanorlhf.generate import LogitsHook, generate
 from nanorlhf.pink import AVOID_TEMPLATE, HELDOUT_PATH, judge, load_eval_rows
@@ -41,12 +41,7 @@ def distinct_n(token_lists: list[list[int]], n: int = 2) -> float:
 @torch.no_grad()
 def mean_nll(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int = 16) -> float:
     """Per-token negative log-likelihood of `responses` (given their prompts) under `model`."""
-    total, count = 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
-        total -= response_logps(model, batch).sum().item()
-        count += int(batch["loss_mask"][:, 1:].sum())
-    return total / max(count, 1)
+    return -sum(response_logps_batched(model, prompts, responses, pad_id, batch_size)) / max(sum(map(len, responses)), 1)
 
 
 def sample_responses(model, tok: Tokenizer, conversations: list[list[dict]], n: int, temperature: float, seed: int,
