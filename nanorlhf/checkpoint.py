@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanorlhf import distributed, lora
 from nanorlhf.errors import UserError
 from nanorlhf.model import ModelConfig, Transformer
 from nanorlhf.resume import atomic_dir
@@ -178,7 +179,10 @@ def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_from: Path | None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files copied from `copy_from`) atomically:
-    everything goes to a temporary sibling first and is renamed into place, so a crash leaves no half checkpoint."""
+    everything goes to a temporary sibling first and is renamed into place, so a crash leaves no half checkpoint.
+    Under torchrun only rank 0 writes."""
+    if not distributed.is_main():
+        return Path(out_dir)
     with atomic_dir(Path(out_dir)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
@@ -189,13 +193,20 @@ def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.T
     return Path(out_dir)
 
 
+def plain_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model's tensors under their HF names: LoRA adapters merged in, FSDP shards gathered (a collective)."""
+    return distributed.gathered(lora.merged_state_dict(model))
+
+
 def save_model(model: Transformer, out_dir: str | Path, copy_from: str | Path | None = None) -> Path:
     """Save in the HF layout that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     `copy_from`: the directory whose tokenizer files travel with the weights (default: where the model came from).
+    LoRA adapters are merged into the saved weights (the model keeps them). Under torchrun every rank
+    calls this (FSDP gathers the shards) and rank 0 writes.
     """
     dtype = next(model.parameters()).dtype
-    tensors = dict(model.state_dict())
+    tensors = plain_tensors(model)
     if model.cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # HF convention: tied models store the embedding once
     copy_from = copy_from or getattr(model, "model_dir", None)

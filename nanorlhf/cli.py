@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from nanorlhf import distributed
+
 
 def parse_config(cls, description: str, argv: list[str] | None = None):
     """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
@@ -38,7 +40,8 @@ def seed_everything(seed: int) -> None:
 
 
 def device() -> torch.device:
-    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32."""
+    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32. Under torchrun
+    "cuda" is this rank's GPU (distributed.init() made it the current device)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -48,19 +51,28 @@ def autocast(dev: torch.device):
 
 class Run:
     """out/<script>/<run>/: config.json at the start, metrics.jsonl appended (and flushed) line by line,
-    so a crash loses nothing that was logged."""
+    so a crash loses nothing that was logged. Under torchrun only rank 0 writes; elsewhere these are no-ops."""
 
     def __init__(self, script: str, out_dir: str, name: str, config) -> None:
         self.dir = Path(out_dir) / (name or time.strftime("%Y%m%d-%H%M%S"))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps({"script": script, **dataclasses.asdict(config)}, indent=2) + "\n")
-        self.metrics = open(self.dir / "metrics.jsonl", "a")
+        self.writes = distributed.is_main()
+        if self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.json").write_text(json.dumps({"script": script, **dataclasses.asdict(config)}, indent=2) + "\n")
+            self.metrics = open(self.dir / "metrics.jsonl", "a")
 
     def log(self, **values) -> None:
-        self.metrics.write(json.dumps(values) + "\n")
-        self.metrics.flush()
+        if self.writes:
+            self.metrics.write(json.dumps(values) + "\n")
+            self.metrics.flush()
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """metrics.jsonl := rows (a resumed run keeps only what its saved state had seen)."""
+        if self.writes:
+            (self.dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
 
     def write_json(self, name: str, obj) -> Path:
         path = self.dir / name
-        path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+        if self.writes:
+            path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
         return path

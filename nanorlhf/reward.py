@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, read_config, read_safetensors,
-                                 resolve_model, write_checkpoint_dir)
+from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, plain_tensors, read_config,
+                                 read_safetensors, resolve_model, write_checkpoint_dir)
 from nanorlhf.data import collate, fit_to_length
 from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer
@@ -86,7 +86,7 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, copy_from: str | Pat
     """Write `rm` in its own layout. The score layout loads with transformers'
     AutoModelForSequenceClassification: num_labels 1 and a pad_token_id (it refuses batches without one)."""
     dtype = next(rm.parameters()).dtype
-    tensors = dict(rm.state_dict())
+    tensors = plain_tensors(rm)
     tensors[f"{rm.head_name}.weight"] = tensors.pop("score.weight")
     copy_from = copy_from or getattr(rm, "model_dir", None)
     config = hf_config_of(rm.cfg, dtype)

@@ -1,0 +1,130 @@
+"""torchrun: one process per device, each training on its shard of every global batch.
+
+    torchrun --nproc_per_node 2 train_dpo.py --model llama          # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node 8 train_dpo.py --model BIG --fsdp     # FSDP2: parameters sharded too
+
+Without torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) nothing here does anything: rank 0 of 1,
+no process group, the model unwrapped, sums over one rank. Under it, the rules a training loop follows:
+
+- every rank builds the same global batches (same data, same seeds) and trains on shard() of each;
+- a loss is a sum over the rank's shard divided by the *global* count, times world_size(): DDP and
+  FSDP average gradients over ranks, so the averaged gradient is the 1-process gradient of the batch;
+- every rank runs the same number of forward/backward passes (a rank with nothing to do gets a dummy
+  item and weight 0), or the collectives inside DDP/FSDP would wait for each other forever;
+- only rank 0 prints, writes (cli.Run and checkpoint.save_model do nothing elsewhere) and evaluates.
+
+DDP keeps a whole model, its gradients and optimizer state on every device. FSDP (torch's
+fully_shard, one unit per transformer block plus the root) keeps 1/N of each and gathers a block's
+weights just before it runs: for a model whose training state does not fit one device.
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+from functools import partialmethod
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def launched() -> bool:
+    """Started by torchrun (or anything that sets its environment variables)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init() -> None:
+    """Join torchrun's process group; pin this process to GPU LOCAL_RANK. A no-op without torchrun."""
+    if not launched() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so cli.device()'s "cuda" is this rank's GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if rank() != 0:  # only rank 0 talks: other ranks' prints and progress bars go nowhere (errors still show)
+        sys.stdout = open(os.devnull, "w")
+        from tqdm import tqdm
+        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(items: list) -> tuple[list, bool]:
+    """This rank's share of `items` (every world_size-th, from rank()) and whether it is real. A rank left
+    with nothing gets items[:1] and False: it must still run forward and backward, with its loss times 0."""
+    mine = items[rank()::world_size()]
+    return (mine, True) if mine or not items else (items[:1], False)
+
+
+def all_reduce_sum(x: Tensor | float) -> Tensor | float:
+    """Σ over ranks of x, a tensor (on x's device) or a number (as a CPU tensor); x itself without torchrun.
+    Carries no gradient."""
+    if not dist.is_initialized():
+        return x
+    x = torch.as_tensor(x)
+    y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def mean_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """[(weight, {name: value})] of every rank -> {name: Σ weight·value / Σ weight} over all of them."""
+    names = list(parts[0][1])
+    sums = all_reduce_sum(torch.tensor([[w * m[k] for k in names] + [w] for w, m in parts], dtype=torch.float64).sum(0))
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(names)}
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (picklable) on every rank: e.g. a list whose length sets how many steps all ranks take."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cuda") if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
+    """The module to train through: DDP (or FSDP, in place) under torchrun, `model` itself otherwise.
+    Build the optimizer after this (FSDP replaces the parameters by sharded ones); generate and evaluate
+    with the unwrapped model (DDP) - under FSDP every rank must make the same calls."""
+    if not dist.is_initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        from nanorlhf.model import Block
+
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block)  # one unit per block: its weights are gathered only while it runs
+        # the root (embeddings, final norm, head) too; it reshards after forward as well, or a no-grad forward
+        # (reference log-probs) would leave its whole weights registered in place of the shards the optimizer steps
+        return fully_shard(model, reshard_after_forward=True)
+    device = next(model.parameters()).device
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(net: nn.Module, skip: bool):
+    """Context for one backward of an accumulated step: DDP skips its all-reduce when `skip` (all but the
+    last backward of the step; gradients add up locally and the last all-reduce carries them all)."""
+    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """clip_grad_norm_ -> the norm before clipping as a float (FSDP's norm is a DTensor: gathered)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """FSDP's sharded tensors (DTensors) made whole, one at a time onto the CPU; other tensors as they are.
+    A collective under FSDP: every rank must call it."""
+    return {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v for k, v in state.items()}

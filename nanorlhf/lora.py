@@ -1,0 +1,93 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) by hand: y = W x + b + (α/r)·B(A x) on chosen projections.
+
+W and b stay frozen (so does everything else in the model); only A (r, in) and B (out, r) train. A starts
+random and B at zero, so an adapted model starts out exactly equal to its base. Default targets: all
+seven projections of a block, attention and MLP; QLoRA (Dettmers et al. 2023) found that adapting every
+linear layer is what matches full fine-tuning (the LoRA paper's q_proj,v_proj trains fewer parameters).
+Saved checkpoints hold merged weights W + (α/r)·BA in the plain HF layout (checkpoint.save_model).
+
+    lora.add(model, rank=16, alpha=32)      # in place; only adapters have requires_grad
+    with lora.disabled(model): ...          # the base model, e.g. DPO's reference, without a second copy
+    lora.merge(model)                       # fold the adapters in: a plain model again
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """`base`'s own weight and bias (so state-dict names do not change) plus a rank-r update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gen: torch.Generator):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
+        a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(base.weight.device, base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        y = F.linear(x, self.weight, self.bias)
+        if self.enabled:  # x -> A -> B: two thin matmuls, never the (out, in) product
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
+
+    def delta(self) -> Tensor:  # (out, in): what merging adds to the weight
+        return self.scale * (self.lora_B @ self.lora_A)
+
+
+def _children(model: nn.Module, kind: type):
+    return [(parent, name, child) for parent in list(model.modules())
+            for name, child in list(parent.named_children()) if type(child) is kind]
+
+
+def add(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> nn.Module:
+    """Freeze all of `model` and adapt every nn.Linear whose attribute name is in `targets`. In place."""
+    gen = torch.Generator().manual_seed(seed)
+    model.requires_grad_(False)
+    for parent, name, child in _children(model, nn.Linear):
+        if name in targets:
+            setattr(parent, name, LoRALinear(child, rank, alpha, gen))
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Inside the block `model` computes its base function: every adapter is off."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """W += (α/r)·BA and plain nn.Linear back in every adapted place; every parameter trains again. In place."""
+    for parent, name, child in _children(model, LoRALinear):
+        child.weight += child.delta()
+        plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        plain.weight, plain.bias = child.weight, child.bias
+        setattr(parent, name, plain)
+    return model.requires_grad_(True)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """model.state_dict() with every adapter folded into its weight and no lora_* entries; the model is unchanged."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            state[f"{name}.weight"] = m.weight + m.delta()
+    return state

@@ -1,0 +1,57 @@
+"""The flags that let a training script outgrow one small model on one device, checked and applied.
+
+Each training script's Config inherits ScaleConfig, so every script has the same five --flags:
+
+    --lora-rank 16 [--lora-alpha 32 --lora-targets q_proj,v_proj]   train adapters only (nanorlhf/lora.py)
+    --grad-checkpointing true                                        recompute block activations in backward
+    torchrun --nproc_per_node N SCRIPT ... [--fsdp true]             DDP, or FSDP (nanorlhf/distributed.py)
+
+bf16 needs no flag: on CUDA every forward runs under bf16 autocast (cli.autocast) while the weights,
+gradients and AdamW state stay fp32, and log-softmaxes run in fp32.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from nanorlhf import distributed, lora
+from nanorlhf.errors import UserError
+
+
+@dataclass
+class ScaleConfig:
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank r: train rank-r adapters on --lora-targets only (0 = full fine-tuning)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA α: the adapter update is scaled by α/r"})
+    lora_targets: str = field(default=",".join(lora.TARGETS), metadata={"help": "comma-separated projections that get adapters"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in backward: less memory, ~1/3 more compute"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP"})
+
+
+def check(cfg: ScaleConfig) -> tuple[str, ...]:
+    """Bad scale flags end in one clear line; -> the LoRA target names."""
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank {cfg.lora_rank}: must be >= 0 (0 = full fine-tuning)")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha {cfg.lora_alpha}: must be > 0")
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in lora.TARGETS] or ([] if targets else [""])
+    if unknown:
+        raise UserError(f"--lora-targets {cfg.lora_targets!r}: unknown projection {unknown[0]!r}; "
+                        f"choose from {','.join(lora.TARGETS)}")
+    if cfg.fsdp and not distributed.launched():
+        raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
+    return targets
+
+
+def prepare(model: nn.Module, cfg: ScaleConfig, seed: int | str = 0) -> nn.Module:
+    """LoRA adapters (everything else frozen; A drawn from `seed`) and gradient checkpointing, as the flags say. In place."""
+    if cfg.lora_rank:
+        lora.add(model, cfg.lora_rank, cfg.lora_alpha, check(cfg), random.Random(seed).getrandbits(63))
+    model.model.grad_checkpointing = cfg.grad_checkpointing  # the Backbone of an LM or a reward model
+    return model
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer steps: everything, or with LoRA the adapters (and whatever was unfrozen after)."""
+    return [p for p in model.parameters() if p.requires_grad]
