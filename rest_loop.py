@@ -33,6 +33,9 @@ proxy, √KL, proxy accuracy), model/ (the policy, HF layout) and proxy_rm/ (sav
 state.json, swapped in atomically (and removed once the run completes); AdamW moments are not carried across iterations and every seed is
 derived from (--seed, iteration), so the iteration number is all a resume needs. Not done here: ReST's
 union with the original demonstrations (there are none) and validation-based early stopping.
+
+Scale (nanorlhf/scale.py): with --lora-rank each Improve and each proxy update trains fresh adapters, merged
+at its end. Under torchrun every rank grows, labels and evaluates alike; fit() shards each batch (DDP).
 """
 
 import json
@@ -45,9 +48,10 @@ from pathlib import Path
 
 import torch
 
+from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, read_jsonl, response_logps
+from nanorlhf.data import collate, read_prompts, response_logps, response_logps_batched
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink_eval import sample_responses
 from nanorlhf.resume import atomic_dir, latest, resumed_config
@@ -59,7 +63,7 @@ from train_dpo import batch_logps, dpo_loss, pair_batch, reference_logps
 
 
 @dataclass
-class Config:
+class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing (no --fsdp)
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     prompts: str = field(default="data/rest_prompts.jsonl", metadata={"help": "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out"})
     gold: str = field(default="vader", metadata={"help": "gold scorer: vader (VADER sentiment) | rm:PATH (a reward model)"})
@@ -82,7 +86,7 @@ class Config:
     rm_head_lr: float = field(default=1e-3, metadata={"help": "proxy RM head lr (the head is fresh, the backbone pretrained)"})
     rm_epochs: int = field(default=1, metadata={"help": "Bradley-Terry passes over each batch of new gold pairs"})
     rm_center: float = field(default=0.01, metadata={"help": "BT centering coefficient c·(r_w + r_l)² (arXiv 2312.09244)"})
-    batch_size: int = field(default=8, metadata={"help": "sequences (or pairs) per optimizer step"})
+    batch_size: int = field(default=8, metadata={"help": "sequences (or pairs) per optimizer step, over all torchrun ranks"})
     gen_batch_size: int = field(default=48, metadata={"help": "sampling batch size"})
     eval_prompts: int = field(default=24, metadata={"help": "held-out prompts (the last rows of --prompts)"})
     eval_n: int = field(default=2, metadata={"help": "samples per held-out prompt (>= 2: pairs for the proxy accuracy)"})
@@ -90,15 +94,6 @@ class Config:
 
 
 # --- data ---
-
-def read_prompts(path: str) -> list[str]:
-    prompts = []
-    for where, obj in read_jsonl(path):
-        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise UserError(f"{where}: field 'prompt' must be a non-empty string")
-        prompts.append(obj["prompt"])
-    return prompts
-
 
 def prompt_chunk(pool: list[str], t: int, n: int) -> list[str]:
     """Iteration t's prompts (t = 1..T): the next n of the pool, wrapping around."""
@@ -140,53 +135,59 @@ def best_worst_pairs(samples: list[dict], rewards: list[float], k: int) -> list[
 
 
 def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, grad_clip: float = 1.0) -> float | None:
-    """One shuffled pass over `items`, one optimizer step per batch -> mean loss (None for no items)."""
-    order, losses = items[:], []
+    """One shuffled pass over `items`, one optimizer step per batch -> mean loss (None for no items).
+
+    loss_fn(batch) -> (summed loss, count): a step minimises the batch's sum / count. Under torchrun every
+    rank takes rank 0's items (so all take the same steps) and its shard of each batch; the count is the
+    whole batch's, and x world_size because DDP averages gradients over ranks.
+    """
+    order, losses = distributed.broadcast(items)[:], []
     random.Random(seed).shuffle(order)
     model.train()
     for i in range(0, len(order), batch_size):
-        loss = loss_fn(order[i:i + batch_size])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        mine, real = distributed.shard(order[i:i + batch_size])
+        total, count = loss_fn(mine)
+        loss = total * real / distributed.all_reduce_sum(count * real)  # this rank's part of the batch mean
+        (loss * distributed.world_size()).backward()
+        distributed.clip_grad_norm(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.detach())
     model.eval()
-    return sum(losses) / len(losses) if losses else None
+    return distributed.all_reduce_sum(torch.stack(losses)).mean().item() if losses else None
 
 
-def sample_batch(samples: list[dict], pad_id: int, dev) -> dict[str, torch.Tensor]:
-    return {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
-
-
-def bc_loss(model, samples: list[dict], pad_id: int, dev) -> torch.Tensor:
-    """ReST's BC: negative log-likelihood per response token of the kept samples."""
-    batch = sample_batch(samples, pad_id, dev)
+def bc_loss(model, samples: list[dict], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReST's BC: negative log-likelihood of the kept samples' response tokens -> (sum, token count)."""
+    batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
     with autocast(dev):
         logps = response_logps(model, batch)  # (B,) summed over each response
-    return -logps.sum() / batch["loss_mask"][:, 1:].sum()
+    return -logps.sum(), batch["loss_mask"][:, 1:].sum()
 
 
-def dpo_batch_loss(model, pairs: list[dict], pad_id: int, dev, beta: float) -> torch.Tensor:
+def dpo_batch_loss(model, pairs: list[dict], pad_id: int, dev, beta: float) -> tuple[torch.Tensor, int]:
     chosen, rejected = batch_logps(model, pair_batch(pairs, pad_id), dev, average=False)
     ref_chosen = torch.tensor([p["ref_chosen"] for p in pairs], device=dev)
     ref_rejected = torch.tensor([p["ref_rejected"] for p in pairs], device=dev)
-    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].mean()
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum(), len(pairs)
 
 
 def improve(cfg: Config, policy, samples: list[dict], rewards: list[float], quantiles: list[float], pad_id: int,
             dev, seed: str) -> dict:
-    """The Improve steps of one Grow step: thresholds rise, kept sets shrink, each step continues the last."""
+    """The Improve steps of one Grow step: thresholds rise, kept sets shrink, each step continues the last.
+    With LoRA, fresh adapters (seeded by `seed`) train and are merged at the end: π_t is a plain model again."""
     taus = thresholds(rewards, quantiles)
+    net = distributed.wrap(scale.prepare(policy, cfg, seed))
     if cfg.improve == "dpo":
         items = best_worst_pairs(samples, rewards, cfg.k)
-        reference_logps(policy, items, pad_id, cfg.batch_size, dev, average=False)  # ref = π_{t-1}, frozen
+        reference_logps(policy, [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)], pad_id,
+                        dev, average=False)  # ref = π_{t-1}, frozen
         kept_of = lambda tau: [p for p in items if p["reward"] > tau]
-        loss_fn = lambda batch: dpo_batch_loss(policy, batch, pad_id, dev, cfg.beta)
+        loss_fn = lambda batch: dpo_batch_loss(net, batch, pad_id, dev, cfg.beta)
     else:
         kept_of = lambda tau: [samples[i] for i in keep_above(rewards, tau)]
-        loss_fn = lambda batch: bc_loss(policy, batch, pad_id, dev)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+        loss_fn = lambda batch: bc_loss(net, batch, pad_id, dev)
+    optimizer = torch.optim.AdamW(scale.trainable(policy), lr=cfg.lr, weight_decay=0.0)
     stats = {"thresholds": taus, "kept": [], "improve_loss": []}
     for i, tau in enumerate(taus):
         kept = kept_of(tau)
@@ -194,6 +195,7 @@ def improve(cfg: Config, policy, samples: list[dict], rewards: list[float], quan
             group["lr"] = cfg.lr * cfg.lr_decay ** i
         stats["kept"].append(len(kept))
         stats["improve_loss"].append(fit(policy, kept, loss_fn, optimizer, cfg.batch_size, f"{seed}:improve{i}"))
+    lora.merge(policy)
     return stats
 
 
@@ -215,38 +217,33 @@ def label_pairs(samples: list[dict], k: int, n: int, gold, tok: Tokenizer) -> li
     return pairs
 
 
-def bt_batch_loss(rm, pairs: list[dict], pad_id: int, dev, center: float) -> torch.Tensor:
+def bt_batch_loss(rm, pairs: list[dict], pad_id: int, dev, center: float) -> tuple[torch.Tensor, int]:
     batch = pair_batch(pairs, pad_id)  # chosen rows, then rejected rows
     with autocast(dev):
         scores = rm(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
     chosen, rejected = scores.chunk(2)
-    return bradley_terry_loss(chosen, rejected, center_coef=center)[0].mean()
+    return bradley_terry_loss(chosen, rejected, center_coef=center)[0].sum(), len(pairs)
 
 
 def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str) -> float | None:
-    optimizer = torch.optim.AdamW([{"params": list(rm.model.parameters()), "lr": cfg.rm_lr},
+    """--rm-epochs passes of Bradley-Terry; with LoRA, fresh backbone adapters merged at the end (the head trains whole)."""
+    scale.prepare(rm, cfg, seed + ":rm").score.requires_grad_(True)
+    net = distributed.wrap(rm)
+    optimizer = torch.optim.AdamW([{"params": scale.trainable(rm.model), "lr": cfg.rm_lr},
                                    {"params": [rm.score.weight], "lr": cfg.rm_head_lr}], weight_decay=0.0)
-    losses = [fit(rm, pairs, lambda b: bt_batch_loss(rm, b, pad_id, dev, cfg.rm_center), optimizer, cfg.batch_size,
+    losses = [fit(rm, pairs, lambda b: bt_batch_loss(net, b, pad_id, dev, cfg.rm_center), optimizer, cfg.batch_size,
                   f"{seed}:rm{e}") for e in range(cfg.rm_epochs)]
+    lora.merge(rm)
     return losses[-1] if losses else None
 
 
 # --- evaluation ---
 
-@torch.no_grad()
-def sample_logps(model, samples: list[dict], pad_id: int, dev, batch_size: int = 16) -> list[float]:
-    """log p(response | prompt), summed over the response tokens, for every sample."""
-    out = []
-    for i in range(0, len(samples), batch_size):
-        with autocast(dev):
-            out += response_logps(model, sample_batch(samples[i:i + batch_size], pad_id, dev)).tolist()
-    return out
-
-
 def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: list[str], dev) -> dict:
     samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7, "eval")
     texts, asked = [s["text"] for s in samples], [s["prompt"] for s in samples]
-    kl = [a - b for a, b in zip(sample_logps(policy, samples, tok.pad_id, dev), sample_logps(ref, samples, tok.pad_id, dev))]
+    logps = lambda model: response_logps_batched(model, [s["prompt_ids"] for s in samples], [s["ids"] for s in samples], tok.pad_id)
+    kl = [a - b for a, b in zip(logps(policy), logps(ref))]
     gold_scores, proxy_scores = gold.score(asked, texts), score_texts(proxy, tok, asked, texts, 2 * cfg.batch_size)
     correct = labelled = 0
     for i in range(0, len(samples), cfg.eval_n):  # samples (0, 1) of every prompt: a fresh gold-labelled pair
@@ -262,6 +259,8 @@ def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: lis
 # --- resumable state: safetensors + json, never pickle ---
 
 def save_state(run_dir: Path, iteration: int, policy, proxy, history: list[dict], model_dir: Path) -> None:
+    if not distributed.is_main():
+        return
     with atomic_dir(run_dir / "state") as tmp:  # a crash leaves the previous state (or state.old) intact
         save_model(policy, tmp / "policy", copy_from=model_dir)
         save_reward_model(proxy, tmp / "proxy_rm", copy_from=model_dir)
@@ -285,6 +284,8 @@ def check(cfg: Config) -> list[float]:
         raise UserError(f"--mode {cfg.mode!r}: choose iterated or oneshot")
     if cfg.improve not in ("bc", "dpo"):
         raise UserError(f"--improve {cfg.improve!r}: choose bc or dpo")
+    if scale.check(cfg) and cfg.fsdp:
+        raise UserError("--fsdp: rest_loop samples from the policy on every rank, which needs whole models (use DDP)")
     if cfg.k < 2 or cfg.eval_n < 2 or min(cfg.iterations, cfg.prompts_per_iter, cfg.eval_prompts) < 1:
         raise UserError("--k and --eval-n must be >= 2; --iterations, --prompts-per-iter and --eval-prompts >= 1")
     per_call = cfg.gold_pairs * (cfg.iterations if cfg.mode == "oneshot" else 1)
@@ -308,6 +309,7 @@ def main() -> None:
     if cfg.resume:
         cfg = resumed_config(Config, cfg.resume, "rest_loop")
     quantiles = check(cfg)
+    distributed.init()  # torchrun: every rank grows and evaluates alike; training is sharded (fit)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     prompts = read_prompts(cfg.prompts)  # validate every input before any work
@@ -333,7 +335,7 @@ def main() -> None:
         proxy = reward_model_from_lm(policy, seed=cfg.seed).eval()
         start, history = 0, []
     run = Run("rest_loop", cfg.out_dir, cfg.run, cfg)
-    (run.dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))  # what the state had seen
+    run.rewrite(history)  # what the state had seen
     print(f"{cfg.mode} RLHF, ReST improve={cfg.improve}, gold={cfg.gold}: {cfg.iterations} iterations x "
           f"{cfg.prompts_per_iter} prompts x K={cfg.k}; {len(eval_prompts)} held-out prompts x {cfg.eval_n}")
     print("| " + " | ".join(name for name, _, _ in FIELDS) + " |\n" + "|---" * len(FIELDS) + "|")
@@ -365,6 +367,8 @@ def main() -> None:
         save_state(run.dir, t, policy, proxy, history, model_dir)
         print(table_row(m))
 
+    if not distributed.is_main():
+        return
     save_model(policy, run.dir / "model", copy_from=model_dir)
     save_reward_model(proxy, run.dir / "proxy_rm", copy_from=model_dir)
     shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ and proxy_rm/ are the final state

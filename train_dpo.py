@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences, response_logps
@@ -34,7 +35,7 @@ from nanorlhf.tokenizer import Tokenizer
 
 
 @dataclass
-class Config:
+class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing/--fsdp
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen, rejected"})
     eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
@@ -47,8 +48,8 @@ class Config:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
-    batch_size: int = field(default=4, metadata={"help": "pairs per forward pass (chosen and rejected together)"})
-    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step"})
+    batch_size: int = field(default=4, metadata={"help": "pairs per forward pass, summed over torchrun's ranks (chosen and rejected together)"})
+    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step: batch_size x grad_accum pairs per step for any number of ranks"})
     max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
     max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
@@ -182,11 +183,11 @@ def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: boo
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, dev, average: bool) -> None:
-    """π_ref never changes, so score every pair once before training and store it on the pair."""
+def reference_logps(model, batches: list[list[dict]], pad_id: int, dev, average: bool) -> None:
+    """π_ref never changes, so score every pair once before training and store it on the pair.
+    With LoRA, call it inside lora.disabled(model): the reference is the base network, no second copy."""
     model.eval()
-    for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch"):
-        chunk = pairs[i:i + batch_size]
+    for chunk in tqdm(batches, desc="reference log-probs", unit="batch"):
         chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)
         for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             pair["ref_chosen"], pair["ref_rejected"] = c, r
@@ -202,39 +203,46 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
+    """DPO steps on `model` (prepared by scale.prepare: with LoRA only the adapters train). Under torchrun
+    every rank builds the same micro-batches and takes its shard of each (distributed.shard)."""
     average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
-    reference_logps(model, pairs, pad_id, cfg.batch_size * 2, dev, average)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     micro_batches = []
     for _ in range(cfg.epochs):
         order = pairs[:]
         rng.shuffle(order)
         micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    shards = [distributed.shard(b) for b in micro_batches]  # [(this rank's pairs, real?)]; all of b on 1 rank
+    net = distributed.wrap(model, cfg.fsdp)  # DDP/FSDP under torchrun, else model itself
+    with lora.disabled(model):  # with LoRA the reference is the base network: adapters off, no second copy
+        reference_logps(net, [b for b, _ in shards], pad_id, dev, average)
+    model.train()
+    optimizer = torch.optim.AdamW(scale.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
     history, bar = [], tqdm(total=total_steps, desc="DPO", unit="step")
     for step in range(total_steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_at(step, total_steps, cfg.warmup_steps)
-        chunk = micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        n_pairs = sum(len(b) for b in chunk)
+        chunk = shards[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_pairs = sum(len(b) for b in micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum])  # all ranks'
         step_metrics = []
-        for batch_pairs in chunk:
-            policy_chosen, policy_rejected = batch_logps(model, pair_batch(batch_pairs, pad_id), dev, average)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected,
-                torch.tensor([p["ref_chosen"] for p in batch_pairs], device=dev),
-                torch.tensor([p["ref_rejected"] for p in batch_pairs], device=dev),
-                cfg.beta, cfg.loss_type, cfg.label_smoothing)
-            # sum over the step's pairs / their count: a step's gradient does not depend on how it is split
-            (losses.sum() / n_pairs).backward()
-            step_metrics.append((len(batch_pairs), dpo_metrics(losses, chosen_rewards, rejected_rewards,
-                                                               policy_chosen, policy_rejected)))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        for i, (batch_pairs, real) in enumerate(chunk):
+            with distributed.no_sync(net, skip=i < len(chunk) - 1):
+                policy_chosen, policy_rejected = batch_logps(net, pair_batch(batch_pairs, pad_id), dev, average)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen, policy_rejected,
+                    torch.tensor([p["ref_chosen"] for p in batch_pairs], device=dev),
+                    torch.tensor([p["ref_rejected"] for p in batch_pairs], device=dev),
+                    cfg.beta, cfg.loss_type, cfg.label_smoothing)
+                # sum over the step's pairs / their count: a step's gradient does not depend on how it is split;
+                # x world_size as DDP averages over ranks; a rank's dummy pair (not real) weighs 0
+                (losses.sum() * (real * distributed.world_size()) / n_pairs).backward()
+            step_metrics.append((len(batch_pairs) * real, dpo_metrics(losses, chosen_rewards, rejected_rewards,
+                                                                      policy_chosen, policy_rejected)))
+        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = {k: sum(n * m[k] for n, m in step_metrics) / n_pairs for k in step_metrics[0][1]}
+        metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs on every rank
         metrics.update(step=step + 1, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
         run.log(**metrics)
         history.append(metrics)
@@ -250,12 +258,19 @@ def main() -> None:
     cfg = parse_config(Config, __doc__)
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss-type {cfg.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    scale.check(cfg)
+    distributed.init()  # torchrun: join the process group (a no-op otherwise)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
+    if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved model instead
+        print("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval on the saved model")
+    eval_rows = [] if cfg.fsdp or not distributed.is_main() else eval_rows  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
-    tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    # FSDP: load on the CPU; fully_shard moves one block's shard at a time to the GPU
+    tok, model = Tokenizer(model_dir), load_model(model_dir, device="cpu" if cfg.fsdp else dev).eval()
+    scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
     pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
     print(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
           f"(response cut at the right first, then prompt from the left)")
@@ -268,11 +283,13 @@ def main() -> None:
     try:
         history = train(cfg, model, pairs, tok.pad_id, dev, run)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
-        save_model(model.eval(), run.dir / "model", copy_from=model_dir)
+        save_model(model.eval(), run.dir / "model", copy_from=model_dir)  # LoRA: merged weights
         print(f"\ninterrupted: model after the last finished step in {run.dir / 'model'}, metrics in "
               f"{run.dir / 'metrics.jsonl'}", file=sys.stderr)
         sys.exit(130)
-    save_model(model, run.dir / "model", copy_from=model_dir)
+    save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes
+    if not distributed.is_main():
+        return
     line_plots([("DPO loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
                 ("implicit rewards", {name: [(m["step"], m[f"rewards/{name}"]) for m in history]
                                       for name in ("chosen", "rejected", "margins")}),

@@ -53,7 +53,7 @@ def test_a_few_dpo_steps_lower_the_loss_on_the_training_batch(smollm2):
     pairs, _ = train_dpo.tokenize_pairs(read_preferences("data/pink_dpo_train.jsonl")[:4], tok, 192,
                                         model.cfg.vocab_size)
     cpu = torch.device("cpu")
-    train_dpo.reference_logps(model, pairs, tok.pad_id, 4, cpu, average=False)
+    train_dpo.reference_logps(model, [pairs], tok.pad_id, cpu, average=False)
     ref = [torch.tensor([p[k] for p in pairs]) for k in ("ref_chosen", "ref_rejected")]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
