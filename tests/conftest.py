@@ -83,3 +83,14 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     make_hf_model("llama-gqa-tied", vocab_size=320).save_pretrained(path)
     build_tiny_tokenizer(path, chat_template=SMOLLM2_TEMPLATE)
     return path
+
+
+def randomise_adapters(model, seed: int = 1) -> None:
+    """Give every LoRA B (zero at init) random values, as training would, so the adapters change the function."""
+    from nanorlhf.lora import LoRALinear
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)

@@ -1,0 +1,69 @@
+"""The scale flags: gradient checkpointing changes memory, not gradients; bad flags end in one clear line."""
+
+import pytest
+import torch
+
+import rest_loop
+import train_dpo
+from nanorlhf import scale
+from nanorlhf.checkpoint import load_model
+from nanorlhf.data import collate, response_logps
+from nanorlhf.errors import UserError
+from conftest import randomise_adapters
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_grad_checkpointing_gives_the_same_gradients(tiny_chat_model, lora_rank):
+    batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)  # padded rows
+    grads = []
+    for checkpointing in (False, True):
+        model = scale.prepare(load_model(tiny_chat_model).train(),
+                              train_dpo.Config(lora_rank=lora_rank, grad_checkpointing=checkpointing))
+        randomise_adapters(model)  # with B = 0 the gradient of A would be zero: nothing to compare
+        calls = []
+        for block in model.model.layers:
+            block.register_forward_pre_hook(lambda *args: calls.append(1))  # pre: a recompute stops early
+        (-response_logps(model, batch).sum()).backward()
+        assert len(calls) == (2 if checkpointing else 1) * len(model.model.layers)  # recomputed in backward
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, name
+
+
+def test_no_recomputation_without_gradients(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    model.model.grad_checkpointing = True
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert len(calls) == 1  # inference (sampling, reference log-probs) never pays for checkpointing
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0 (0 = full fine-tuning)"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
+    (["--lora-targets", "q_proj,qv_proj"], "--lora-targets 'q_proj,qv_proj': unknown projection 'qv_proj'"),
+    (["--lora-targets", ""], "--lora-targets '': unknown projection ''"),
+    (["--fsdp", "true"], "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"),
+])
+@pytest.mark.parametrize("script", [train_dpo, rest_loop])
+def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys, script,
+                                                        flags, message):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(SystemExit) as info:
+        script.run_cli(script.main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" or (err.startswith(f"error: {message}") and "\n" not in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rest_loop_refuses_fsdp_under_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--fsdp: rest_loop samples from the policy on every rank"):
+        rest_loop.check(rest_loop.Config(fsdp=True))
