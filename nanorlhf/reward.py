@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, plain_tensors, read_config,
                                  read_safetensors, resolve_model, write_checkpoint_dir)
+from nanorlhf.cli import autocast
 from nanorlhf.data import collate, fit_to_length
 from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer
@@ -159,7 +160,8 @@ def score_texts(rm: RewardModel, tok, prompts: list, responses: list[str], batch
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         batch = collate([p for p, _ in chunk], [r for _, r in chunk], tok.pad_id)
-        scores += rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        with autocast(device):  # bf16 on CUDA, like every other forward; the scores come back fp32
+            scores += rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
     return scores
 
 
