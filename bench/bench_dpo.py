@@ -5,6 +5,7 @@
 Uses the real pink-elephant pairs. Splits one optimizer step into reference scoring (done once per
 pair before training, reported per step-equivalent), policy forward, backward, and the optimizer
 update. Peak memory is the process's peak resident set on CPU, max allocated on CUDA. Not a test.
+bench/bench_lora.py reuses setup(), reference() and timed_steps().
 """
 
 import argparse
@@ -15,6 +16,7 @@ import time
 import torch
 
 import train_dpo
+from nanorlhf import lora
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import device
 from nanorlhf.data import read_preferences
@@ -26,37 +28,56 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def peak_mib(dev) -> float:
+    """Peak memory so far: max allocated on CUDA, the process's peak resident set on CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="llama")
     parser.add_argument("--data", default="data/pink_dpo_train.jsonl")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
-    args = parser.parse_args()
-    dev = device()
+    return parser
+
+
+def setup(args, dev):
+    """-> model (fp32, on dev), pad id, the micro-batches of pairs for args.steps steps, train tokens per step."""
     model_dir = resolve_model(args.model)
     tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_pairs = args.steps * args.batch_size * args.grad_accum
     pairs, _ = train_dpo.tokenize_pairs(read_preferences(args.data)[:n_pairs], tok, 192, model.cfg.vocab_size)
+    batches = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
     tokens_per_step = 2 * sum(len(p["prompt"]) + (len(p["chosen"]) + len(p["rejected"])) / 2
                               for p in pairs) / args.steps
+    return model, tok.pad_id, batches, tokens_per_step
 
+
+def reference(model, batches, pad_id, dev) -> float:
+    """Reference log-probs of every pair (adapters off, if any) -> seconds."""
     sync(dev)
     start = time.perf_counter()
-    train_dpo.reference_logps(model, pairs, tok.pad_id, args.batch_size * 2, dev, average=False)
+    with lora.disabled(model):
+        train_dpo.reference_logps(model, batches, pad_id, dev, average=False)
     sync(dev)
-    reference_s = (time.perf_counter() - start) / args.steps
+    return time.perf_counter() - start
+
+
+def timed_steps(model, batches, pad_id, dev, grad_accum: int) -> dict[str, float]:
+    """One DPO optimizer step per grad_accum micro-batches, AdamW on the trainable parameters ->
+    median seconds of forward, backward and optimizer per step (the first step warms up)."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
     timings = {"forward": [], "backward": [], "optimizer": []}
-    for step in range(args.steps):
+    for step in range(len(batches) // grad_accum):
         fwd = bwd = 0.0
-        for k in range(args.grad_accum):
-            chunk = pairs[(step * args.grad_accum + k) * args.batch_size:][:args.batch_size]
+        for chunk in batches[step * grad_accum:(step + 1) * grad_accum]:
             t0 = time.perf_counter()
-            chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(chunk, tok.pad_id), dev, False)
+            chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(chunk, pad_id), dev, False)
             losses, _, _ = train_dpo.dpo_loss(chosen, rejected, torch.tensor([p["ref_chosen"] for p in chunk], device=dev),
                                               torch.tensor([p["ref_rejected"] for p in chunk], device=dev), 0.1)
             sync(dev)
@@ -65,16 +86,24 @@ def main() -> None:
             sync(dev)
             fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(dev)
         for name, value in (("forward", fwd), ("backward", bwd), ("optimizer", time.perf_counter() - t2)):
             timings[name].append(value)
-    medians = {k: statistics.median(v[1:] or v) for k, v in timings.items()}  # first step warms up
+    return {k: statistics.median(v[1:] or v) for k, v in timings.items()}
+
+
+def main() -> None:
+    args = add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args()
+    dev = device()
+    model, pad_id, batches, tokens_per_step = setup(args, dev)
+    rss_loaded = peak_mib(torch.device("cpu"))
+    reference_s = reference(model, batches, pad_id, dev) / args.steps
+    medians = timed_steps(model, batches, pad_id, dev, args.grad_accum)
     step_s = sum(medians.values())
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_mib(dev)
     print(f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.batch_size} pairs x "
           f"{args.grad_accum} accumulation = {args.batch_size * args.grad_accum} pairs/step, "
           f"~{tokens_per_step:.0f} tokens/step")
