@@ -1,6 +1,7 @@
 """DPO on the pink-elephant task: teach a chat model not to mention what it was told to avoid.
 
     python train_dpo.py --model llama            # the embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
+    torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA (nanorlhf/scale.py)
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to preference
 pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward model, no
