@@ -17,7 +17,8 @@ def parse_config(cls, description: str, argv: list[str] | None = None):
     """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
     (`field(metadata={"help": ...})`); booleans take true/false so a default of True can be turned off."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    own = set(vars(cls).get("__annotations__", {}))  # the script's own flags first, inherited ones (scale.py) after
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         parser.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f.type), default=f.default,
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return cls(**vars(parser.parse_args(argv)))

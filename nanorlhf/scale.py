@@ -1,6 +1,7 @@
 """The flags that let a training script outgrow one small model on one device, checked and applied.
 
-Each training script's Config inherits ScaleConfig, so every script has the same five --flags:
+Each training script's Config inherits ScaleConfig, so every script has the same five --flags (listed
+after its own; rest_loop.py refuses --fsdp, as it samples from the policy between steps):
 
     --lora-rank 16 [--lora-alpha 32 --lora-targets q_proj,v_proj]   train adapters only (nanorlhf/lora.py)
     --grad-checkpointing true                                        recompute block activations in backward
