@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from nanorlhf import distributed, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences
@@ -69,7 +70,7 @@ from train_dpo import lr_at
 
 
 @dataclass
-class Config:
+class Config(scale.ScaleConfig):  # + --lora-rank, --grad-checkpointing (with --train-lm true); torchrun: DDP
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen (+1), rejected (-1)"})
     eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
@@ -168,6 +169,9 @@ def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Ten
              "v": masked_mean(v.detach(), mask, n), "q_hat": masked_mean(q_hat, mask, n),
              "q": masked_mean(taken(qs[0].detach(), actions), mask, n), "awac_weight": masked_mean(weights, mask, n)}
     return loss, {k: float(val.detach()) for k, val in stats.items()}, (q_hat - v).detach()
+
+
+STATS = ("loss", "loss/q", "loss/v", "loss/cql", "loss/awac", "v", "q_hat", "q", "awac_weight")  # ilql_loss's
 
 
 # --- heads and target heads ---
@@ -350,6 +354,17 @@ def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev
             s["h_states"] = h_states[row, :len(s["states_ixs"])].clone()
 
 
+class ILQLNet(nn.Module):
+    """The LM and its heads as one module: what DDP wraps, so it sees every parameter the loss reaches."""
+
+    def __init__(self, model, heads: ILQLHeads):
+        super().__init__()
+        self.lm, self.heads = model, heads
+
+    def forward(self, batch: dict[str, Tensor], lm_logits: bool):
+        return forward(self.lm, self.heads, batch, lm_logits)
+
+
 def forward(model, heads: ILQLHeads, batch: dict[str, Tensor], lm_logits: bool = True):
     """-> qs, target_qs (B, A, V), vs (B, A+1), LM logits (B, A, V) or None, actions (B, A).
     The heads see the gathered states only; the actions are the states but the last (ilql_indices)."""
@@ -393,19 +408,24 @@ def load_resume(path: Path, model, heads: ILQLHeads, optimizer) -> int:
 # --- the run ---
 
 def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int, dev, run: Run, history=()) -> list[dict]:
-    model.train(cfg.train_lm).requires_grad_(cfg.train_lm)
-    groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.head_lr, "peak_lr": cfg.head_lr}]
-    if cfg.train_lm:
-        groups.append({"params": list(model.parameters()), "lr": cfg.lr, "peak_lr": cfg.lr})
-    else:  # the LM never changes: its features once, then only the small heads run
-        cache_features(model, samples, pad_id, cfg.batch_size * cfg.grad_accum, dev)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    """ILQL steps. Under torchrun every rank builds the same micro-batches and trains on its shard of each."""
+    model.train(cfg.train_lm)
     rng = random.Random(cfg.seed)  # the same order on every (re)start: the step number is all a resume needs
     micro_batches = []
     for _ in range(cfg.epochs):
         order = samples[:]
         rng.shuffle(order)
         micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    shards = [distributed.shard(b) for b in micro_batches]  # [(this rank's samples, real?)]
+    if not cfg.train_lm:  # the LM never changes: its features once, then only the small heads run
+        model.requires_grad_(False)
+        mine = list({id(s): s for b, _ in shards for s in b}.values())
+        cache_features(model, mine, pad_id, cfg.batch_size * cfg.grad_accum, dev)
+    net = distributed.wrap(ILQLNet(model, heads))  # DDP under torchrun, else itself
+    groups = [{"params": [p for p in heads.parameters() if p.requires_grad], "lr": cfg.head_lr, "peak_lr": cfg.head_lr}]
+    if cfg.train_lm:  # with LoRA: the adapters
+        groups.append({"params": scale.trainable(model), "lr": cfg.lr, "peak_lr": cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
     start = load_resume(resume_dir(run.dir), model, heads, optimizer) if cfg.resume else 0
     history, syncs = list(history), start // cfg.target_sync_every
@@ -413,36 +433,39 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
     for step in range(start, total_steps):
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_at(step, total_steps, cfg.warmup_steps)
-        chunk = [ilql_batch(b, pad_id) for b in micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-        n = sum(float(b["action_mask"].sum()) for b in chunk)  # every term is a mean over the step's actions
-        metrics, adv_sums = {}, {"chosen": [0.0, 0], "rejected": [0.0, 0]}
-        for batch in chunk:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with autocast(dev):
-                qs, target_qs, vs, logits, actions = forward(model, heads, batch, lm_logits=cfg.train_lm)
-            loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"], batch["next_nonterminal"],
-                                         batch["action_mask"], cfg.gamma, cfg.tau, cfg.cql_scale, cfg.awac_scale,
-                                         cfg.awac_beta, n)
-            loss.backward()
-            metrics = {k: metrics.get(k, 0.0) + v for k, v in stats.items()}
-            for name, rows in (("chosen", batch["label"] > 0), ("rejected", batch["label"] < 0)):
-                mask = batch["action_mask"] * rows[:, None]
-                adv_sums[name][0] += float((adv * mask).sum())
-                adv_sums[name][1] += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        part = slice(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+        n = sum(len(s["actions_ixs"]) for b in micro_batches[part] for s in b)  # all ranks' actions: the mean's n
+        sums = torch.zeros(len(STATS) + 4, dtype=torch.float64)  # the stats, then adv sums and counts
+        for i, (samples_i, real) in enumerate(shards[part]):
+            batch = {k: v.to(dev) for k, v in ilql_batch(samples_i, pad_id).items()}
+            with distributed.no_sync(net, skip=i < len(shards[part]) - 1):  # DDP: one all-reduce per step
+                with autocast(dev):
+                    qs, target_qs, vs, logits, actions = net(batch, cfg.train_lm)
+                loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"],
+                                             batch["next_nonterminal"], batch["action_mask"], cfg.gamma, cfg.tau,
+                                             cfg.cql_scale, cfg.awac_scale, cfg.awac_beta, n)
+                (loss * (real * distributed.world_size())).backward()  # DDP averages over ranks; a dummy weighs 0
+            chosen = batch["action_mask"] * (batch["label"] > 0)[:, None]
+            rejected = batch["action_mask"] * (batch["label"] < 0)[:, None]
+            sums += real * torch.tensor([stats[k] for k in STATS] + [float((adv * chosen).sum()), float(chosen.sum()),
+                                                                     float((adv * rejected).sum()), float(rejected.sum())],
+                                        dtype=torch.float64)
+        grad_norm = distributed.clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.target_sync_every == 0:
             heads.sync_targets(cfg.alpha)
             syncs += 1
-        metrics.update({f"adv/{k}": s / max(c, 1) for k, (s, c) in adv_sums.items()})
-        metrics.update(step=step + 1, grad_norm=grad_norm.item(), lr=optimizer.param_groups[0]["lr"],
+        sums = distributed.all_reduce_sum(sums).tolist()  # each stat is already a share of the step's mean
+        metrics = dict(zip(STATS, sums))
+        metrics.update({"adv/chosen": sums[-4] / max(sums[-3], 1), "adv/rejected": sums[-2] / max(sums[-1], 1)})
+        metrics.update(step=step + 1, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
                        target_syncs=syncs, target_gap=heads.target_gap())
         run.log(**metrics)
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", adv_gap=f"{metrics['adv/chosen'] - metrics['adv/rejected']:.3f}")
         bar.update()
-        if step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        if distributed.is_main() and (step + 1 == total_steps or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             save_resume(run.dir / "resume", step + 1, model, heads, optimizer, cfg.train_lm)
     bar.close()
     model.eval()
@@ -463,11 +486,12 @@ def resume_run(run_dir: str) -> tuple[Config, list[dict]]:
     """The interrupted run's config and its metrics up to the checkpoint (metrics.jsonl is cut back to them)."""
     step = json.loads((resume_dir(Path(run_dir)) / "state.json").read_text())["step"]
     print(f"resuming {run_dir} at step {step}")
-    return resumed_config(Config, run_dir, "train_ilql"), cut_metrics(Path(run_dir), step)
+    return resumed_config(Config, run_dir, "train_ilql"), cut_metrics(Path(run_dir), step) if distributed.is_main() else []
 
 
 def main() -> None:
     cfg, history = parse_config(Config, __doc__), []
+    distributed.init()  # torchrun: join the process group (a no-op otherwise)
     if cfg.resume:
         cfg, history = resume_run(cfg.resume)
     if cfg.reward not in ("terminal", "shaped"):
@@ -476,13 +500,21 @@ def main() -> None:
         raise UserError(f"--gen-style {cfg.gen_style!r}: choose snell or trlx")
     if cfg.target_sync_every < 1:
         raise UserError(f"--target-sync-every {cfg.target_sync_every}: must be >= 1")
+    scale.check(cfg)
+    if (cfg.lora_rank or cfg.grad_checkpointing) and not cfg.train_lm:
+        raise UserError("--lora-rank / --grad-checkpointing train the LM, which is frozen: add --train-lm true")
+    if cfg.fsdp:  # the heads read lm_head.weight directly, which FSDP would shard underneath them
+        raise UserError("--fsdp: train_ilql.py runs under torchrun with DDP only; drop --fsdp")
     betas = parse_betas(cfg.eval_betas)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
+    eval_rows = eval_rows if distributed.is_main() else []  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
     tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    if cfg.train_lm:
+        scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
     samples, truncated = make_samples(rows, tok, cfg, model.cfg.vocab_size)
     heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, cfg.head_rank, cfg.two_qs).to(dev)
     print(f"{len(samples)} samples ({len(rows)} pairs) from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens; "
@@ -498,7 +530,9 @@ def main() -> None:
         run.write_json("eval.json", results)
     history = train(cfg, model, heads, samples, tok.pad_id, dev, run, history)
     if cfg.train_lm:
-        save_model(model, run.dir / "model", copy_from=model_dir)
+        save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes (merged LoRA)
+    if not distributed.is_main():
+        return
     save_heads(heads, run.dir / "ilql_heads.safetensors", base_model="" if cfg.train_lm else str(model_dir))
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history] for k in keys}
     line_plots([("ILQL loss terms", series("loss/q", "loss/v", "loss/cql", "loss/awac")),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nanorlhf.checkpoint import load_model
 from nanorlhf.reward import load_reward_model, reward_model_from_lm, save_reward_model
@@ -99,3 +100,23 @@ def test_rest_loop_two_ranks_reproduce_one(tiny_chat_model, tmp_path, flags):
         assert b["kl"] == pytest.approx(a["kl"], rel=RTOL, abs=1e-5)
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
     assert_same_weights(tmp_path / "one" / "proxy_rm", tmp_path / "two" / "proxy_rm", load_reward_model)
+
+
+@pytest.mark.parametrize("flags", [[], ["--train-lm", "true", "--lora-rank", 4, "--grad-checkpointing", "true"]],
+                         ids=["frozen-lm", "lm-lora-ckpt"])
+def test_train_ilql_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path, flags):
+    """22 samples in micro-batches of 3: the last holds one sample, so one rank runs a dummy with weight 0."""
+    args = ["--model", tiny_chat_model, "--data", dpo_pairs, "--eval-data", "", "--out-dir", tmp_path, "--batch-size", 3,
+            "--grad-accum", 2, "--lr", 1e-3, "--head-lr", 1e-2, "--alpha", 0.3, "--warmup-steps", 1, *flags]
+    launch("train_ilql.py", [*args, "--run", "one"])
+    launch("train_ilql.py", [*args, "--run", "two"], ranks=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for key in ("loss", "loss/q", "loss/v", "loss/cql", "loss/awac", "grad_norm", "adv/chosen", "adv/rejected"):
+            assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-6), (a["step"], key)
+    assert one[-1]["loss/q"] != one[0]["loss/q"]  # the heads moved
+    heads = [load_file(tmp_path / run / "ilql_heads.safetensors") for run in ("one", "two")]
+    assert all((heads[0][k] - heads[1][k]).abs().max() <= 1e-5 for k in heads[0])
+    if flags:
+        assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
