@@ -29,17 +29,16 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences, response_logps
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import HELDOUT_PATH, load_eval_rows
-from nanorlhf.pink_eval import evaluate, format_table
+from nanorlhf.pink import load_eval_rows
+from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
 
 @dataclass
-class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing/--fsdp
+class Config(EvalConfig, scale.ScaleConfig):  # + --eval-*; --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing/--fsdp
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen, rejected"})
-    eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
     out_dir: str = field(default="out/train_dpo", metadata={"help": "runs are written to OUT_DIR/RUN"})
     run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | hinge | ipo"})
@@ -54,10 +53,6 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
     max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eval_n: int = field(default=2, metadata={"help": "samples per eval prompt"})
-    eval_temperature: float = field(default=0.7, metadata={"help": "eval sampling temperature"})
-    eval_max_new_tokens: int = field(default=80, metadata={"help": "eval response length cap"})
-    eval_batch_size: int = field(default=56, metadata={"help": "eval generation batch size"})
     seed: int = field(default=0, metadata={"help": "seed for shuffling, init and sampling"})
 
 
@@ -279,8 +274,7 @@ def main() -> None:
 
     results = {}
     if eval_rows:  # the base model is the policy before its first step
-        results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
-                                   cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
+        results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
     try:
         history = train(cfg, model, pairs, tok.pad_id, dev, run)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
@@ -298,8 +292,7 @@ def main() -> None:
                run.dir / "training.svg")
     if eval_rows:
         base_model = load_model(model_dir, device=dev).eval()  # NLL of the trained samples under the base
-        results["DPO"] = evaluate(model, tok, eval_rows, base_model, cfg.eval_n, cfg.eval_temperature, cfg.seed,
-                                  cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval DPO")
+        results["DPO"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, base_model, desc="eval DPO")
         run.write_json("eval.json", results)
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples "
               f"(temperature {cfg.eval_temperature}, seed {cfg.seed})")

@@ -26,21 +26,14 @@ the first token of every mention of the row's "pink" entity or its aliases, so c
 that commits to the name instead of arriving γ^T-discounted at the end. --normalize-rewards z-scores the
 terminal rewards as trlX does.
 
-Heads. trlX's Q head, Linear(h,2h)→ReLU→Linear(2h,V), has 57.3M parameters for SmolLM2-135M (h=576,
-V=49152): 229M for 2 Q + 2 targets, more than the model. Ours project into the LM's own output matrix,
-rows scaled to unit length and detached: Q(s,·) = Ê·W_up·relu(W_down·h + b) + per-token bias, r = h/4,
-W_up zero-initialised so Q starts at 0: 215,184 parameters per Q head, 83,233 for V, 0.94M with the
-targets (0.7% of the model). Computed as (Ê·W_up)·z, which costs r/h = 1/4 of Ê·(W_up·z) per position.
-
-Decoding: π(a|s) ∝ π_β(a|s)·exp(β·(Q̂ - V)) through generate()'s logits hook, β swept by --eval-betas.
-generate() divides the hook's output by T: for Snell's softmax(logits/T + β·adv) (default) the hook
-returns logπ + T·β·adv; --gen-style trlx returns logπ + β·adv, trlX's softmax((logπ + β·adv)/T).
+Heads and decoding (nanorlhf/ilql_heads.py): low-rank Q heads into the LM's own output matrix, 0.94M
+parameters instead of trlX's 229M; sampling from π_β(a|s)·exp(β·(Q̂ - V)) through generate()'s logits
+hook, β swept by --eval-betas.
 
 Resume: every --save-every steps RUN/resume/ gets the heads, targets, AdamW moments, RNG (and the LM
 when it trains), swapped in atomically; --resume RUN ends with the same metrics as an unbroken run.
 """
 
-import copy
 import json
 import math
 import random
@@ -49,9 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -60,9 +50,9 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.generate import LogitsHook
-from nanorlhf.pink import HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
-from nanorlhf.pink_eval import evaluate, format_table
+from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, save_heads
+from nanorlhf.pink import PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
+from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.resume import cut_metrics, latest, load_train_state, resumed_config, save_train_state
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
@@ -70,15 +60,14 @@ from train_dpo import lr_at
 
 
 @dataclass
-class Config(scale.ScaleConfig):  # + --lora-rank, --grad-checkpointing (with --train-lm true); torchrun: DDP
+class Config(EvalConfig, scale.ScaleConfig):  # + --eval-*; --lora-rank, --grad-checkpointing (--train-lm true)
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen (+1), rejected (-1)"})
-    eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
     out_dir: str = field(default="out/train_ilql", metadata={"help": "runs are written to OUT_DIR/RUN"})
     run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
     resume: str = field(default="", metadata={"help": "RUN_DIR of an interrupted run: continue it with its own config"})
     train_lm: bool = field(default=False, metadata={"help": "false: the LM is frozen (π_β = base), only the heads train | true: shared trunk (trlX)"})
-    reward: str = field(default="terminal", metadata={"help": "terminal (±1 on the end-of-turn action) | shaped (also -penalty where pink is named)"})
+    reward: str = field(default="shaped", metadata={"help": "terminal (±1 on the end-of-turn action) | shaped (also -penalty where pink is named)"})
     shaped_penalty: float = field(default=1.0, metadata={"help": "--reward shaped: reward on the first token of each pink mention is -this"})
     normalize_rewards: bool = field(default=False, metadata={"help": "z-score the terminal rewards over the dataset (trlX)"})
     gamma: float = field(default=0.99, metadata={"help": "discount"})
@@ -86,28 +75,24 @@ class Config(scale.ScaleConfig):  # + --lora-rank, --grad-checkpointing (with --
     cql_scale: float = field(default=0.1, metadata={"help": "weight of the CQL term"})
     awac_scale: float = field(default=1.0, metadata={"help": "weight of the AWAC/BC term on the LM (--train-lm true only)"})
     awac_beta: float = field(default=0.0, metadata={"help": "AWAC weights exp(beta*(Q-V)); 0 = plain SFT on the responses"})
-    alpha: float = field(default=0.005, metadata={"help": "Polyak weight on the online heads: target <- a*online + (1-a)*target"})
+    alpha: float = field(default=0.05, metadata={"help": "Polyak weight on the online heads: target <- a*online + (1-a)*target"})
     target_sync_every: int = field(default=1, metadata={"help": "optimizer steps between target-head syncs"})
     two_qs: bool = field(default=True, metadata={"help": "two Q heads (min of the targets) instead of one"})
     head_rank: int = field(default=0, metadata={"help": "inner width of the heads (0 = hidden/4)"})
     lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate of the LM (--train-lm true)"})
-    head_lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate of the V and Q heads"})
+    head_lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate of the V and Q heads"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
-    epochs: int = field(default=1, metadata={"help": "passes over the samples (2 per pair)"})
-    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step"})
+    epochs: int = field(default=2, metadata={"help": "passes over the samples (2 per pair)"})
+    batch_size: int = field(default=16, metadata={"help": "samples per forward pass"})
+    grad_accum: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
     max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
     max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (LM and heads together)"})
     save_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps (0 = only at the end)"})
-    eval_betas: str = field(default="0,1,4", metadata={"help": "comma-separated decoding betas to evaluate after training"})
+    eval_betas: str = field(default="0,4,8,16", metadata={"help": "comma-separated decoding betas to evaluate after training"})
     gen_style: str = field(default="snell", metadata={"help": "snell: softmax(logits/T + b*adv) | trlx: softmax((logp + b*adv)/T)"})
     eval_top_k: int = field(default=0, metadata={"help": "top-k on the combined score during ILQL eval (0 = off; trlX uses 20)"})
-    eval_n: int = field(default=2, metadata={"help": "samples per eval prompt"})
-    eval_temperature: float = field(default=0.7, metadata={"help": "eval sampling temperature"})
-    eval_max_new_tokens: int = field(default=80, metadata={"help": "eval response length cap"})
-    eval_batch_size: int = field(default=56, metadata={"help": "eval generation batch size"})
     seed: int = field(default=0, metadata={"help": "seed for shuffling, init and sampling"})
 
 
@@ -172,101 +157,6 @@ def ilql_loss(qs: list[Tensor], target_qs: list[Tensor], vs: Tensor, logits: Ten
 
 
 STATS = ("loss", "loss/q", "loss/v", "loss/cql", "loss/awac", "v", "q_hat", "q", "awac_weight")  # ilql_loss's
-
-
-# --- heads and target heads ---
-
-class QHead(nn.Module):
-    """Q(s,·) = Ê·W_up·relu(W_down·h + b) + bias, evaluated as (Ê·W_up)·z (see `matrix`)."""
-
-    def __init__(self, hidden: int, rank: int, vocab: int):
-        super().__init__()
-        self.down, self.up = nn.Linear(hidden, rank), nn.Linear(rank, hidden, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab))
-        nn.init.zeros_(self.up.weight)  # Q starts at 0, like the returns it will fit, not at the LM's logits
-
-    def matrix(self, basis: Tensor) -> Tensor:
-        """(V, H) unit rows Ê -> (V, r) Ê·W_up: one V×H×r product per call instead of V×H per position."""
-        return basis @ self.up.weight
-
-    def forward(self, h: Tensor, matrix: Tensor) -> Tensor:
-        return F.linear(F.relu(self.down(h)), matrix) + self.bias  # (..., H) -> (..., V)
-
-
-class ILQLHeads(nn.Module):
-    def __init__(self, hidden: int, unembed: Tensor, rank: int = 0, two_qs: bool = True):
-        super().__init__()
-        rank = rank or hidden // 4
-        self.unembed = unembed.detach()  # a plain attribute: shares the LM's storage, no parameter, no gradient
-        self.v_head = nn.Sequential(nn.Linear(hidden, rank), nn.ReLU(), nn.Linear(rank, 1))
-        nn.init.zeros_(self.v_head[2].weight), nn.init.zeros_(self.v_head[2].bias)  # V starts at 0
-        self.q_heads = nn.ModuleList(QHead(hidden, rank, unembed.shape[0]) for _ in range(1 + two_qs))
-        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)  # start identical
-
-    def v(self, h: Tensor) -> Tensor:
-        return self.v_head(h).squeeze(-1)
-
-    def q_matrices(self, target: bool = False) -> list[Tensor]:
-        # unit rows: Q(s,a) = <ê_a, x(s)> + b_a, so the scale of Q does not depend on the scale of E
-        basis = F.normalize(self.unembed, dim=-1)
-        return [q.matrix(basis) for q in (self.target_q_heads if target else self.q_heads)]
-
-    def qs(self, h: Tensor, target: bool = False, matrices: list[Tensor] | None = None) -> list[Tensor]:
-        """Per Q head (..., V). `matrices`: q_matrices() computed once while the heads stay fixed (decoding)."""
-        matrices = matrices or self.q_matrices(target)
-        return [q(h, m) for q, m in zip(self.target_q_heads if target else self.q_heads, matrices)]
-
-    @torch.no_grad()
-    def sync_targets(self, alpha: float) -> None:
-        """Polyak: target <- α·online + (1-α)·target, on the Q heads only (there is no target V)."""
-        for t, o in zip(self.target_q_heads.parameters(), self.q_heads.parameters()):
-            t.lerp_(o, alpha)
-
-    @torch.no_grad()
-    def target_gap(self) -> float:
-        """‖target - online‖ over all Q-head parameters: a stuck or racing target shows here."""
-        pairs = zip(self.target_q_heads.parameters(), self.q_heads.parameters())
-        return math.sqrt(sum(float((t - o).pow(2).sum()) for t, o in pairs))
-
-
-def ilql_scores(logits: Tensor, adv: Tensor, beta: float, temperature: float = 1.0, top_k: int = 0, style: str = "snell"):
-    """What the hook hands to generate(), which divides it by T before the softmax (see the docstring)."""
-    scale = temperature if style == "snell" and temperature > 0 else 1.0
-    score = logits.float().log_softmax(-1) + beta * scale * adv.float()
-    if top_k > 0:  # after the advantage, as trlX
-        kth = torch.topk(score, min(top_k, score.shape[-1])).values[..., -1:]
-        score = score.masked_fill(score < kth, float("-inf"))
-    return score
-
-
-@torch.no_grad()
-def ilql_logits_hook(heads: ILQLHeads, beta: float, temperature: float = 1.0, top_k: int = 0,
-                     style: str = "snell") -> LogitsHook:
-    """Perturb the LM by β·(min target Q - V) at every decoding step; pass the same T to generate().
-    The heads must not change while the hook is in use (their V×r matrices are computed here, once)."""
-    matrices = heads.q_matrices(target=True)
-
-    def hook(logits: Tensor, hidden: Tensor, step: int) -> Tensor:
-        if beta == 0 and top_k == 0:
-            return logits  # the base policy, bit for bit
-        adv = torch.stack(heads.qs(hidden, True, matrices)).min(0).values - heads.v(hidden).unsqueeze(-1)
-        return ilql_scores(logits, adv, beta, temperature, top_k, style)
-    return hook
-
-
-def save_heads(heads: ILQLHeads, path: Path, base_model: str = "") -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, path,
-              metadata={"rank": str(heads.v_head[0].out_features), "two_qs": str(len(heads.q_heads) == 2),
-                        "base_model": base_model})
-
-
-def load_heads(path: str | Path, model) -> ILQLHeads:
-    """Heads saved by save_heads, bound to `model`'s output matrix."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, int(meta["rank"]), meta["two_qs"] == "True")
-    heads.load_state_dict(load_file(path))
-    return heads.to(model.lm_head.weight.device)
 
 
 # --- data: pairs -> samples with action/state indices and rewards ---
@@ -525,8 +415,7 @@ def main() -> None:
     saved = run.dir / "eval.json"  # a resumed run keeps the base evaluation it already has
     results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
     if eval_rows and "base" not in results:  # the policy before its first step (the heads are still 0)
-        results["base"] = evaluate(model, tok, eval_rows, None, cfg.eval_n, cfg.eval_temperature, cfg.seed,
-                                   cfg.eval_max_new_tokens, cfg.eval_batch_size, desc="eval base")
+        results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
         run.write_json("eval.json", results)
     history = train(cfg, model, heads, samples, tok.pad_id, dev, run, history)
     if cfg.train_lm:
@@ -546,9 +435,8 @@ def main() -> None:
                 results["ILQL β=0"] = results["base"]
                 continue
             hook = ilql_logits_hook(heads, beta, cfg.eval_temperature, cfg.eval_top_k, cfg.gen_style)
-            results[f"ILQL β={beta:g}"] = evaluate(model, tok, eval_rows, base_model, cfg.eval_n, cfg.eval_temperature,
-                                                   cfg.seed, cfg.eval_max_new_tokens, cfg.eval_batch_size,
-                                                   logits_hook=hook, desc=f"eval ILQL beta={beta:g}")
+            results[f"ILQL β={beta:g}"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, base_model, hook,
+                                                      desc=f"eval ILQL beta={beta:g}")
         run.write_json("eval.json", results)
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples (temperature "
               f"{cfg.eval_temperature}, {cfg.gen_style} style, top-k {cfg.eval_top_k or 'off'}, seed {cfg.seed})")

@@ -15,6 +15,7 @@ the samples under the *base* model (a policy that drifts into gibberish scores h
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -80,6 +81,23 @@ def evaluate(model, tok: Tokenizer, rows: list[dict], base_model=None, n: int = 
     }
 
 
+@dataclass
+class EvalConfig:
+    """The held-out evaluation flags of the training scripts (their Config inherits them)."""
+    eval_data: str = field(default=str(HELDOUT_PATH), metadata={"help": "pink-elephant eval jsonl ({pink, grey, prompt}); '' to skip"})
+    eval_n: int = field(default=2, metadata={"help": "samples per eval prompt"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "eval sampling temperature"})
+    eval_max_new_tokens: int = field(default=80, metadata={"help": "eval response length cap"})
+    eval_batch_size: int = field(default=56, metadata={"help": "eval generation batch size"})
+
+
+def evaluate_as(cfg: EvalConfig, seed: int, model, tok: Tokenizer, rows: list[dict], base_model=None,
+                logits_hook: LogitsHook | None = None, desc: str = "eval") -> dict:
+    """evaluate() with a training script's eval flags."""
+    return evaluate(model, tok, rows, base_model, cfg.eval_n, cfg.eval_temperature, seed, cfg.eval_max_new_tokens,
+                    cfg.eval_batch_size, logits_hook, desc)
+
+
 METRICS = [("pink mention rate (lower is better)", "pink_rate", "{:.1%}"), ("grey mention rate", "grey_rate", "{:.1%}"),
            ("mean response tokens", "mean_tokens", "{:.1f}"), ("distinct-2", "distinct_2", "{:.3f}"),
            ("NLL/token under base model", "base_nll", "{:.3f}")]
@@ -88,7 +106,7 @@ METRICS = [("pink mention rate (lower is better)", "pink_rate", "{:.1%}"), ("gre
 def format_table(results: dict[str, dict]) -> str:
     """Side-by-side table: one column per evaluated model."""
     names = list(results)
-    lines = [f"| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key, fmt in METRICS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][key]) for m in names) + " |")
     return "\n".join(lines)

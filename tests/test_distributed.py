@@ -107,7 +107,8 @@ def test_rest_loop_two_ranks_reproduce_one(tiny_chat_model, tmp_path, flags):
 def test_train_ilql_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path, flags):
     """22 samples in micro-batches of 3: the last holds one sample, so one rank runs a dummy with weight 0."""
     args = ["--model", tiny_chat_model, "--data", dpo_pairs, "--eval-data", "", "--out-dir", tmp_path, "--batch-size", 3,
-            "--grad-accum", 2, "--lr", 1e-3, "--head-lr", 1e-2, "--alpha", 0.3, "--warmup-steps", 1, *flags]
+            "--grad-accum", 2, "--lr", 1e-3, "--head-lr", 1e-2, "--alpha", 0.3, "--warmup-steps", 1, "--reward", "terminal", "--epochs", 1,
+            *flags]
     launch("train_ilql.py", [*args, "--run", "one"])
     launch("train_ilql.py", [*args, "--run", "two"], ranks=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -18,8 +18,10 @@ from nanorlhf.data import read_preferences
 from nanorlhf.generate import generate
 from nanorlhf.pink import mention_starts
 from nanorlhf.tokenizer import Tokenizer
-from train_ilql import (ILQLHeads, awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss,
-                        ilql_logits_hook, ilql_scores, normalize_rewards, q_loss)
+from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, ilql_scores, load_heads
+from safetensors.torch import load_file
+from train_ilql import (awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss, normalize_rewards,
+                        q_loss)
 
 
 def write_pairs(path, n=6, pink=True):
@@ -55,7 +57,7 @@ def test_indices_two_turns():
 def test_samples_reward_on_eos_action_and_padding(tiny_chat_model, tmp_path):
     tok = Tokenizer(tiny_chat_model)
     rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 1))
-    samples, truncated = train_ilql.make_samples(rows, tok, train_ilql.Config(), 320)
+    samples, truncated = train_ilql.make_samples(rows, tok, train_ilql.Config(reward="terminal"), 320)
     assert truncated == 0 and [s["label"] for s in samples] == [1.0, -1.0]
     for s in samples:
         ids = s["prompt"] + s["response"]
@@ -207,7 +209,8 @@ def test_target_heads_start_identical_and_only_polyak_moves_them(tiny_chat_model
 def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expected):
     """floor(steps / every) syncs, one right after the optimizer step: what trlX's per-epoch call misses."""
     tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
-    cfg = train_ilql.Config(batch_size=2, grad_accum=1, target_sync_every=every, save_every=0, lr=1e-3, head_lr=1e-2)
+    cfg = train_ilql.Config(batch_size=2, grad_accum=1, target_sync_every=every, save_every=0, lr=1e-3, head_lr=1e-2,
+                            epochs=1)
     samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 6)), tok, cfg, 320)
     heads = ILQLHeads(64, model.lm_head.weight, two_qs=True)
     calls, original = [], ILQLHeads.sync_targets
@@ -343,7 +346,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     data = write_pairs(tmp_path / "p.jsonl", 6)  # 12 samples / 2 -> 6 steps, resumable state every 2
     common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "", "--out-dir", str(tmp_path / "out"),
               "--batch-size", "2", "--grad-accum", "1", "--save-every", "2", "--lr", "1e-3", "--head-lr", "1e-2",
-              "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm]
+              "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm, "--epochs", "1"]
     cli(monkeypatch, *common, "--run", "straight")
 
     original = Run.log
@@ -369,7 +372,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     saved = ["model/model.safetensors", "ilql_heads.safetensors"] if train_lm == "true" else ["ilql_heads.safetensors"]
     assert (straight / "model").exists() == (train_lm == "true")  # a frozen LM is not copied
     for name in saved:
-        a, b = (train_ilql.load_file(d / name) for d in (straight, broken))
+        a, b = (load_file(d / name) for d in (straight, broken))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -380,7 +383,8 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
     eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
     cli(monkeypatch, "--model", str(tiny_chat_model), "--data", str(data), "--eval-data", str(eval_rows),
         "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6", "--eval-betas", "0,2",
-        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm)
+        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm, "--epochs", "1", "--batch-size", "8",
+        "--grad-accum", "2")
     run = tmp_path / "out" / "r"
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1]  # 8 samples / (8 x 2) -> one step
@@ -395,7 +399,7 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
     else:  # nothing but the heads: β = 0 on the frozen base is the base run
         assert not (run / "model").exists() and results["ILQL β=0"] == results["base"]
         model = load_model(tiny_chat_model)
-    heads = train_ilql.load_heads(run / "ilql_heads.safetensors", model)
+    heads = load_heads(run / "ilql_heads.safetensors", model)
     assert len(heads.q_heads) == 2 and heads.unembed.data_ptr() == model.lm_head.weight.data_ptr()
     assert "pink mention rate" in capsys.readouterr().out
 
