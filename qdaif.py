@@ -54,6 +54,7 @@ TOPICS = ("the sea", "autumn leaves", "a city at night", "an old house", "the mo
           "first snow", "a long journey", "a lost friend", "the stars", "a summer storm")
 LABEL_PROMPT = "{poem}\n\nWhich {axis} is the poem above closest to: {options}? Answer with one word."
 QUALITY_PROMPT = "{poem}\n\nIs the poem above a high-quality poem? Answer yes or no."
+CONTENT_FREE = ("N/A", "[poem]", "")  # stand-ins with no content: what the judge answers for them is its prior
 RM_OFFSET = -10.0
 
 
@@ -62,6 +63,7 @@ class Config:
     model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
     fitness: str = field(default="ai", metadata={"help": "ai (LM's P(yes) 'high quality?') | vader | rm:PATH (reward model)"})
     labels: str = field(default="judged", metadata={"help": "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)"})
+    calibrate: bool = field(default=True, metadata={"help": "judged labels: divide out the judge's prior, its answer for content-free poems"})
     grid: str = field(default=POETRY_GRID, metadata={"help": "axes and their labels: 'axis=a,b,c;axis2=x,y'"})
     iterations: int = field(default=400, metadata={"help": "candidate poems in all (each costs one generation and its judging)"})
     init_iterations: int = field(default=64, metadata={"help": "the first N candidates are fresh poems, not rewrites"})
@@ -190,11 +192,20 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], p
     return torch.stack(scores, 1)
 
 
+def calibrate(label_logps: torch.Tensor, prior_logps: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration (Zhao et al. 2021, arXiv 2102.09690): p(label | poem) / p̄(label), p̄ the mean
+    of the judge's distributions for K content-free inputs. (B, L), (K, L) log-probs -> (B, L), renormalised.
+    A small judge's favourite label (often simply the first option listed) no longer takes every poem."""
+    prior = prior_logps.logsumexp(0) - math.log(prior_logps.shape[0])  # log of the mean probability
+    return (label_logps - prior).log_softmax(-1)
+
+
 class PoetryDomain(Domain):
     """The LM writes, rewrites and judges poems. Fitness comes from the LM (ai) or from a scorer (vader, rm)."""
 
     def __init__(self, model, tok: Tokenizer, grid: Grid, cfg: Config, scorer=None, scorer_range=None):
         self.model, self.tok, self.grid, self.cfg, self.scorer = model, tok, grid, cfg, scorer
+        self.priors: dict[str, torch.Tensor] = {}  # axis -> the judge's label log-probs for content-free poems
         self.fitness_range = (0.0, 1.0) if scorer is None else scorer_range
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
@@ -224,11 +235,21 @@ class PoetryDomain(Domain):
         bounds = list(itertools.accumulate([0] + [len(g) for g in spellings]))
         return torch.stack([lp[:, i:j].logsumexp(-1) for i, j in zip(bounds, bounds[1:])], -1)
 
+    def label_logprobs(self, texts: list[str], axis: str) -> torch.Tensor:
+        """(B, labels) the judge's log-probabilities of the axis's labels, normalised over the labels."""
+        values = self.grid.axes[axis]
+        prompts = [LABEL_PROMPT.format(poem=t, axis=axis, options=", ".join(values)) for t in texts]
+        return self.choose(prompts, values).log_softmax(-1)
+
     def labels_batch(self, texts):
         judged = [{} for _ in texts]
         for axis, values in self.grid.axes.items():
-            prompts = [LABEL_PROMPT.format(poem=t, axis=axis, options=", ".join(values)) for t in texts]
-            for row, i in zip(judged, self.choose(prompts, values).argmax(-1).tolist()):
+            logps = self.label_logprobs(texts, axis)
+            if self.cfg.calibrate:
+                if axis not in self.priors:  # once per axis: the judge's answer when there is no poem to judge
+                    self.priors[axis] = self.label_logprobs(list(CONTENT_FREE), axis)
+                logps = calibrate(logps, self.priors[axis])
+            for row, i in zip(judged, logps.argmax(-1).tolist()):
                 row[axis] = values[i]
         return [row if t.strip() else None for row, t in zip(judged, texts)]
 

@@ -314,3 +314,14 @@ def test_poetry_domain_prompts():
                     "Here is a sonnet:\n\nGrey sky,\nfields of green.\n\nRewrite it as a mysterious limerick of very "
                     "high, award-winning quality. Reply with the poem only."]
     assert domain.fitness_range == (0.0, 1.0)
+
+
+def test_calibration_divides_by_the_mean_content_free_distribution():
+    """Hand numbers: p = (.7, .2, .1), priors (.9, .05, .05) and (.7, .15, .15), mean (.8, .1, .1);
+    p / mean = (.875, 2, 1), over 3.875."""
+    p = torch.tensor([[0.7, 0.2, 0.1]]).log()
+    priors = torch.tensor([[0.9, 0.05, 0.05], [0.7, 0.15, 0.15]]).log()
+    out = qdaif.calibrate(p, priors).exp()
+    torch.testing.assert_close(out, torch.tensor([[0.875, 2.0, 1.0]]) / 3.875)
+    assert out.argmax().item() == 1  # the label the judge favours for every input no longer wins
+    torch.testing.assert_close(qdaif.calibrate(p, torch.full((1, 3), 1 / 3).log()).exp(), p.exp())  # flat prior: no-op
