@@ -441,6 +441,9 @@ def main() -> None:
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples (temperature "
               f"{cfg.eval_temperature}, {cfg.gen_style} style, top-k {cfg.eval_top_k or 'off'}, seed {cfg.seed})")
         print(format_table(results))
+        if (base := results["base"]["pink_rate"]) > 0:
+            print("relative change in pink mention rate: " + ", ".join(
+                f"β={b:g} {(results[f'ILQL β={b:g}']['pink_rate'] - base) / base:+.0%}" for b in betas))
     where = "heads" if cfg.train_lm else f"heads (on the unchanged {cfg.model})"
     print(f"{where}, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
