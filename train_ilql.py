@@ -53,7 +53,7 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, save_heads
 from nanorlhf.pink import PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
 from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
-from nanorlhf.resume import cut_metrics, latest, load_train_state, resumed_config, save_train_state
+from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 from train_dpo import lr_at
@@ -231,6 +231,14 @@ def ilql_batch(samples: list[dict], pad_id: int) -> dict[str, Tensor]:
     return batch
 
 
+def state_hidden(model, batch: dict[str, Tensor]) -> Tensor:
+    """(B, A+1, H): the LM's last hidden state at every state of every row; cached ones when the batch has them."""
+    if "h_states" in batch:
+        return batch["h_states"]
+    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    return hidden.gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
 @torch.no_grad()
 def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev) -> None:
     """A frozen LM's last hidden states at each sample's states, computed once: s["h_states"] (A+1, H)."""
@@ -238,8 +246,7 @@ def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev
         chunk = samples[i:i + batch_size]
         batch = {k: v.to(dev) for k, v in ilql_batch(chunk, pad_id).items()}
         with autocast(dev):
-            hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        h_states = hidden.float().gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            h_states = state_hidden(model, batch).float()
         for row, s in enumerate(chunk):
             s["h_states"] = h_states[row, :len(s["states_ixs"])].clone()
 
@@ -258,10 +265,7 @@ class ILQLNet(nn.Module):
 def forward(model, heads: ILQLHeads, batch: dict[str, Tensor], lm_logits: bool = True):
     """-> qs, target_qs (B, A, V), vs (B, A+1), LM logits (B, A, V) or None, actions (B, A).
     The heads see the gathered states only; the actions are the states but the last (ilql_indices)."""
-    h_states = batch.get("h_states")
-    if h_states is None:
-        hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        h_states = hidden.gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    h_states = state_hidden(model, batch)
     h_actions = h_states[:, :-1]  # padded rows: their extra "actions" are masked out by action_mask
     with torch.no_grad():
         target_qs = heads.qs(h_actions, target=True)
@@ -376,7 +380,7 @@ def resume_run(run_dir: str) -> tuple[Config, list[dict]]:
     """The interrupted run's config and its metrics up to the checkpoint (metrics.jsonl is cut back to them)."""
     step = json.loads((resume_dir(Path(run_dir)) / "state.json").read_text())["step"]
     print(f"resuming {run_dir} at step {step}")
-    return resumed_config(Config, run_dir, "train_ilql"), cut_metrics(Path(run_dir), step) if distributed.is_main() else []
+    return resumed_config(Config, run_dir, "train_ilql"), metrics_upto(Path(run_dir), step)
 
 
 def main() -> None:
@@ -411,6 +415,8 @@ def main() -> None:
           f"heads: {sum(p.numel() for p in heads.parameters() if p.requires_grad):,} trainable parameters; "
           f"LM {'trained' if cfg.train_lm else 'frozen'}")
     run = Run("train_ilql", cfg.out_dir, cfg.run, cfg)
+    if cfg.resume:
+        run.rewrite(history)  # metrics.jsonl back to the checkpoint's step
 
     saved = run.dir / "eval.json"  # a resumed run keeps the base evaluation it already has
     results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}

@@ -85,9 +85,7 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int,
     return meta["step"], tensors
 
 
-def cut_metrics(run_dir: Path, step: int) -> list[dict]:
-    """Drop the lines of RUN/metrics.jsonl logged after `step` (the checkpoint) -> the lines kept."""
+def metrics_upto(run_dir: Path, step: int) -> list[dict]:
+    """The lines of RUN/metrics.jsonl logged at or before `step` (a checkpoint); cli.Run.rewrite puts them back."""
     path = Path(run_dir) / "metrics.jsonl"
-    history = [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= step] if path.is_file() else []
-    path.write_text("".join(json.dumps(m) + "\n" for m in history))
-    return history
+    return [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= step] if path.is_file() else []
