@@ -51,7 +51,8 @@ import torch
 from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import collate, read_prompts, response_logps, response_logps_batched
+from nanorlhf.data import (batch_logps, collate, pair_batch, read_prompts, reference_logps, response_logps,
+                           response_logps_batched)
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink_eval import sample_responses
 from nanorlhf.resume import atomic_dir, latest, resumed_config
@@ -59,7 +60,9 @@ from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_sc
                              save_reward_model, score_texts)
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
-from train_dpo import batch_logps, dpo_loss, pair_batch, reference_logps
+# DPO's loss is the algorithm of train_dpo.py and stays there, readable next to its paper; ReST's DPO
+# improve step reuses it rather than keep a second copy of the same equation.
+from train_dpo import dpo_loss
 
 
 @dataclass

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
-from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences, response_logps
+from nanorlhf.data import batch_logps, check_vocab, fit_to_length, pair_batch, read_preferences, reference_logps
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import load_eval_rows
 from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
+from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
@@ -164,39 +165,7 @@ def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: i
     return pairs, truncated
 
 
-def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, Tensor]:
-    """B pairs -> one batch of 2B rows: chosen rows first, then rejected (one forward pass for both)."""
-    prompts = [p["prompt"] for p in pairs]
-    return collate(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
-
-
-def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: bool) -> tuple[Tensor, Tensor]:
-    """-> (chosen_logps, rejected_logps), each (B,), for a pair_batch."""
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    with autocast(dev):
-        logps = response_logps(model, batch, average)  # (2B,), fp32; = sequence_logps of the full logits
-    return logps.chunk(2)
-
-
-@torch.no_grad()
-def reference_logps(model, batches: list[list[dict]], pad_id: int, dev, average: bool) -> None:
-    """π_ref never changes, so score every pair once before training and store it on the pair.
-    With LoRA, call it inside lora.disabled(model): the reference is the base network, no second copy."""
-    model.eval()
-    for chunk in tqdm(batches, desc="reference log-probs", unit="batch"):
-        chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)
-        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            pair["ref_chosen"], pair["ref_rejected"] = c, r
-
-
 # --- the run ---
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Multiplier on the peak lr: linear warmup, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
 
 def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
     """DPO steps on `model` (prepared by scale.prepare: with LoRA only the adapters train). Under torchrun

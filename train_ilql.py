@@ -54,9 +54,9 @@ from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, save_heads
 from nanorlhf.pink import PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
 from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
+from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
-from train_dpo import lr_at
 
 
 @dataclass

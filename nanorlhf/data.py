@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from nanorlhf.cli import autocast
 from nanorlhf.errors import UserError
@@ -173,3 +174,30 @@ def response_logps_batched(model, prompts: list[list[int]], responses: list[list
         with autocast(device):
             out += response_logps(model, {k: v.to(device) for k, v in batch.items()}).tolist()
     return out
+
+
+# --- preference pairs: one forward pass scores a batch's chosen and rejected responses together ---
+
+def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """B pairs -> one batch of 2B rows: chosen rows first, then rejected (one forward pass for both)."""
+    prompts = [p["prompt"] for p in pairs]
+    return collate(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+
+
+def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: bool) -> tuple[Tensor, Tensor]:
+    """-> (chosen_logps, rejected_logps), each (B,), for a pair_batch."""
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    with autocast(dev):
+        logps = response_logps(model, batch, average)  # (2B,), fp32; = sequence_logps of the full logits
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(model, batches: list[list[dict]], pad_id: int, dev, average: bool) -> None:
+    """π_ref never changes, so score every pair once before training and store it on the pair.
+    With LoRA, call it inside lora.disabled(model): the reference is the base network, no second copy."""
+    model.eval()
+    for chunk in tqdm(batches, desc="reference log-probs", unit="batch"):
+        chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)
+        for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            pair["ref_chosen"], pair["ref_rejected"] = c, r
