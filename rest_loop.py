@@ -55,7 +55,8 @@ from nanorlhf.data import (batch_logps, collate, pair_batch, read_prompts, refer
                            response_logps_batched)
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink_eval import sample_responses
-from nanorlhf.resume import atomic_dir, latest, resumed_config
+from nanorlhf.atomic import atomic_dir
+from nanorlhf.resume import latest, resumed_config
 from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids, reward_model_from_lm,
                              save_reward_model, score_texts)
 from nanorlhf.svg import line_plots

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from nanorlhf import distributed, lora
 from nanorlhf.errors import UserError
 from nanorlhf.model import ModelConfig, Transformer
-from nanorlhf.resume import atomic_dir
+from nanorlhf.atomic import atomic_dir
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -1,5 +1,5 @@
 """What every script does around its algorithm: flags from a config dataclass, a run directory,
-metrics.jsonl, seeds and the device. No framework: three small functions and a class."""
+metrics.jsonl, seeds and the device. No framework: a few small functions and a class."""
 
 import argparse
 import dataclasses
@@ -11,17 +11,56 @@ from pathlib import Path
 import torch
 
 from nanorlhf import distributed
+from nanorlhf.errors import UserError
+
+
+def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=None):
+    """A Config field that is also a --flag: its default, its help text and the values it allows
+    (`choices`, or bounds: min/max inclusive, gt/lt exclusive). parse_config checks them all before
+    a script does any work, so a bad value ends in one line naming the flag."""
+    rules = {k: v for k, v in dict(choices=choices, min=min, gt=gt, max=max, lt=lt).items() if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, **rules})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(cfg) -> None:
+    """Every field's allowed values (from flag()), then the Config's own cross-flag rules (`cfg.check()`,
+    if it has one): the first violation is a UserError naming the flag and what it allows."""
+    for f in dataclasses.fields(cfg):
+        value, rule = getattr(cfg, f.name), f.metadata
+        name = flag_name(f.name)
+        if "choices" in rule and value not in rule["choices"]:
+            raise UserError(f"{name} {value!r}: choose one of {', '.join(map(str, rule['choices']))}")
+        for key, ok, words in (("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                               ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if key in rule and not ok(value, rule[key]):
+                raise UserError(f"{name} {value}: must be {words} {rule[key]}")
+    if hasattr(cfg, "check"):
+        cfg.check()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (unknown flag, not a number) as one line too
+        raise UserError(message)
 
 
 def parse_config(cls, description: str, argv: list[str] | None = None):
-    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    (`field(metadata={"help": ...})`); booleans take true/false so a default of True can be turned off."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text;
+    booleans take true/false so a default of True can be turned off. The values are checked
+    (check_flags), and a fresh run refuses an existing run directory, before anything else happens."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     own = set(vars(cls).get("__annotations__", {}))  # the script's own flags first, inherited ones (scale.py) after
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f.type), default=f.default,
+        parser.add_argument(flag_name(f.name), type=_flag_type(f.type), default=f.default,
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
-    return cls(**vars(parser.parse_args(argv)))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    check_flags(cfg)
+    if hasattr(cfg, "out_dir") and not getattr(cfg, "resume", ""):
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
+    return cfg
 
 
 def _parse_bool(text: str) -> bool:
@@ -50,17 +89,37 @@ def autocast(dev: torch.device):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
-class Run:
-    """out/<script>/<run>/: config.json at the start, metrics.jsonl appended (and flushed) line by line,
-    so a crash loses nothing that was logged. Under torchrun only rank 0 writes; elsewhere these are no-ops."""
+def run_dir(out_dir: str, name: str) -> Path:
+    """OUT_DIR/NAME for a fresh run (NAME default: a timestamp, made unique). An existing non-empty one
+    is refused: appending to another run's metrics.jsonl would mix two runs; --resume continues one."""
+    if not name:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = Path(out_dir) / stamp, 1
+        while path.exists():
+            path, n = Path(out_dir) / f"{stamp}-{n}", n + 1
+        return path
+    path = Path(out_dir) / name
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{path} already holds a run: choose another --run, or continue it with --resume {path}")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory")
+    return path
 
-    def __init__(self, script: str, out_dir: str, name: str, config) -> None:
-        self.dir = Path(out_dir) / (name or time.strftime("%Y%m%d-%H%M%S"))
+
+class Run:
+    """out/<script>/<run>/: config.json at the start, metrics.jsonl written (and flushed) line by line,
+    so a crash loses nothing that was logged. A fresh run needs a new or empty directory (run_dir);
+    `resume=True` continues an existing one, whose metrics it keeps. Under torchrun only rank 0 writes;
+    elsewhere these are no-ops."""
+
+    def __init__(self, script: str, out_dir: str, name: str, config, resume: bool = False) -> None:
         self.writes = distributed.is_main()
+        self.dir = Path(out_dir) / name if resume else run_dir(out_dir, name) if self.writes else Path(out_dir) / name
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.json").write_text(json.dumps({"script": script, **dataclasses.asdict(config)}, indent=2) + "\n")
-            self.metrics = open(self.dir / "metrics.jsonl", "a")
+            config_json = json.dumps({"script": script, **dataclasses.asdict(config)}, indent=2)
+            (self.dir / "config.json").write_text(config_json + "\n")
+            self.metrics = open(self.dir / "metrics.jsonl", "a" if resume else "w")
 
     def log(self, **values) -> None:
         if self.writes:

@@ -11,7 +11,8 @@ no process group, the model unwrapped, sums over one rank. Under it, the rules a
   FSDP average gradients over ranks, so the averaged gradient is the 1-process gradient of the batch;
 - every rank runs the same number of forward/backward passes (a rank with nothing to do gets a dummy
   item and weight 0), or the collectives inside DDP/FSDP would wait for each other forever;
-- only rank 0 prints, writes (cli.Run and checkpoint.save_model do nothing elsewhere) and evaluates.
+- only rank 0 prints (print0, bar), writes (cli.Run and checkpoint.save_model do nothing elsewhere)
+  and evaluates.
 
 DDP keeps a whole model, its gradients and optimizer state on every device. FSDP (torch's
 fully_shard, one unit per transformer block plus the root) keeps 1/N of each and gathers a block's
@@ -19,14 +20,13 @@ weights just before it runs: for a model whose training state does not fit one d
 """
 
 import os
-import sys
 from contextlib import nullcontext
-from functools import partialmethod
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 def launched() -> bool:
@@ -41,10 +41,18 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so cli.device()'s "cuda" is this rank's GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if rank() != 0:  # only rank 0 talks: other ranks' prints and progress bars go nowhere (errors still show)
-        sys.stdout = open(os.devnull, "w")
-        from tqdm import tqdm
-        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: N ranks would otherwise print every line N times."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def bar(*args, **kwargs) -> tqdm:
+    """A tqdm progress bar shown on rank 0 only (the other ranks' bars are disabled, not removed, so the
+    loop code is the same on every rank)."""
+    return tqdm(*args, disable=not is_main() or kwargs.pop("disable", False), **kwargs)
 
 
 def rank() -> int:

@@ -34,15 +34,21 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (..., V) with everything below the k-th largest of each row set to -inf (k = 0: unchanged)."""
+    if k <= 0:
+        return scores
+    kth = torch.topk(scores, min(k, scores.shape[-1])).values[..., -1:]  # (..., 1)
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)

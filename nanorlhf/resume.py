@@ -3,37 +3,14 @@ all, the interrupted run's own config, and the optimizer / RNG state as plain te
 
 import dataclasses
 import json
-import os
 import random
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanorlhf.atomic import atomic_dir
 from nanorlhf.errors import UserError
-
-
-@contextmanager
-def atomic_dir(path: Path):
-    """Yield an empty temporary sibling of `path` to fill; when the block finishes it replaces `path`.
-    A crash inside the block leaves the previous `path` untouched; a crash during the swap leaves it as
-    PATH.old, which `latest` also accepts."""
-    path = Path(path)
-    tmp, old = path.with_name(path.name + f".tmp-{os.getpid()}"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(run_dir: Path, name: str, marker: str) -> Path | None:
