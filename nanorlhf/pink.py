@@ -6,6 +6,7 @@ separately, grey). The DPF paper used an LLM judge; we use a string match with a
 cheap, deterministic and auditable, at the price of missing paraphrases ("the red soda can").
 """
 
+import bisect
 import json
 import re
 import unicodedata
@@ -56,18 +57,38 @@ def mentions(text: str, names: list[str]) -> bool:
     return any(_name_regex(n).search(text) for n in names if n.strip())
 
 
+def _normalise_indexed(s: str) -> tuple[str, list[int]]:
+    """_normalise one character at a time -> (normalised text, index in `s` of each normalised character).
+
+    Equal to _normalise(s): NFKD and casefold act per character, the translation table is per character,
+    and the only characters NFKD reorders (combining marks) are dropped. The index map is what lets a
+    match found in the normalised text point back into the original one, whose offsets differ
+    ("Pok\u00e9mon" is one character longer after NFKD; a dropped apostrophe is one shorter)."""
+    chars, origin = [], []
+    for i, c in enumerate(s):
+        n = _normalise(c)
+        chars.append(n)
+        origin += [i] * len(n)
+    return "".join(chars), origin
+
+
 def mention_starts(tok, text: str, names: list[str]) -> list[int]:
-    """Token indices (in nanorlhf Tokenizer `tok`.encode(text)) where a mention of any of `names` begins, one per
-    mention: where a per-token penalty for naming the pink entity belongs."""
-    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
-    starts, seg = [], 0  # seg: where the text not yet searched begins
-    for k, (_, end) in enumerate(offsets):
-        if mentions(text[seg:end], names):  # a mention completes at token k: find its first token
-            i = k
-            while i > 0 and not mentions(text[offsets[i][0]:end], names):
-                i -= 1
-            starts.append(i)
-            seg = end
+    """Token indices (in nanorlhf Tokenizer `tok`.encode(text)) where a mention of any of `names` begins,
+    one per mention, in order: where a per-token penalty for naming the pink entity belongs.
+
+    The mentions are the matches of `mentions()`'s regexes on the whole normalised text, so the two always
+    agree. (Searching growing prefixes would not: the prefix "I write Java" of "I write JavaScript"
+    ends at a token boundary and matches "Java".) Matches of several names that overlap count once,
+    the leftmost (then longest) winning: "Coca-Cola" with alias "Coca" is one mention."""
+    norm, origin = _normalise_indexed(text)
+    spans = sorted(((m.start(), -m.end()) for n in names if n.strip() for m in _name_regex(n).finditer(norm)))
+    ends = [end for _, end in tok.tok.encode(text, add_special_tokens=False).offsets]  # char offsets
+    starts, covered = [], 0  # covered: the normalised text up to here belongs to a counted mention
+    for start, neg_end in spans:
+        if start >= covered:
+            # the token holding the mention's first character: the first token ending after it
+            starts.append(bisect.bisect_right(ends, origin[start]))
+            covered = -neg_end
     return starts
 
 

@@ -1,14 +1,17 @@
 """Pink-elephant task: the mention judge, the eval-file loader's errors, and the shipped data."""
 
 import json
+import random
 import re
 from collections import Counter
 
 import pytest
 
 from nanorlhf.errors import UserError
-from nanorlhf.pink import (AVOID_TEMPLATE, HELDOUT_PATH, PAIRS_PATH, eval_rows_from_pairs, judge, load_eval_rows,
-                           load_pairs, mentions)
+from nanorlhf.pink import (AVOID_TEMPLATE, HELDOUT_PATH, PAIRS_PATH, _name_regex, _normalise,
+                           eval_rows_from_pairs, judge, load_eval_rows, load_pairs, mention_starts, mentions)
+from nanorlhf.tokenizer import Tokenizer
+from conftest import build_tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------- mentions
 
@@ -85,6 +88,72 @@ def test_judge_and_template():
     assert judge("Try a Pepsi.", row) == {"pink": False, "grey": True}
     assert judge("Water is best.", {"pink": "Coca-Cola", "grey": "Pepsi"}) == {"pink": False, "grey": False}
     assert AVOID_TEMPLATE.format(pink="Nike", grey="Adidas").count("Nike") == 1
+
+
+# ------------------------------------------------------------------------------------------ mention_starts
+# The tiny BPE splits most words into 1-3 character tokens, so prefixes ending at a token boundary abound:
+# "I write Java|Script" is exactly the case a prefix scan gets wrong.
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    build_tiny_tokenizer(path)
+    return Tokenizer(path)
+
+
+def first_token_of(tok, text: str, norm_start: int) -> int:
+    """Reference: the first token whose text, normalised as a prefix of `text`, covers normalised position
+    `norm_start` (prefix lengths, so no per-character index map is involved)."""
+    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
+    return next(k for k, (a, b) in enumerate(offsets)
+                if len(_normalise(text[:a])) <= norm_start < len(_normalise(text[:b])))
+
+
+@pytest.mark.parametrize("text,names", [("I write JavaScript", ["Java"]), ("Applebee's", ["Apple"]),
+                                        ("Cokeville, Wyoming", ["Coke"]), ("Javanese food", ["Java"])])
+def test_no_mention_no_start(tok, text, names):
+    assert not mentions(text, names) and mention_starts(tok, text, names) == []
+
+
+@pytest.mark.parametrize("text,names,want", [
+    ("I love Paris and Paris's capital.", ["Paris"], ["Paris and", "Paris's"]),
+    ("POK\u00c9MON, Pok\u00e9mon\u2019s cards", ["Pokemon"], ["POK\u00c9MON", "Pok\u00e9mon"]),  # NFKD: longer
+    ("McDonald\u2019s, McDonalds", ["McDonald's"], ["McDonald\u2019s", "McDonalds"]),  # apostrophe dropped
+    ("\uff2e\uff29\uff2b\uff25 shoes and Nike", ["Nike"], ["\uff2e\uff29", "Nike"]),  # full-width
+    ("Coca-Cola, Coca cola", ["Coca", "Coca-Cola"], ["Coca-Cola", "Coca cola"]),  # overlapping names: once
+])
+def test_start_is_the_token_holding_the_first_character(tok, text, names, want):
+    offsets = tok.tok.encode(text, add_special_tokens=False).offsets
+    got = [text[offsets[k][0]:].lstrip() for k in mention_starts(tok, text, names)]  # text from the start token on
+    assert got == [text[text.index(w):] for w in want]
+
+
+NAMES = ["Java", "Apple", "Coke", "Coca-Cola", "Pok\u00e9mon", "McDonald's", "C++", ".NET", "Dr Pepper", "Nike"]
+PIECES = ["Script", "bee's", "ville", "s", "'s", "\u2019s", "-", ".", ",", " ", " ", "\n", "(", "Mc", "a",
+          "\u00e9", "e\u0301", "\u200b", "\u00ad", "Donald", "\uff2e\uff29\uff2b\uff25", "POK\u00c9", "mon",
+          "Dr.", "Pepper", "Coca", "cola", "++", "#", "NET", "\u2013", "Cokes", "\u03a3\u03bf\u03c2"]
+
+
+def random_text(rng: random.Random, name: str) -> str:
+    """`name` (often) among fragments and look-alikes, glued to suffixes, punctuation, accents, odd unicode."""
+    parts = [rng.choice([name] * 8 + NAMES + PIECES) for _ in range(rng.randint(1, 8))]
+    return "".join(p if rng.random() < 0.6 else p.upper() if rng.random() < 0.5 else " " + p for p in parts)
+
+
+def test_starts_agree_with_mentions_on_random_text(tok):
+    rng, hits, near_misses = random.Random(0), 0, 0
+    for _ in range(3000):
+        name = rng.choice(NAMES)
+        text = random_text(rng, name)
+        matches = list(_name_regex(name).finditer(_normalise(text)))
+        starts = mention_starts(tok, text, [name])
+        assert bool(starts) == mentions(text, [name]), (text, name)
+        assert starts == [first_token_of(tok, text, m.start()) for m in matches], (text, name)
+        names = rng.sample(NAMES, 3)
+        assert bool(mention_starts(tok, text, names)) == mentions(text, names), (text, names)
+        hits += bool(matches)
+        near_misses += not matches and _normalise(name) in _normalise(text)  # "JavaScript", "Cokeville"
+    assert hits > 500 and near_misses > 500  # the generator does produce both kinds (687 and 926 of 3000)
 
 
 # ---------------------------------------------------------------------------------------------- load_eval_rows
