@@ -44,8 +44,7 @@ from tqdm import tqdm
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.generate import generate, left_pad
-from nanorlhf.model import KVCache
+from nanorlhf.generate import generate, left_pad, prefill
 from nanorlhf.svg import heatmap, line_plots
 from nanorlhf.tokenizer import Tokenizer
 
@@ -173,12 +172,11 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], p
     forward pass over the poem serves every label.
     """
     dev = next(model.parameters()).device
-    ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))
+    ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))  # (B, P)
     B, P = ids.shape
-    dtype = torch.bfloat16 if dev.type == "cuda" else next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, P + max(len(o) for o in options), dev, dtype)
+    first, _, cache = prefill(model, ids, mask, max(len(o) for o in options))
+    first = first.log_softmax(-1)  # (B, V): log p(option's first token | prompt)
     with autocast(dev):
-        first = model(ids, mask, cache, last_only=True)[:, -1].float().log_softmax(-1)  # (B, V)
         scores = []
         for option in options:
             lp = first[:, option[0]]

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
+from nanorlhf.cli import autocast
 from nanorlhf.model import KVCache, Transformer
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits. ILQL adds beta*(Q - V) here.
-LogitsHook = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Generation:
     texts: list[str] | None = None  # decoded, when a tokenizer was given
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """-> ids (B, P) and attention mask (B, P), prompts aligned to the right edge."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -34,7 +36,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int) -> tuple[Tensor, Tensor, KVCache]:
+    """Left-padded prompts ids (B, P), mask (B, P) -> a KV cache holding them with room for `extra_len`
+    more positions, and the next-token logits (B, V) fp32 and hidden state (B, hidden) at position P-1.
+
+    Left padding puts every prompt's last token in the same column, so one forward serves the whole
+    batch and the next token of every row is written at the same cache position P."""
+    dtype = torch.bfloat16 if ids.device.type == "cuda" else next(model.parameters()).dtype  # bf16 autocast
+    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + extra_len, ids.device, dtype)
+    with autocast(ids.device):
+        logits, hidden = model(ids, mask, cache, return_hidden=True, last_only=True)  # (B, 1, V), (B, P, hidden)
+    return logits[:, -1].float(), hidden[:, -1], cache
+
+
+def top_k_filter(scores: Tensor, k: int) -> Tensor:
     """scores (..., V) with everything below the k-th largest of each row set to -inf (k = 0: unchanged)."""
     if k <= 0:
         return scores
@@ -42,21 +57,30 @@ def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.masked_fill(scores < kth, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 = greedy."""
+def top_p_filter(scores: Tensor, p: float) -> Tensor:
+    """scores (..., V) with the tokens outside the nucleus set to -inf (p = 1: unchanged).
+
+    The nucleus (Holtzman et al. 2019) is the smallest set of most likely tokens whose mass reaches p.
+    Computed as transformers' TopPLogitsWarper does, so both drop the same tokens to the last bit:
+    sort ascending and drop every token whose cumulative mass is <= 1 - p. At an exact tie the set
+    stops: probabilities (.5, .25, .125, .125) with p = .75 keep two tokens, not three. The most
+    likely token always stays."""
+    if p >= 1.0:
+        return scores
+    ascending, order = scores.sort(-1)  # (..., V), least likely first
+    drop = ascending.softmax(-1).cumsum(-1) <= 1 - p
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 = greedy. Filters in transformers' order:
+    temperature, then top-k, then top-p (the nucleus of what top-k kept)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    logits = top_k_filter(logits, top_k)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -73,43 +97,38 @@ def generate(
     logits_hook: LogitsHook | None = None,
     tokenizer=None,
 ) -> Generation:
+    """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
+    The same seed gives the same tokens: all randomness comes from one generator."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    B, P = ids.shape
-    dtype = next(model.parameters()).dtype
-    if device.type == "cuda":
-        dtype = torch.bfloat16  # generation runs under bf16 autocast on GPU
-    cache = KVCache(model.cfg, B, P + max_new_tokens, device, dtype)
+    ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each
+    B = ids.shape[0]
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(stop_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens, out_logprobs = [], []
-    inputs = ids
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):  # the hook's heads run under the same bf16 autocast as the model on GPU
+        logits, hidden, cache = prefill(model, ids, mask, max_new_tokens)  # (B, V), (B, hidden)
         for step in range(max_new_tokens):
-            logits, hidden = model(inputs, mask, cache, return_hidden=True, last_only=True)
-            logits = logits[:, -1].float()  # (B, V)
             if logits_hook is not None:
-                logits = logits_hook(logits, hidden[:, -1], step)
+                logits = logits_hook(logits, hidden, step)
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            # a finished row still draws (so every row's draws stay aligned with the generator) but emits pad
             token = torch.where(done, pad_id, token)
             out_tokens.append(token)
             out_logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
             done |= torch.isin(token, stops)
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            inputs = token[:, None]
             # finished rows attend to their pad tokens too: harmless (their outputs are dropped) and it
             # keeps an unpadded batch mask-free, so SDPA takes its fast path
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)
+            logits, hidden = model(token[:, None], mask, cache, return_hidden=True, last_only=True)
+            logits, hidden = logits[:, -1].float(), hidden[:, -1]  # (B, 1, V) -> (B, V); (B, 1, h) -> (B, h)
     tokens = torch.stack(out_tokens, 1).tolist()  # (B, steps)
-    logprobs = torch.stack(out_logprobs, 1).tolist()
     stop_set = set(stop_ids)
-    result_ids, result_lp = [], []
-    for row_tokens, row_lp in zip(tokens, logprobs):
-        n = next((i + 1 for i, t in enumerate(row_tokens) if t in stop_set), len(row_tokens))
-        result_ids.append(row_tokens[:n])
-        result_lp.append(row_lp[:n])
-    texts = [tokenizer.decode(r) for r in result_ids] if tokenizer is not None else None
-    return Generation(result_ids, result_lp, texts)
+    # cut each row after its first stop id; a row that never stopped keeps all its tokens
+    lengths = [next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)) for row in tokens]
+    result = [row[:n] for row, n in zip(tokens, lengths)]
+    logprobs = [row[:n] for row, n in zip(torch.stack(out_logprobs, 1).tolist(), lengths)]
+    texts = [tokenizer.decode(r) for r in result] if tokenizer is not None else None
+    return Generation(result, logprobs, texts)

@@ -1,9 +1,11 @@
 """Sampling: seeds, filters, stop tokens, the logits hook and the returned log-probs."""
 
+import pytest
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate, left_pad, sample_next
+from nanorlhf.generate import generate, left_pad, sample_next, top_k_filter, top_p_filter
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 
@@ -27,6 +29,37 @@ def test_top_p_keeps_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert seen == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.5 + 0.3 >= 0.7 so token 2 is not
+
+
+def kept(scores: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(scores).sum(-1)
+
+
+@pytest.mark.parametrize("n,p,want", [(4, 0.5, 2), (8, 0.75, 6), (8, 0.125, 1), (2, 0.5, 1)])
+def test_top_p_stops_at_an_exact_tie(n, p, want):
+    # n equal logits: every probability is exactly 1/n (exp(0) = 1, a power-of-two divisor), so the
+    # cumulative mass hits p exactly after p*n tokens, and those are enough: the nucleus reaches p.
+    # With a '>' test on the mass ranked above, one more token would be kept.
+    logits = torch.cat([torch.zeros(1, n), torch.full((1, 3), float("-inf"))], 1)  # 3 impossible tokens
+    assert kept(top_p_filter(logits, p)).item() == want
+
+
+def test_top_p_equals_transformers():
+    issue = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert kept(top_p_filter(issue, 0.8)).item() == 2  # .5 + .3 reaches .8: the .15 token is not needed
+    powers = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    gen = torch.Generator().manual_seed(0)
+    ties = torch.randint(-3, 2, (256, 12), generator=gen).float()  # few distinct values: many ties
+    smooth = torch.randn(256, 50, generator=gen) * 2
+    for scores in (issue, powers, ties, smooth, torch.zeros(4, 16)):
+        for p in (0.05, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95, 0.999):
+            want = TopPLogitsWarper(p)(None, scores.clone())
+            assert torch.equal(top_p_filter(scores, p), want), p
+            assert (kept(want) >= 1).all()
+            for k in (1, 3, 10):  # generate() applies top-k, then top-p, in transformers' order
+                want = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, scores.clone()))
+                assert torch.equal(top_p_filter(top_k_filter(scores, k), p), want), (p, k)
+    assert top_p_filter(smooth, 1.0) is smooth
 
 
 def test_logprobs_are_those_of_a_full_forward(tiny_dirs):
