@@ -87,16 +87,19 @@ def read_preferences(path: str | Path) -> list[dict]:
     return rows
 
 
-def fit_to_length(prompt: list[int], response: list[int], max_len: int, min_response: int = 16) -> tuple[list[int], list[int], bool]:
-    """Make prompt + response fit max_len tokens. The rule: cut the response at the right first, but
-    keep at least `min_response` of its tokens; if that is not enough, drop prompt tokens from the
-    left (the end of a prompt - the question and the assistant header - matters most).
-    Returns (prompt, response, truncated?)."""
+def fit_to_length(prompt: list[int], response: list[int], max_len: int,
+                  min_response: int = 16) -> tuple[list[int], list[int], bool]:
+    """Make prompt + response fit max_len tokens. Returns (prompt, response, truncated?).
+
+    The rule: cut the response at the right first, but keep at least min(len(response), min_response)
+    of its tokens; if that is not enough, drop prompt tokens from the left (the end of a prompt - the
+    question and the assistant header - matters most). The result never exceeds max_len: when even
+    the response's kept part is longer than max_len, its first max_len tokens are all that remain."""
     if len(prompt) + len(response) <= max_len:
         return prompt, response, False
-    keep_response = max(min(len(response), min_response), max_len - len(prompt))
+    keep_response = min(max(min(len(response), min_response), max_len - len(prompt)), max_len)
     response = response[:keep_response]
-    prompt = prompt[len(prompt) + len(response) - max_len:] if len(prompt) + len(response) > max_len else prompt
+    prompt = prompt[max(len(prompt) + len(response) - max_len, 0):]  # the last max_len - len(response)
     return prompt, response, True
 
 
