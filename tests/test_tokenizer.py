@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -59,10 +60,33 @@ def test_llama3_headers_and_single_bos(tmp_path):
     assert ours.eos_id == 4 and ours.stop_ids == [1, 4]
 
 
-def test_prompt_and_response_encoded_separately(tmp_path):
-    build_tiny_tokenizer(tmp_path, chat_template=SMOLLM2_TEMPLATE)
+def test_no_merge_across_the_prompt_response_boundary(tmp_path):
+    # Trained on text full of "\n\n", the BPE has "ĊĊ" as one token. The ChatML prompt ends with "\n", so a
+    # response starting "\n " puts a "\n\n" pre-token across the boundary when the two are encoded as one
+    # string (GPT-2's regex keeps the space for " Paris"): the joint encoding merges there, ours must not.
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["The capital of France is Paris.\n\n Yes.\n\n system user assistant"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                                "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                "chat_template": SMOLLM2_TEMPLATE}))
     ours = Tokenizer(tmp_path)
-    prompt, response = ours.chat_prompt("Capital?"), ours.response_ids("Paris.")
-    assert response[-1] == ours.eos_id
-    assert response[:-1] == ours.encode("Paris.")  # no merge with the "\n" that ends the prompt
-    assert prompt[-1] == ours.encode("\n")[-1]
+    prompt_ids, response = ours.chat_prompt("Capital?"), "\n Paris."
+    prompt_text = ours.decode(prompt_ids, skip_special_tokens=False)
+    joint = ours.encode(prompt_text + response)
+    assert tok.id_to_token(joint[len(prompt_ids) - 1]) == "ĊĊ"  # the merge a joint encoding makes
+
+    def check(prompt: list[int], response_ids: list[int]) -> None:
+        """What the loss mask needs: each part decodes to exactly its own text, and ends where it should."""
+        assert ours.decode(prompt, skip_special_tokens=False) == prompt_text
+        assert tok.id_to_token(prompt[-1]) == "Ċ" and tok.id_to_token(response_ids[0]) == "Ċ"
+        assert response_ids[-1] == ours.eos_id
+        assert ours.decode(response_ids[:-1], skip_special_tokens=False) == response
+
+    check(prompt_ids, ours.response_ids(response))
+    with pytest.raises(AssertionError):  # response ids sliced from the joint encoding fail the same checks
+        check(joint[:len(prompt_ids)], joint[len(prompt_ids):] + [ours.eos_id])
