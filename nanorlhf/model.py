@@ -252,15 +252,3 @@ class Transformer(nn.Module):
         picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
         logits = self.lm_head(picked)  # (B, T or 1, vocab), or (N, vocab) with logits_at
         return (logits, hidden) if return_hidden else logits
-
-    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
-        """Random init (tiny test models, new heads): normal(0, std) matrices, unit norms."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)

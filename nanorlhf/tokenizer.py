@@ -81,10 +81,6 @@ class Tokenizer:
         match = re.search(r"<\|im_start\|>system(?:\n|\\n)(.+?)<\|im_end\|>", self.chat_template)
         return match.group(1) if match else None
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
