@@ -21,7 +21,6 @@ LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
 @dataclass
 class Generation:
     ids: list[list[int]]  # new tokens per row, up to and including the stop token
-    logprobs: list[list[float]]  # log p(token) under the model's (hooked) distribution at temperature 1
     texts: list[str] | None = None  # decoded, when a tokenizer was given
 
 
@@ -105,7 +104,7 @@ def generate(
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(stop_ids, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out_tokens, out_logprobs = [], []
+    out_tokens = []
     with autocast(device):  # the hook's heads run under the same bf16 autocast as the model on GPU
         logits, hidden, cache = prefill(model, ids, mask, max_new_tokens)  # (B, V), (B, hidden)
         for step in range(max_new_tokens):
@@ -115,7 +114,6 @@ def generate(
             # a finished row still draws (so every row's draws stay aligned with the generator) but emits pad
             token = torch.where(done, pad_id, token)
             out_tokens.append(token)
-            out_logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
             done |= torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
@@ -127,8 +125,6 @@ def generate(
     tokens = torch.stack(out_tokens, 1).tolist()  # (B, steps)
     stop_set = set(stop_ids)
     # cut each row after its first stop id; a row that never stopped keeps all its tokens
-    lengths = [next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)) for row in tokens]
-    result = [row[:n] for row, n in zip(tokens, lengths)]
-    logprobs = [row[:n] for row, n in zip(torch.stack(out_logprobs, 1).tolist(), lengths)]
+    result = [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in tokens]
     texts = [tokenizer.decode(r) for r in result] if tokenizer is not None else None
-    return Generation(result, logprobs, texts)
+    return Generation(result, texts)

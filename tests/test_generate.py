@@ -1,4 +1,4 @@
-"""Sampling: seeds, filters, stop tokens, the logits hook and the returned log-probs."""
+"""Sampling: seeds, filters (against transformers), stop tokens, the logits hook, cached decoding."""
 
 import pytest
 import torch
@@ -62,15 +62,18 @@ def test_top_p_equals_transformers():
     assert top_p_filter(smooth, 1.0) is smooth
 
 
-def test_logprobs_are_those_of_a_full_forward(tiny_dirs):
+def test_cached_decoding_logits_are_those_of_a_full_forward(tiny_dirs):
+    # left-padded prefill, then one cached token per step: every step's logits (seen by the hook) must
+    # equal a plain forward over prompt + tokens so far, for rows of every padding width
     model = load_model(tiny_dirs["llama3-rope-mqa"]).eval()
-    out = generate(model, PROMPTS, 10, stop_ids=[], pad_id=0, temperature=1.0, seed=3)
-    for prompt, new, lps in zip(PROMPTS, out.ids, out.logprobs):
-        seq = torch.tensor([prompt + new])
+    seen = []
+    out = generate(model, PROMPTS, 10, stop_ids=[], pad_id=0, temperature=1.0, seed=3,
+                   logits_hook=lambda logits, hidden, step: seen.append(logits.log_softmax(-1)) or logits)
+    for row, (prompt, new) in enumerate(zip(PROMPTS, out.ids)):
         with torch.no_grad():
-            logp = model(seq)[0, :-1].log_softmax(-1)  # position t predicts token t+1
-        expected = logp[len(prompt) - 1:].gather(-1, seq[0, len(prompt):, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-4, rtol=1e-4)
+            logp = model(torch.tensor([prompt + new]))[0, :-1].log_softmax(-1)  # position t predicts t+1
+        got = torch.stack([s[row] for s in seen])  # (steps, V)
+        torch.testing.assert_close(got, logp[len(prompt) - 1:], atol=1e-4, rtol=1e-4)
 
 
 def test_stops_on_any_stop_id_and_hook_sees_hidden(tiny_dirs):
