@@ -229,14 +229,29 @@ def probs(logits, adv, beta, temperature=1.0, top_k=0, style="snell"):
     return (score / temperature).softmax(-1)[0].tolist()  # what generate() does with the hook's output
 
 
-@pytest.mark.parametrize("beta, top_k, expected", [
-    (0, 0, [1 / 3, 1 / 3, 1 / 3]),
-    (1, 0, [0.665241, 0.244728, 0.090031]),
-    (4, 0, [0.98169, 0.01798, 0.000329]),
-    (1, 2, [0.731059, 0.268941, 0.0]),
+@pytest.mark.parametrize("beta, top_k, style, expected", [
+    (0, 0, "snell", [1 / 3, 1 / 3, 1 / 3]),
+    (1, 0, "snell", [0.665241, 0.244728, 0.090031]),
+    (4, 0, "snell", [0.98169, 0.01798, 0.000329]),
+    (1, 2, "trlx", [0.731059, 0.268941, 0.0]),  # trlX: the top 2 of logπ + β·adv
+    (1, 2, "snell", [0.665241, 0.244728, 0.090031]),  # Snell: the top 2 of a uniform π_β are all 3 (a tie)
 ])
-def test_generation_scores_uniform(beta, top_k, expected):
-    assert probs([1 / 3] * 3, [1.0, 0.0, -1.0], beta, top_k=top_k) == pytest.approx(expected, abs=1e-5)
+def test_generation_scores_uniform(beta, top_k, style, expected):
+    assert probs([1 / 3] * 3, [1.0, 0.0, -1.0], beta, top_k=top_k, style=style) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature, adv, style, expected", [
+    # π = (.5, .3, .2), top-2. Snell keeps π_β's two likeliest {0, 1}, then adds the advantage:
+    (1.0, [0.0, 0.0, 2.0], "snell", [0.625, 0.375, 0.0]),  # ∝ (.5, .3)
+    (0.5, [0.0, 1.0, 2.0], "snell", [0.5054126, 0.4945874, 0.0]),  # ∝ (.5², .3²·e)
+    # trlX keeps the top 2 of logπ + β·adv, where the advantage lifts token 2 over token 1:
+    (1.0, [0.0, 0.0, 2.0], "trlx", [0.2528047, 0.0, 0.7471953]),  # ∝ (.5, .2·e²)
+    (0.5, [0.0, 1.0, 2.0], "trlx", [0.0, 0.2334253, 0.7665747]),  # ∝ ((.3e)², (.2e²)²)
+])
+def test_top_k_before_or_after_the_advantage(temperature, adv, style, expected):
+    """Snell (sample_raw): top-k on logits/T, the base LM's distribution, then + β·adv; trlX: top-k after."""
+    got = probs([0.5, 0.3, 0.2], adv, 1.0, temperature, top_k=2, style=style)
+    assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_temperature_placement():
@@ -283,6 +298,39 @@ def test_hook_reads_target_heads_not_online(tiny_dirs):
     with torch.no_grad():
         heads.target_q_heads[1].bias.add_(torch.arange(128.0))
     assert not torch.allclose(ilql_logits_hook(heads, 2.0)(logits, hidden, 0), before)
+
+
+def test_heads_run_in_fp32_under_autocast(tiny_dirs):
+    """Under bf16 autocast (CUDA's, here the CPU's) the heads still compute in fp32: the same numbers, bit
+    for bit, as without autocast. In bf16, Q and V near 1 would sit on a 1/128 grid."""
+    model = load_model(tiny_dirs["llama-gqa-tied"]).eval()
+    heads, gen = random_heads(model), torch.Generator().manual_seed(1)
+    hidden, logits = torch.randn(3, 64, generator=gen), torch.randn(3, 128, generator=gen)
+    outputs = lambda h: [*heads.qs(h), *heads.qs(h, target=True), heads.v(h),
+                         ilql_logits_hook(heads, 2.0, 0.7)(logits, h, 0)]
+    with torch.no_grad():
+        plain = outputs(hidden)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = outputs(hidden)
+            from_bf16 = outputs(hidden.bfloat16())  # a bf16 hidden state (the LM's, under autocast) is upcast
+    assert len(plain) == 6 and all(a.dtype == torch.float32 for a in auto + from_bf16)
+    assert all(torch.equal(a, p) for a, p in zip(auto, plain))
+    with torch.no_grad():
+        assert all(torch.equal(a, p) for a, p in zip(from_bf16, outputs(hidden.bfloat16().float())))
+
+
+def test_training_forward_runs_heads_in_fp32_under_autocast(tiny_chat_model, tmp_path):
+    tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model).eval()
+    samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 1)), tok,
+                                         train_ilql.Config(), 320)
+    batch, heads = ilql_batch(samples, tok.pad_id), random_heads(model)
+    with torch.no_grad():
+        h_states = train_ilql.state_hidden(model, batch).bfloat16().float()
+        batch["h_states"] = h_states  # cached features: the heads' inputs are fixed, only their precision varies
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            qs, target_qs, vs, _, _ = train_ilql.forward(model, heads, batch, lm_logits=False)
+    assert qs[0].dtype == target_qs[0].dtype == vs.dtype == torch.float32
+    assert torch.equal(qs[0], heads.qs(h_states[:, :-1])[0]) and torch.equal(vs, heads.v(h_states))
 
 
 # --- heads ---
