@@ -328,7 +328,7 @@ def test_training_forward_runs_heads_in_fp32_under_autocast(tiny_chat_model, tmp
         h_states = train_ilql.state_hidden(model, batch).bfloat16().float()
         batch["h_states"] = h_states  # cached features: the heads' inputs are fixed, only their precision varies
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            qs, target_qs, vs, _, _ = train_ilql.forward(model, heads, batch, lm_logits=False)
+            qs, target_qs, vs, _, _ = train_ilql.ILQLNet(model, heads)(batch, lm_logits=False)
     assert qs[0].dtype == target_qs[0].dtype == vs.dtype == torch.float32
     assert torch.equal(qs[0], heads.qs(h_states[:, :-1])[0]) and torch.equal(vs, heads.v(h_states))
 
@@ -352,9 +352,9 @@ def test_heads_on_gathered_states_equal_heads_everywhere(tiny_chat_model, tmp_pa
     batch = ilql_batch(samples, tok.pad_id)
     fresh = ILQLHeads(64, model.lm_head.weight)
     with torch.no_grad():
-        assert torch.equal(train_ilql.forward(model, fresh, batch)[0][0], torch.zeros(4, batch["actions_ixs"].shape[1], 320))
+        assert torch.equal(train_ilql.ILQLNet(model, fresh)(batch)[0][0], torch.zeros(4, batch["actions_ixs"].shape[1], 320))
         heads = random_heads(model)
-        qs, _, vs, logits, actions = train_ilql.forward(model, heads, batch)
+        qs, _, vs, logits, actions = train_ilql.ILQLNet(model, heads)(batch)
         full_logits, hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
     for row in range(4):
         n = int(batch["action_mask"][row].sum())
@@ -454,7 +454,7 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("args, message", [
     (["--eval-betas", "1,x"], "--eval-betas '1,x': expected comma-separated numbers"),
-    (["--reward", "dense"], "--reward 'dense': choose terminal or shaped"),
+    (["--reward", "dense"], "--reward 'dense': choose one of terminal, shaped"),
     (["--reward", "shaped"], "p.jsonl:1: --reward shaped needs a non-empty 'pink' field"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--resume", "nowhere"], "--resume nowhere: no resumable checkpoint"),
