@@ -20,6 +20,7 @@ from nanorlhf.pink import mention_starts
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, ilql_scores, load_heads
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from train_ilql import (awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss, normalize_rewards,
                         q_loss)
 
@@ -218,8 +219,53 @@ def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expe
     history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"), Run("t", tmp_path, "r", cfg))
     assert [m["target_syncs"] for m in history] == expected and len(calls) == expected[-1]
     assert all(a == cfg.alpha for a in calls)
-    if every == 1:  # the targets moved toward the online heads, but only a little (α = 0.005)
-        assert 0 < history[-1]["target_gap"]
+    pairs = zip(heads.target_q_heads.parameters(), heads.q_heads.parameters())  # the logged gap, in float64
+    gap = math.sqrt(sum(float((t.double() - o.double()).pow(2).sum()) for t, o in pairs))
+    assert history[-1]["target_gap"] == pytest.approx(gap, rel=1e-5)
+
+
+def test_sync_is_the_polyak_average():
+    """target <- α·online + (1-α)·target, re-derived in float64 from copies taken before the sync."""
+    heads, gen = ILQLHeads(8, torch.randn(16, 8), rank=2), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*heads.q_heads.parameters(), *heads.target_q_heads.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen))
+    online = [p.double() for p in heads.q_heads.parameters()]
+    old = [p.double() for p in heads.target_q_heads.parameters()]
+    heads.sync_targets(0.3)
+    for t, o, t0 in zip(heads.target_q_heads.parameters(), online, old):
+        # fp32 lerp of N(0,1) values: a few ulp, |x| < 6 -> error < 6 * 4 * 6e-8
+        torch.testing.assert_close(t.double(), 0.3 * o + 0.7 * t0, rtol=0, atol=2e-6)
+    assert all(torch.equal(o, p.double()) for o, p in zip(online, heads.q_heads.parameters()))  # online untouched
+
+
+def test_training_loop_moves_targets_by_the_polyak_recursion(tiny_chat_model, tmp_path):
+    """The online Q heads recorded after every optimizer step; the targets at the end must be the recursion
+    t_k = α·o_k + (1-α)·t_(k-1) over them (a loop that skips the sync, or syncs before the step, fails)."""
+    tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
+    heads = ILQLHeads(64, model.lm_head.weight)
+    cfg = train_ilql.Config(batch_size=2, grad_accum=1, alpha=0.3, save_every=0, head_lr=1e-2, epochs=1)
+    samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 3)), tok, cfg, 320)
+    expected = [p.double() for p in heads.target_q_heads.parameters()]
+    steps = []
+
+    def after_step(optimizer, args, kwargs):  # a global hook: AdamW.step itself is untouched
+        steps.append([p.detach().double() for p in heads.q_heads.parameters()])
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
+                                   Run("t", tmp_path, "r", cfg))
+    finally:
+        handle.remove()
+    assert len(steps) == len(history) == 3
+    for online in steps:
+        expected = [0.3 * o + 0.7 * t for o, t in zip(online, expected)]
+    moved = max(float((e - s.double()).abs().max()) for e, s in zip(expected, steps[0]))
+    assert moved > 1e-3  # the targets did move, by far more than the tolerance below
+    for t, e in zip(heads.target_q_heads.parameters(), expected):
+        # 3 fp32 lerps of values |x| < 1: each rounds to ~1 ulp (6e-8), the recursion contracts the old error
+        torch.testing.assert_close(t.double(), e, rtol=0, atol=1e-6)
 
 
 # --- §8.5 decoding ---
