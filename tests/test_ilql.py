@@ -105,11 +105,13 @@ def terms(b, awac_beta=0.0):
 
 def test_loss_terms_single_head():
     b = batch_83()
-    assert q_loss(b["qs"], b["vs"], b["actions"], b["rewards"], b["next_nonterminal"], b["mask"], 0.5).item() == pytest.approx(1.65625)
+    l_q = q_loss(b["qs"], b["vs"], b["actions"], b["rewards"], b["next_nonterminal"], b["mask"], 0.5)
+    assert l_q.item() == pytest.approx(1.65625)
     q_hat, v = torch.tensor([[1.5, 0.0]], dtype=torch.float64), b["vs"][:, :-1]
     assert expectile_loss(q_hat, v, 0.7, b["mask"]).item() == pytest.approx(0.125)
     assert cql_loss(b["qs"], b["actions"], b["mask"]).item() == pytest.approx(0.5439378, abs=1e-6)
-    assert awac_loss(b["logits"], b["actions"], q_hat - v, 0.0, b["mask"])[0].item() == pytest.approx(0.6690785, abs=1e-6)
+    l_awac = awac_loss(b["logits"], b["actions"], q_hat - v, 0.0, b["mask"])[0]
+    assert l_awac.item() == pytest.approx(0.6690785, abs=1e-6)
     loss, weights = awac_loss(b["logits"], b["actions"], q_hat - v, 1.0, b["mask"])
     assert weights.tolist()[0] == pytest.approx([1.648721, 0.606531], abs=1e-6)
     assert loss.item() == pytest.approx(0.9782983, abs=1e-6)
@@ -157,7 +159,8 @@ def test_gradients_go_where_they_should():
     # CQL gradient at step 0: (softmax(Q) - onehot(a)) / n, n = 2
     qs = [b["qs"][0].detach().clone().requires_grad_()]
     cql_loss(qs, b["actions"], b["mask"]).backward()
-    p = [math.exp(1) / (math.e + math.e ** 2 + 1), math.e ** 2 / (math.e + math.e ** 2 + 1), 1 / (math.e + math.e ** 2 + 1)]
+    z = math.e + math.e ** 2 + 1
+    p = [math.e / z, math.e ** 2 / z, 1 / z]
     assert qs[0].grad[0, 0].tolist() == pytest.approx([p[0] / 2, (p[1] - 1) / 2, p[2] / 2])
 
 
@@ -206,7 +209,8 @@ def test_target_heads_start_identical_and_only_polyak_moves_them(tiny_chat_model
     assert not all(torch.equal(o, s) for o, s in zip(heads.q_heads.parameters(), start))  # the online heads learned
 
 
-@pytest.mark.parametrize("every, expected", [(1, [1, 2, 3, 4, 5, 6]), (2, [0, 1, 1, 2, 2, 3]), (4, [0, 0, 0, 1, 1, 1])])
+@pytest.mark.parametrize("every, expected", [(1, [1, 2, 3, 4, 5, 6]), (2, [0, 1, 1, 2, 2, 3]),
+                                             (4, [0, 0, 0, 1, 1, 1])])
 def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expected):
     """floor(steps / every) syncs, one right after the optimizer step: what trlX's per-epoch call misses."""
     tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
@@ -216,11 +220,12 @@ def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expe
     heads = ILQLHeads(64, model.lm_head.weight, two_qs=True)
     calls, original = [], ILQLHeads.sync_targets
     monkeypatch.setattr(ILQLHeads, "sync_targets", lambda self, a: (calls.append(a), original(self, a)))
-    history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"), Run("t", tmp_path, "r", cfg))
+    history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
+                               Run("t", tmp_path, "r", cfg))
     assert [m["target_syncs"] for m in history] == expected and len(calls) == expected[-1]
     assert all(a == cfg.alpha for a in calls)
     pairs = zip(heads.target_q_heads.parameters(), heads.q_heads.parameters())  # the logged gap, in float64
-    gap = math.sqrt(sum(float((t.double() - o.double()).pow(2).sum()) for t, o in pairs))
+    gap = math.sqrt(sum(float((t.double() - o.detach().double()).pow(2).sum()) for t, o in pairs))
     assert history[-1]["target_gap"] == pytest.approx(gap, rel=1e-5)
 
 
@@ -398,7 +403,8 @@ def test_heads_on_gathered_states_equal_heads_everywhere(tiny_chat_model, tmp_pa
     batch = ilql_batch(samples, tok.pad_id)
     fresh = ILQLHeads(64, model.lm_head.weight)
     with torch.no_grad():
-        assert torch.equal(train_ilql.ILQLNet(model, fresh)(batch)[0][0], torch.zeros(4, batch["actions_ixs"].shape[1], 320))
+        zeros = torch.zeros(4, batch["actions_ixs"].shape[1], 320)
+        assert torch.equal(train_ilql.ILQLNet(model, fresh)(batch)[0][0], zeros)
         heads = random_heads(model)
         qs, _, vs, logits, actions = train_ilql.ILQLNet(model, heads)(batch)
         full_logits, hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
@@ -438,7 +444,8 @@ def cli(monkeypatch, *args):
 @pytest.mark.parametrize("train_lm", ["true", "false"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, train_lm):
     data = write_pairs(tmp_path / "p.jsonl", 6)  # 12 samples / 2 -> 6 steps, resumable state every 2
-    common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "", "--out-dir", str(tmp_path / "out"),
+    common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "",
+              "--out-dir", str(tmp_path / "out"),
               "--batch-size", "2", "--grad-accum", "1", "--save-every", "2", "--lr", "1e-3", "--head-lr", "1e-2",
               "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm, "--epochs", "1"]
     cli(monkeypatch, *common, "--run", "straight")
@@ -463,7 +470,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, broken)]
     assert [json.loads(l)["step"] for l in lines[1]] == [1, 2, 3, 4, 5, 6]
     assert lines[0] == lines[1]
-    saved = ["model/model.safetensors", "ilql_heads.safetensors"] if train_lm == "true" else ["ilql_heads.safetensors"]
+    saved = ["ilql_heads.safetensors"] + (["model/model.safetensors"] if train_lm == "true" else [])
     assert (straight / "model").exists() == (train_lm == "true")  # a frozen LM is not copied
     for name in saved:
         a, b = (load_file(d / name) for d in (straight, broken))
@@ -477,7 +484,8 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
     eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
     cli(monkeypatch, "--model", str(tiny_chat_model), "--data", str(data), "--eval-data", str(eval_rows),
         "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6", "--eval-betas", "0,2",
-        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm, "--epochs", "1", "--batch-size", "8",
+        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm, "--epochs", "1",
+        "--batch-size", "8",
         "--grad-accum", "2")
     run = tmp_path / "out" / "r"
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
