@@ -55,7 +55,8 @@ def _messages(value, where: str, key: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
         return value
     raise UserError(f"{where}: field '{key}' must be a string or a list of {{role, content}} messages")
 

@@ -32,7 +32,8 @@ class LoRALinear(nn.Linear):
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
         a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
         self.lora_A = nn.Parameter(a.to(base.weight.device, base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        zeros = torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Parameter(zeros)
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)

@@ -48,7 +48,8 @@ def check(cfg: ScaleConfig) -> tuple[str, ...]:
 
 
 def prepare(model: nn.Module, cfg: ScaleConfig, seed: int | str = 0) -> nn.Module:
-    """LoRA adapters (everything else frozen; A drawn from `seed`) and gradient checkpointing, as the flags say. In place."""
+    """LoRA adapters (everything else frozen; A drawn from `seed`) and gradient checkpointing, as the
+    flags say. In place."""
     if cfg.lora_rank:
         lora.add(model, cfg.lora_rank, cfg.lora_alpha, check(cfg), random.Random(seed).getrandbits(63))
     model.model.grad_checkpointing = cfg.grad_checkpointing  # the Backbone of an LM or a reward model
