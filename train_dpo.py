@@ -17,49 +17,59 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.cli import Run, device, flag, parse_config, seed_everything
 from nanorlhf.data import batch_logps, check_vocab, fit_to_length, pair_batch, read_preferences, reference_logps
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import load_eval_rows
+from nanorlhf.pink import DATA_DIR, load_eval_rows
 from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
 
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+
 @dataclass
-class Config(EvalConfig, scale.ScaleConfig):  # + --eval-*; --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing/--fsdp
-    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
-    data: str = field(default="data/pink_dpo_train.jsonl", metadata={"help": "TRL preference jsonl: prompt, chosen, rejected"})
-    out_dir: str = field(default="out/train_dpo", metadata={"help": "runs are written to OUT_DIR/RUN"})
-    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | robust | hinge | ipo"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull toward the reference"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO/robust: assumed fraction of flipped labels"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=4, metadata={"help": "linear warmup steps, then linear decay to 0"})
-    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
-    batch_size: int = field(default=4, metadata={"help": "pairs per forward pass, summed over torchrun's ranks (chosen and rejected together)"})
-    grad_accum: int = field(default=2, metadata={"help": "forward passes per optimizer step: batch_size x grad_accum pairs per step for any number of ranks"})
-    max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all)"})
-    max_len: int = field(default=192, metadata={"help": "max prompt+response tokens (see data.fit_to_length)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    seed: int = field(default=0, metadata={"help": "seed for shuffling, init and sampling"})
+class Config(EvalConfig, scale.ScaleConfig):  # + the --eval-* flags and the scale flags (--lora-rank, ...)
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
+    data: str = flag(str(DATA_DIR / "pink_dpo_train.jsonl"), "TRL preference jsonl: prompt, chosen, rejected")
+    out_dir: str = flag("out/train_dpo", "runs are written to OUT_DIR/RUN")
+    run: str = flag("", "run name (default: a timestamp)")
+    loss_type: str = flag("sigmoid", "sigmoid (DPO) | robust | hinge | ipo", choices=LOSS_TYPES)
+    beta: float = flag(0.1, "DPO beta: strength of the pull toward the reference", gt=0)
+    label_smoothing: float = flag(0.0, "cDPO/robust: assumed fraction of flipped labels", min=0, max=0.5)
+    lr: float = flag(1e-4, "AdamW peak learning rate", gt=0)
+    weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = flag(4, "linear warmup steps, then linear decay to 0", min=0)
+    epochs: int = flag(1, "passes over the pairs", min=1)
+    batch_size: int = flag(4, "pairs per forward pass, summed over torchrun's ranks (chosen and rejected together)",
+                           min=1)
+    grad_accum: int = flag(2, "forward passes per optimizer step: batch_size x grad_accum pairs per step", min=1)
+    max_pairs: int = flag(0, "use only the first N pairs (0 = all)", min=0)
+    max_len: int = flag(192, "max prompt+response tokens (see data.fit_to_length)", min=2)
+    grad_clip: float = flag(1.0, "max gradient norm", gt=0)
+    seed: int = flag(0, "seed for shuffling, init and sampling")
+
+    def check(self) -> None:
+        """Rules that tie two flags together (each flag's own range is in its flag() above)."""
+        super().check()
+        if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
+            raise UserError(f"--label-smoothing {self.label_smoothing}: applies to sigmoid and robust only, "
+                            f"not to --loss-type {self.loss_type}")
+        if self.loss_type == "robust" and self.label_smoothing >= 0.5:
+            raise UserError(f"--label-smoothing {self.label_smoothing}: robust DPO needs < 0.5 (it divides by 1-2ε)")
 
 
 # --- the DPO family of losses ---
-
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 
 def dpo_loss(
@@ -169,48 +179,60 @@ def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: i
 
 def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
     """DPO steps on `model` (prepared by scale.prepare: with LoRA only the adapters train). Under torchrun
-    every rank builds the same micro-batches and takes its shard of each (distributed.shard)."""
-    average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs
+    every rank builds the same micro-batches and trains on its shard of each (distributed.shard)."""
+    average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs, the others on sums
     rng = random.Random(cfg.seed)
-    micro_batches = []
+    epochs = []  # per epoch, its micro-batches of the shuffled pairs
     for _ in range(cfg.epochs):
         order = pairs[:]
         rng.shuffle(order)
-        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    shards = [distributed.shard(b) for b in micro_batches]  # [(this rank's pairs, real?)]; all of b on 1 rank
+        epochs.append([order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)])
+    micro_batches = [b for epoch in epochs for b in epoch]
     net = distributed.wrap(model, cfg.fsdp)  # DDP/FSDP under torchrun, else model itself
-    with lora.disabled(model):  # with LoRA the reference is the base network: adapters off, no second copy
-        reference_logps(net, [b for b, _ in shards], pad_id, dev, average)
+    # π_ref never changes, so every pair is scored once, before the first step (the first epoch holds each
+    # pair once). With LoRA the reference is the base network itself: adapters off, no second copy.
+    with lora.disabled(model):
+        reference_logps(net, epochs[0], pad_id, dev, average)
     model.train()
     optimizer = torch.optim.AdamW(scale.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
-    history, bar = [], tqdm(total=total_steps, desc="DPO", unit="step")
+    history, bar = [], distributed.bar(total=total_steps, desc="DPO", unit="step")
     for step in range(total_steps):
+        lr = cfg.lr * lr_at(step, total_steps, cfg.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_at(step, total_steps, cfg.warmup_steps)
-        chunk = shards[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        n_pairs = sum(len(b) for b in micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum])  # all ranks'
+            group["lr"] = lr
+        step_batches = micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_pairs = sum(map(len, step_batches))  # the pairs of this optimizer step, over all ranks
         step_metrics = []
-        for i, (batch_pairs, real) in enumerate(chunk):
-            with distributed.no_sync(net, skip=i < len(chunk) - 1):
+        for i, batch in enumerate(step_batches):
+            batch_pairs, real = distributed.shard(batch)  # this rank's pairs (a weight-0 dummy if none)
+            # DDP all-reduces gradients during backward; on all but the last micro-batch of the step they
+            # only accumulate locally, and the last all-reduce carries the sum (nanoGPT's require_backward_grad_sync)
+            with distributed.no_sync(net, skip=i < len(step_batches) - 1):
+                # one forward over the chosen and the rejected rows: log π(y|x) over the response tokens only
                 policy_chosen, policy_rejected = batch_logps(net, pair_batch(batch_pairs, pad_id), dev, average)
+                # DPO eq. 7: -log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]),
+                # with the cached π_ref; no reward model and no sampling anywhere in training
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen, policy_rejected,
                     torch.tensor([p["ref_chosen"] for p in batch_pairs], device=dev),
                     torch.tensor([p["ref_rejected"] for p in batch_pairs], device=dev),
                     cfg.beta, cfg.loss_type, cfg.label_smoothing)
-                # sum over the step's pairs / their count: a step's gradient does not depend on how it is split;
-                # x world_size as DDP averages over ranks; a rank's dummy pair (not real) weighs 0
-                (losses.sum() * (real * distributed.world_size()) / n_pairs).backward()
+                # The step's loss is the mean over its n_pairs pairs, however they are split into micro-batches
+                # and ranks: each part contributes its sum / n_pairs. DDP averages gradients over ranks, so a rank
+                # multiplies by world_size to get back the sum; a dummy pair weighs 0.
+                weight = distributed.world_size() / n_pairs if real else 0.0
+                (losses.sum() * weight).backward()
             step_metrics.append((len(batch_pairs) * real, dpo_metrics(losses, chosen_rewards, rejected_rewards,
                                                                       policy_chosen, policy_rejected)))
-        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.grad_clip)
+        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.grad_clip)  # before clipping, logged
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs on every rank
-        metrics.update(step=step + 1, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
+        metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs of every rank
+        metrics.update(step=step + 1, grad_norm=grad_norm, lr=lr)
         run.log(**metrics)
         history.append(metrics)
+        # the implicit rewards' margin and accuracy are DPO's progress signal; the loss alone says little
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
                         acc=f"{metrics['rewards/accuracies']:.2f}")
         bar.update()
@@ -220,25 +242,23 @@ def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> 
 
 
 def main() -> None:
-    cfg = parse_config(Config, __doc__)
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"--loss-type {cfg.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-    scale.check(cfg)
+    cfg = parse_config(Config, __doc__)  # every flag checked here, before any work
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
     if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved model instead
-        print("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval on the saved model")
+        distributed.print0("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval "
+                           "on the saved model")
     eval_rows = [] if cfg.fsdp or not distributed.is_main() else eval_rows  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
     # FSDP: load on the CPU; fully_shard moves one block's shard at a time to the GPU
     tok, model = Tokenizer(model_dir), load_model(model_dir, device="cpu" if cfg.fsdp else dev).eval()
     scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
     pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
-    print(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
-          f"(response cut at the right first, then prompt from the left)")
+    distributed.print0(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
+                       f"(response cut at the right first, then prompt from the left)")
     run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
 
     results = {}
@@ -260,7 +280,8 @@ def main() -> None:
                 ("reward accuracy", {"accuracy": [(m["step"], m["rewards/accuracies"]) for m in history]})],
                run.dir / "training.svg")
     if eval_rows:
-        base_model = load_model(model_dir, device=dev).eval()  # NLL of the trained samples under the base
+        # NLL of the trained samples under the base: with LoRA the base is the model with adapters off
+        base_model = lora.BaseView(model) if cfg.lora_rank else load_model(model_dir, device=dev).eval()
         results["DPO"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, base_model, desc="eval DPO")
         run.write_json("eval.json", results)
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples "

@@ -15,13 +15,13 @@ pairs are never sampled here.
 
 import argparse
 import json
-import os
 import random
 import re
 from pathlib import Path
 
 import torch
 
+from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
 from nanorlhf.pink import PAIRS_PATH, eval_rows_from_pairs, judge, load_pairs
@@ -91,10 +91,8 @@ def main() -> None:
         verdicts = [a[2]["pink"] for i in answers for a in answers[i] if a[0] == setting]
         stats[f"{setting}_pink_rate"] = round(sum(verdicts) / max(len(verdicts), 1), 3)
     stats["pairs"] = len(out_rows)
-    out = Path(args.out)
-    tmp = out.with_suffix(out.suffix + f".tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
-    os.replace(tmp, out)  # never a half-written data file
+    # never a half-written data file
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows))
     print(json.dumps(stats))
 
 

@@ -28,7 +28,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def hf_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    hf_home = os.environ.get("HF_HOME") or cache / "huggingface"
     return Path(hf_home) / "hub"
 
 
@@ -132,16 +133,20 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], w
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing:
-        raise UserError(f"{where}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{where}: missing tensor {missing[0]}{more}")
     if unexpected:
-        raise UserError(f"{where}: unexpected tensor {unexpected[0]}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        more = f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise UserError(f"{where}: unexpected tensor {unexpected[0]}{more}")
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
-            raise UserError(f"{where}: tensor {name} has shape {list(t.shape)}, config.json implies {list(expected[name].shape)}")
+            raise UserError(f"{where}: tensor {name} has shape {list(t.shape)}, "
+                            f"config.json implies {list(expected[name].shape)}")
     module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Transformer:
     """Load a causal LM from a checkpoint directory (or any name `resolve_model` accepts)."""
     model_dir = resolve_model(str(model))
     hf = read_config(model_dir)

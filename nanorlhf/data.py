@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
+from nanorlhf import distributed
 from nanorlhf.cli import autocast
 from nanorlhf.errors import UserError
 
@@ -55,7 +55,8 @@ def _messages(value, where: str, key: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
         return value
     raise UserError(f"{where}: field '{key}' must be a string or a list of {{role, content}} messages")
 
@@ -200,7 +201,7 @@ def reference_logps(model, batches: list[list[dict]], pad_id: int, dev, average:
     """π_ref never changes, so score every pair once before training and store it on the pair.
     With LoRA, call it inside lora.disabled(model): the reference is the base network, no second copy."""
     model.eval()
-    for chunk in tqdm(batches, desc="reference log-probs", unit="batch"):
+    for chunk in distributed.bar(batches, desc="reference log-probs", unit="batch"):
         chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)
         for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             pair["ref_chosen"], pair["ref_rejected"] = c, r

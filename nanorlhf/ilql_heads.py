@@ -1,5 +1,5 @@
-"""ILQL's value heads and the decoding they steer (Snell et al. 2022), apart from the training script so that
-anything that samples (generate, pink_eval, chat) can load trained heads and use them.
+"""ILQL's value heads and the decoding they steer (Snell et al. 2022), apart from the training script so
+that anything that samples (generate, pink_eval, chat) can load trained heads and use them.
 
 Heads. trlX's Q head, Linear(h,2h)→ReLU→Linear(2h,V), has 57.3M parameters for SmolLM2-135M (h=576,
 V=49152): 229M for 2 Q + 2 targets, more than the model. Ours project into the LM's own output matrix,
@@ -10,11 +10,17 @@ targets (0.7% of the model). Computed as (Ê·W_up)·z, which costs r/h = 1/4 of
 Decoding: π(a|s) ∝ π_β(a|s)·exp(β·(Q̂ - V)), Q̂ the min of the target heads, through generate()'s logits
 hook. generate() divides the hook's output by T: for Snell's softmax(logits/T + β·adv) (default) the
 hook returns logπ + T·β·adv; style "trlx" returns logπ + β·adv, trlX's softmax((logπ + β·adv)/T).
-Top-k filters the combined score, as trlX.
+Top-k: Snell keeps the k most likely tokens of the base LM (logits/T), then adds the advantage, so the
+heads only re-rank what π_β finds plausible; trlX keeps the top k of the combined score.
+
+Precision. On CUDA every forward runs under bf16 autocast, whose 8 significant bits put Q and V near 1
+on a grid of 1/128..1/256: about the size of the advantages Q̂ - V the heads report. So the heads run
+outside autocast, in fp32, in training and in decoding alike.
 """
 
 import copy
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +29,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nanorlhf.generate import LogitsHook
+from nanorlhf.errors import UserError
+from nanorlhf.generate import LogitsHook, top_k_filter
+
+
+@contextmanager
+def fp32(h: Tensor):
+    """Autocast off on h's device: what runs inside sees and computes in fp32 (h is cast by the caller)."""
+    with torch.autocast(h.device.type, enabled=False):
+        yield
 
 
 class QHead(nn.Module):
@@ -36,7 +50,7 @@ class QHead(nn.Module):
         nn.init.zeros_(self.up.weight)  # Q starts at 0, like the returns it will fit, not at the LM's logits
 
     def matrix(self, basis: Tensor) -> Tensor:
-        """(V, H) unit rows Ê -> (V, r) Ê·W_up: one V×H×r product per call instead of V×H per position."""
+        """(V, H) unit rows Ê -> (V, r) Ê·W_up: one V×H×r product per call, not V×H per position."""
         return basis @ self.up.weight
 
     def forward(self, h: Tensor, matrix: Tensor) -> Tensor:
@@ -47,24 +61,30 @@ class ILQLHeads(nn.Module):
     def __init__(self, hidden: int, unembed: Tensor, rank: int = 0, two_qs: bool = True):
         super().__init__()
         rank = rank or hidden // 4
-        self.unembed = unembed.detach()  # a plain attribute: shares the LM's storage, no parameter, no gradient
+        self.unembed = unembed.detach()  # a plain attribute: the LM's storage, no parameter, no gradient
         self.v_head = nn.Sequential(nn.Linear(hidden, rank), nn.ReLU(), nn.Linear(rank, 1))
         nn.init.zeros_(self.v_head[2].weight), nn.init.zeros_(self.v_head[2].bias)  # V starts at 0
         self.q_heads = nn.ModuleList(QHead(hidden, rank, unembed.shape[0]) for _ in range(1 + two_qs))
         self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)  # start identical
 
     def v(self, h: Tensor) -> Tensor:
-        return self.v_head(h).squeeze(-1)
+        """(..., H) -> (..., ) in fp32, whatever autocast is on."""
+        with fp32(h):
+            return self.v_head(h.float()).squeeze(-1)
 
     def q_matrices(self, target: bool = False) -> list[Tensor]:
         # unit rows: Q(s,a) = <ê_a, x(s)> + b_a, so the scale of Q does not depend on the scale of E
-        basis = F.normalize(self.unembed, dim=-1)
-        return [q.matrix(basis) for q in (self.target_q_heads if target else self.q_heads)]
+        with fp32(self.unembed):
+            basis = F.normalize(self.unembed.float(), dim=-1)
+            return [q.matrix(basis) for q in (self.target_q_heads if target else self.q_heads)]
 
     def qs(self, h: Tensor, target: bool = False, matrices: list[Tensor] | None = None) -> list[Tensor]:
-        """Per Q head (..., V). `matrices`: q_matrices() computed once while the heads stay fixed (decoding)."""
+        """Per Q head (..., H) -> (..., V) in fp32. `matrices`: q_matrices() computed once while the heads
+        stay fixed (decoding)."""
         matrices = matrices or self.q_matrices(target)
-        return [q(h, m) for q, m in zip(self.target_q_heads if target else self.q_heads, matrices)]
+        heads = self.target_q_heads if target else self.q_heads
+        with fp32(h):
+            return [q(h.float(), m) for q, m in zip(heads, matrices)]
 
     @torch.no_grad()
     def sync_targets(self, alpha: float) -> None:
@@ -79,14 +99,15 @@ class ILQLHeads(nn.Module):
         return math.sqrt(sum(float((t - o).pow(2).sum()) for t, o in pairs))
 
 
-def ilql_scores(logits: Tensor, adv: Tensor, beta: float, temperature: float = 1.0, top_k: int = 0, style: str = "snell"):
-    """What the hook hands to generate(), which divides it by T before the softmax (see the docstring)."""
-    scale = temperature if style == "snell" and temperature > 0 else 1.0
-    score = logits.float().log_softmax(-1) + beta * scale * adv.float()
-    if top_k > 0:  # after the advantage, as trlX
-        kth = torch.topk(score, min(top_k, score.shape[-1])).values[..., -1:]
-        score = score.masked_fill(score < kth, float("-inf"))
-    return score
+def ilql_scores(logits: Tensor, adv: Tensor, beta: float, temperature: float = 1.0, top_k: int = 0,
+                style: str = "snell") -> Tensor:
+    """(..., V) LM logits and advantages -> what the hook hands to generate(), which divides it by T
+    before the softmax (see the docstring). top_k = 0: no filter."""
+    logp = logits.float().log_softmax(-1)
+    if style == "trlx":  # top-k of the combined score
+        return top_k_filter(logp + beta * adv.float(), top_k)
+    scale = temperature if temperature > 0 else 1.0  # T = 0 (greedy): the argmax of logπ + β·adv
+    return top_k_filter(logp, top_k) + beta * scale * adv.float()  # top-k of π_β (= of logits/T), then adv
 
 
 @torch.no_grad()
@@ -111,9 +132,15 @@ def save_heads(heads: ILQLHeads, path: Path, base_model: str = "") -> None:
 
 
 def load_heads(path: str | Path, model) -> ILQLHeads:
-    """Heads saved by save_heads, bound to `model`'s output matrix."""
+    """Heads saved by save_heads, bound to `model`'s output matrix (on its device). Heads made for
+    another vocabulary or hidden size are a UserError."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, int(meta["rank"]), meta["two_qs"] == "True")
-    heads.load_state_dict(load_file(path))
+    tensors = load_file(path)
+    vocab, hidden = tensors["q_heads.0.bias"].shape[0], tensors["v_head.0.weight"].shape[1]
+    if (vocab, hidden) != tuple(model.lm_head.weight.shape):
+        raise UserError(f"{path}: heads for vocabulary {vocab} and hidden size {hidden}, but the model has "
+                        f"{model.lm_head.weight.shape[0]} and {model.lm_head.weight.shape[1]}")
+    heads = ILQLHeads(hidden, model.lm_head.weight, int(meta["rank"]), meta["two_qs"] == "True")
+    heads.load_state_dict(tensors)
     return heads.to(model.lm_head.weight.device)

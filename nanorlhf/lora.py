@@ -8,6 +8,7 @@ Saved checkpoints hold merged weights W + (α/r)·BA in the plain HF layout (che
 
     lora.add(model, rank=16, alpha=32)      # in place; only adapters have requires_grad
     with lora.disabled(model): ...          # the base model, e.g. DPO's reference, without a second copy
+    lora.BaseView(model)                    # the same, as a module (shares the weights)
     lora.merge(model)                       # fold the adapters in: a plain model again
 """
 
@@ -31,7 +32,8 @@ class LoRALinear(nn.Linear):
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
         a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
         self.lora_A = nn.Parameter(a.to(base.weight.device, base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        zeros = torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Parameter(zeros)
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
@@ -70,6 +72,19 @@ def disabled(model: nn.Module):
     finally:
         for m in layers:
             m.enabled = True
+
+
+class BaseView(nn.Module):
+    """`model` with its adapters off, as a module of its own: the base model for free, e.g. to score
+    samples under the base after training (the weights are shared, nothing is copied)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.adapted, self.cfg = model, model.cfg
+
+    def forward(self, *args, **kwargs):
+        with disabled(self.adapted):
+            return self.adapted(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -12,29 +12,31 @@ gradients and AdamW state stay fp32, and log-softmaxes run in fp32.
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from nanorlhf import distributed, lora
+from nanorlhf.cli import flag
 from nanorlhf.errors import UserError
 
 
 @dataclass
 class ScaleConfig:
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank r: train rank-r adapters on --lora-targets only (0 = full fine-tuning)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA α: the adapter update is scaled by α/r"})
-    lora_targets: str = field(default=",".join(lora.TARGETS), metadata={"help": "comma-separated projections that get adapters"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in backward: less memory, ~1/3 more compute"})
-    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP"})
+    lora_rank: int = flag(0, "LoRA rank r: train rank-r adapters on --lora-targets only (0 = full fine-tuning)", min=0)
+    lora_alpha: float = flag(16.0, "LoRA α: the adapter update is scaled by α/r", gt=0)
+    lora_targets: str = flag(",".join(lora.TARGETS), "comma-separated projections that get adapters")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, "
+                                           "~1/3 more compute")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+
+    def check(self) -> None:
+        """Cross-flag rules, called by cli.parse_config; a script's Config.check calls super().check()."""
+        check(self)
 
 
 def check(cfg: ScaleConfig) -> tuple[str, ...]:
     """Bad scale flags end in one clear line; -> the LoRA target names."""
-    if cfg.lora_rank < 0:
-        raise UserError(f"--lora-rank {cfg.lora_rank}: must be >= 0 (0 = full fine-tuning)")
-    if cfg.lora_rank and cfg.lora_alpha <= 0:
-        raise UserError(f"--lora-alpha {cfg.lora_alpha}: must be > 0")
     targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
     unknown = [t for t in targets if t not in lora.TARGETS] or ([] if targets else [""])
     if unknown:
@@ -46,7 +48,8 @@ def check(cfg: ScaleConfig) -> tuple[str, ...]:
 
 
 def prepare(model: nn.Module, cfg: ScaleConfig, seed: int | str = 0) -> nn.Module:
-    """LoRA adapters (everything else frozen; A drawn from `seed`) and gradient checkpointing, as the flags say. In place."""
+    """LoRA adapters (everything else frozen; A drawn from `seed`) and gradient checkpointing, as the
+    flags say. In place."""
     if cfg.lora_rank:
         lora.add(model, cfg.lora_rank, cfg.lora_alpha, check(cfg), random.Random(seed).getrandbits(63))
     model.model.grad_checkpointing = cfg.grad_checkpointing  # the Backbone of an LM or a reward model

@@ -39,7 +39,8 @@ def _panel(title: str, series: Series, top: float, width: int, height: int, xlab
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        out.append(f'<text x="{left + plot_w - 4}" y="{top + pad + 14 + 14 * i}" text-anchor="end" fill="{color}">{escape(name)}</text>')
+        out.append(f'<text x="{left + plot_w - 4}" y="{top + pad + 14 + 14 * i}" text-anchor="end" '
+                   f'fill="{color}">{escape(name)}</text>')
     return out
 
 
@@ -78,7 +79,8 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], 
     width, height = left + cell_w * len(cols) + 110, top + cell_h * len(rows) + 20
     span = (vmax - vmin) or 1.0
     out = [f'<text x="{left}" y="18" font-weight="bold">{escape(title)}</text>',
-           f'<text x="{left + cell_w * len(cols) / 2}" y="36" text-anchor="middle" font-style="italic">{escape(col_label)}</text>',
+           f'<text x="{left + cell_w * len(cols) / 2}" y="36" text-anchor="middle" font-style="italic">'
+           f'{escape(col_label)}</text>',
            f'<text x="8" y="{top - 8}" font-style="italic">{escape(row_label)}</text>']
     for c, name in enumerate(cols):
         out.append(f'<text x="{left + (c + 0.5) * cell_w}" y="{top - 8}" text-anchor="middle">{escape(name)}</text>')
@@ -92,7 +94,8 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], 
             if v is not None:
                 ink = "white" if t < 0.6 else "black"
                 out.append(f'<text class="value" data-row="{escape(rows[r])}" data-col="{escape(cols[c])}" '
-                           f'x="{x + cell_w / 2}" y="{y + cell_h / 2 + 4}" text-anchor="middle" fill="{ink}">{v:.2f}</text>')
+                           f'x="{x + cell_w / 2}" y="{y + cell_h / 2 + 4}" text-anchor="middle" '
+                           f'fill="{ink}">{v:.2f}</text>')
     bar_x, bar_h = left + cell_w * len(cols) + 20, cell_h * len(rows)
     for i in range(20):  # the colour bar, vmax at the top
         out.append(f'<rect x="{bar_x}" y="{top + bar_h * i / 20:.1f}" width="14" height="{bar_h / 20 + 0.5:.1f}" '

@@ -1,35 +1,11 @@
-"""Small shared pieces: flags from a config dataclass, and the degeneracy-guard statistics."""
-
-from dataclasses import dataclass, field
+"""The degeneracy-guard statistics of the pink-elephant evaluation."""
 
 import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.cli import parse_config
 from nanorlhf.data import collate
 from nanorlhf.pink_eval import distinct_n, format_table, mean_nll
-
-
-@dataclass
-class Toy:
-    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
-    steps: int = 3
-    name: str = "x"
-    precompute: bool = True
-
-
-def test_every_field_is_a_flag_with_its_type():
-    assert parse_config(Toy, "", []) == Toy()
-    cfg = parse_config(Toy, "", ["--lr", "0.5", "--steps", "7", "--name", "y", "--precompute", "false"])
-    assert cfg == Toy(lr=0.5, steps=7, name="y", precompute=False)
-
-
-@pytest.mark.parametrize("argv", [["--steps", "2.5"], ["--precompute", "maybe"], ["--unknown", "1"]])
-def test_bad_flags_exit_with_usage(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        parse_config(Toy, "", argv)
-    assert info.value.code == 2 and "error" in capsys.readouterr().err
 
 
 def test_distinct_n_by_hand():

@@ -2,8 +2,21 @@
 
 The real scripts run in subprocesses - plain `python SCRIPT` against `python -m torch.distributed.run
 --nproc_per_node 2 SCRIPT` - and their metrics.jsonl and saved weights are compared. Both use one thread
-per process, so the only difference is how sums are split over ranks: fp32 rounding, far below the
-tolerance (rel 1e-5 on every logged loss; 1e-5 absolute on every weight after three AdamW steps at lr 1e-3).
+per process, so the only difference is how sums are split over ranks: fp32 rounding. The tolerances
+follow from that arithmetic, not from one CPU's kernels (AVX2 and AVX-512 round differently):
+
+- Logged losses, gradient norms, rewards: rel 1e-5. Each is a short chain of fp32 sums (eps = 2^-24 ~ 6e-8)
+  over a few hundred terms, so reordering moves it by ~1e-6 relative at most. Later steps' losses also
+  see the weights, but only through elements whose gradient is well above rounding noise (see below).
+- Weights: not element by element. AdamW's step lr·m̂/(√v̂+ε) is scale-free, so an element whose gradient
+  is a sum that cancels to |g| << Σ|terms| carries the sum's rounding (eps·Σ|terms|) as a *relative*
+  error eps·Σ|terms|/|g| into its update - up to a whole step, whatever the tolerance (the AVX-512 failure
+  of a 1e-5 elementwise check on gate_proj). Such elements are rare, and each moves by at most
+  (1-β1)/√(1-β2)·lr ≈ 3.2·lr per step (Kingma & Ba's bound), so over the whole model the difference between
+  the runs stays a small fraction of the update the training made: for n-term gradient sums the expected
+  ratio is at most about √(2·eps·√n) ≈ 1e-3 for n ~ 100-1000 (measured: ≤ 4e-5). We assert ‖w₂ - w₁‖ ≤ 2e-2·‖w₁ - w₀‖. Real bugs
+  land far above it: ranks that do not average gradients, an unmerged LoRA or an unsaved FSDP shard
+  make the ratio ≥ 0.3 (an unmerged adapter: 1.0).
 """
 
 import json
@@ -45,9 +58,24 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_weights(a: Path, b: Path, loader=load_model) -> None:
-    for (name, x), y in zip(loader(a).state_dict().items(), loader(b).state_dict().values()):
-        assert (x - y).abs().max().item() <= 1e-5, name
+UPDATE_RTOL = 2e-2  # ‖w₂ - w₁‖ / ‖w₁ - w₀‖: see the module docstring
+ADAM_STEP = 0.1 / 0.999 ** 0.5 / (1 - 0.999) ** 0.5  # (1-β1)/√(1-β2): the largest move of one AdamW step, / lr
+
+
+def update_ratio(start: dict, one: dict, two: dict) -> float:
+    """‖two - one‖ / ‖one - start‖ over all tensors together: how far apart two runs that made the same
+    update are, as a fraction of that update."""
+    apart = sum(float((two[k].double() - one[k].double()).pow(2).sum()) for k in one)
+    moved = sum(float((one[k].double() - start[k].double()).pow(2).sum()) for k in one)
+    assert moved > 0, "the runs did not train: nothing to compare"
+    return (apart / moved) ** 0.5
+
+
+def assert_same_weights(start: Path, a: Path, b: Path) -> None:
+    """Saved weights of run a and run b (both trained from the weights at `start`) made the same update."""
+    w0, w1, w2 = (load_model(p).state_dict() for p in (start, a, b))
+    assert list(w1) == list(w2)
+    assert update_ratio(w0, w1, w2) <= UPDATE_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +104,7 @@ def test_train_dpo_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path,
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-6), (a["step"], key)
     assert one[-1]["loss"] < one[0]["loss"] - 0.01  # the steps did something worth reproducing
-    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
+    assert_same_weights(tiny_chat_model, tmp_path / "one" / "model", tmp_path / "two" / "model")
 
 
 @pytest.mark.parametrize("flags", [["--improve", "bc"], ["--improve", "dpo", "--lora-rank", 4]], ids=["bc", "dpo-lora"])
@@ -98,8 +126,11 @@ def test_rest_loop_two_ranks_reproduce_one(tiny_chat_model, tmp_path, flags):
         assert b["rm_loss"] == pytest.approx(a["rm_loss"], rel=RTOL)
         assert b["improve_loss"] == pytest.approx(a["improve_loss"], rel=RTOL)
         assert b["kl"] == pytest.approx(a["kl"], rel=RTOL, abs=1e-5)
-    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
-    assert_same_weights(tmp_path / "one" / "proxy_rm", tmp_path / "two" / "proxy_rm", load_reward_model)
+    assert_same_weights(tiny_chat_model, tmp_path / "one" / "model", tmp_path / "two" / "model")
+    # the proxy starts as the initial policy's backbone and a head drawn from --seed (0)
+    proxy_start = reward_model_from_lm(load_model(tiny_chat_model), seed=0).state_dict()
+    proxies = [load_reward_model(tmp_path / run / "proxy_rm").state_dict() for run in ("one", "two")]
+    assert update_ratio(proxy_start, *proxies) <= UPDATE_RTOL
 
 
 @pytest.mark.parametrize("flags", [[], ["--train-lm", "true", "--lora-rank", 4, "--grad-checkpointing", "true"]],
@@ -120,4 +151,4 @@ def test_train_ilql_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path
     heads = [load_file(tmp_path / run / "ilql_heads.safetensors") for run in ("one", "two")]
     assert all((heads[0][k] - heads[1][k]).abs().max() <= 1e-5 for k in heads[0])
     if flags:
-        assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
+        assert_same_weights(tiny_chat_model, tmp_path / "one" / "model", tmp_path / "two" / "model")

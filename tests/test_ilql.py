@@ -20,6 +20,7 @@ from nanorlhf.pink import mention_starts
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, ilql_scores, load_heads
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from train_ilql import (awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss, normalize_rewards,
                         q_loss)
 
@@ -104,11 +105,13 @@ def terms(b, awac_beta=0.0):
 
 def test_loss_terms_single_head():
     b = batch_83()
-    assert q_loss(b["qs"], b["vs"], b["actions"], b["rewards"], b["next_nonterminal"], b["mask"], 0.5).item() == pytest.approx(1.65625)
+    l_q = q_loss(b["qs"], b["vs"], b["actions"], b["rewards"], b["next_nonterminal"], b["mask"], 0.5)
+    assert l_q.item() == pytest.approx(1.65625)
     q_hat, v = torch.tensor([[1.5, 0.0]], dtype=torch.float64), b["vs"][:, :-1]
     assert expectile_loss(q_hat, v, 0.7, b["mask"]).item() == pytest.approx(0.125)
     assert cql_loss(b["qs"], b["actions"], b["mask"]).item() == pytest.approx(0.5439378, abs=1e-6)
-    assert awac_loss(b["logits"], b["actions"], q_hat - v, 0.0, b["mask"])[0].item() == pytest.approx(0.6690785, abs=1e-6)
+    l_awac = awac_loss(b["logits"], b["actions"], q_hat - v, 0.0, b["mask"])[0]
+    assert l_awac.item() == pytest.approx(0.6690785, abs=1e-6)
     loss, weights = awac_loss(b["logits"], b["actions"], q_hat - v, 1.0, b["mask"])
     assert weights.tolist()[0] == pytest.approx([1.648721, 0.606531], abs=1e-6)
     assert loss.item() == pytest.approx(0.9782983, abs=1e-6)
@@ -156,7 +159,8 @@ def test_gradients_go_where_they_should():
     # CQL gradient at step 0: (softmax(Q) - onehot(a)) / n, n = 2
     qs = [b["qs"][0].detach().clone().requires_grad_()]
     cql_loss(qs, b["actions"], b["mask"]).backward()
-    p = [math.exp(1) / (math.e + math.e ** 2 + 1), math.e ** 2 / (math.e + math.e ** 2 + 1), 1 / (math.e + math.e ** 2 + 1)]
+    z = math.e + math.e ** 2 + 1
+    p = [math.e / z, math.e ** 2 / z, 1 / z]
     assert qs[0].grad[0, 0].tolist() == pytest.approx([p[0] / 2, (p[1] - 1) / 2, p[2] / 2])
 
 
@@ -205,7 +209,8 @@ def test_target_heads_start_identical_and_only_polyak_moves_them(tiny_chat_model
     assert not all(torch.equal(o, s) for o, s in zip(heads.q_heads.parameters(), start))  # the online heads learned
 
 
-@pytest.mark.parametrize("every, expected", [(1, [1, 2, 3, 4, 5, 6]), (2, [0, 1, 1, 2, 2, 3]), (4, [0, 0, 0, 1, 1, 1])])
+@pytest.mark.parametrize("every, expected", [(1, [1, 2, 3, 4, 5, 6]), (2, [0, 1, 1, 2, 2, 3]),
+                                             (4, [0, 0, 0, 1, 1, 1])])
 def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expected):
     """floor(steps / every) syncs, one right after the optimizer step: what trlX's per-epoch call misses."""
     tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
@@ -215,11 +220,57 @@ def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expe
     heads = ILQLHeads(64, model.lm_head.weight, two_qs=True)
     calls, original = [], ILQLHeads.sync_targets
     monkeypatch.setattr(ILQLHeads, "sync_targets", lambda self, a: (calls.append(a), original(self, a)))
-    history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"), Run("t", tmp_path, "r", cfg))
+    history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
+                               Run("t", tmp_path, "r", cfg))
     assert [m["target_syncs"] for m in history] == expected and len(calls) == expected[-1]
     assert all(a == cfg.alpha for a in calls)
-    if every == 1:  # the targets moved toward the online heads, but only a little (α = 0.005)
-        assert 0 < history[-1]["target_gap"]
+    pairs = zip(heads.target_q_heads.parameters(), heads.q_heads.parameters())  # the logged gap, in float64
+    gap = math.sqrt(sum(float((t.double() - o.detach().double()).pow(2).sum()) for t, o in pairs))
+    assert history[-1]["target_gap"] == pytest.approx(gap, rel=1e-5)
+
+
+def test_sync_is_the_polyak_average():
+    """target <- α·online + (1-α)·target, re-derived in float64 from copies taken before the sync."""
+    heads, gen = ILQLHeads(8, torch.randn(16, 8), rank=2), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*heads.q_heads.parameters(), *heads.target_q_heads.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen))
+    online = [p.double() for p in heads.q_heads.parameters()]
+    old = [p.double() for p in heads.target_q_heads.parameters()]
+    heads.sync_targets(0.3)
+    for t, o, t0 in zip(heads.target_q_heads.parameters(), online, old):
+        # fp32 lerp of N(0,1) values: a few ulp, |x| < 6 -> error < 6 * 4 * 6e-8
+        torch.testing.assert_close(t.double(), 0.3 * o + 0.7 * t0, rtol=0, atol=2e-6)
+    assert all(torch.equal(o, p.double()) for o, p in zip(online, heads.q_heads.parameters()))  # online untouched
+
+
+def test_training_loop_moves_targets_by_the_polyak_recursion(tiny_chat_model, tmp_path):
+    """The online Q heads recorded after every optimizer step; the targets at the end must be the recursion
+    t_k = α·o_k + (1-α)·t_(k-1) over them (a loop that skips the sync, or syncs before the step, fails)."""
+    tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
+    heads = ILQLHeads(64, model.lm_head.weight)
+    cfg = train_ilql.Config(batch_size=2, grad_accum=1, alpha=0.3, save_every=0, head_lr=1e-2, epochs=1)
+    samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 3)), tok, cfg, 320)
+    expected = [p.double() for p in heads.target_q_heads.parameters()]
+    steps = []
+
+    def after_step(optimizer, args, kwargs):  # a global hook: AdamW.step itself is untouched
+        steps.append([p.detach().double() for p in heads.q_heads.parameters()])
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
+                                   Run("t", tmp_path, "r", cfg))
+    finally:
+        handle.remove()
+    assert len(steps) == len(history) == 3
+    for online in steps:
+        expected = [0.3 * o + 0.7 * t for o, t in zip(online, expected)]
+    moved = max(float((e - s.double()).abs().max()) for e, s in zip(expected, steps[0]))
+    assert moved > 1e-3  # the targets did move, by far more than the tolerance below
+    for t, e in zip(heads.target_q_heads.parameters(), expected):
+        # 3 fp32 lerps of values |x| < 1: each rounds to ~1 ulp (6e-8), the recursion contracts the old error
+        torch.testing.assert_close(t.double(), e, rtol=0, atol=1e-6)
 
 
 # --- §8.5 decoding ---
@@ -229,14 +280,29 @@ def probs(logits, adv, beta, temperature=1.0, top_k=0, style="snell"):
     return (score / temperature).softmax(-1)[0].tolist()  # what generate() does with the hook's output
 
 
-@pytest.mark.parametrize("beta, top_k, expected", [
-    (0, 0, [1 / 3, 1 / 3, 1 / 3]),
-    (1, 0, [0.665241, 0.244728, 0.090031]),
-    (4, 0, [0.98169, 0.01798, 0.000329]),
-    (1, 2, [0.731059, 0.268941, 0.0]),
+@pytest.mark.parametrize("beta, top_k, style, expected", [
+    (0, 0, "snell", [1 / 3, 1 / 3, 1 / 3]),
+    (1, 0, "snell", [0.665241, 0.244728, 0.090031]),
+    (4, 0, "snell", [0.98169, 0.01798, 0.000329]),
+    (1, 2, "trlx", [0.731059, 0.268941, 0.0]),  # trlX: the top 2 of logπ + β·adv
+    (1, 2, "snell", [0.665241, 0.244728, 0.090031]),  # Snell: the top 2 of a uniform π_β are all 3 (a tie)
 ])
-def test_generation_scores_uniform(beta, top_k, expected):
-    assert probs([1 / 3] * 3, [1.0, 0.0, -1.0], beta, top_k=top_k) == pytest.approx(expected, abs=1e-5)
+def test_generation_scores_uniform(beta, top_k, style, expected):
+    assert probs([1 / 3] * 3, [1.0, 0.0, -1.0], beta, top_k=top_k, style=style) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature, adv, style, expected", [
+    # π = (.5, .3, .2), top-2. Snell keeps π_β's two likeliest {0, 1}, then adds the advantage:
+    (1.0, [0.0, 0.0, 2.0], "snell", [0.625, 0.375, 0.0]),  # ∝ (.5, .3)
+    (0.5, [0.0, 1.0, 2.0], "snell", [0.5054126, 0.4945874, 0.0]),  # ∝ (.5², .3²·e)
+    # trlX keeps the top 2 of logπ + β·adv, where the advantage lifts token 2 over token 1:
+    (1.0, [0.0, 0.0, 2.0], "trlx", [0.2528047, 0.0, 0.7471953]),  # ∝ (.5, .2·e²)
+    (0.5, [0.0, 1.0, 2.0], "trlx", [0.0, 0.2334253, 0.7665747]),  # ∝ ((.3e)², (.2e²)²)
+])
+def test_top_k_before_or_after_the_advantage(temperature, adv, style, expected):
+    """Snell (sample_raw): top-k on logits/T, the base LM's distribution, then + β·adv; trlX: top-k after."""
+    got = probs([0.5, 0.3, 0.2], adv, 1.0, temperature, top_k=2, style=style)
+    assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_temperature_placement():
@@ -285,6 +351,39 @@ def test_hook_reads_target_heads_not_online(tiny_dirs):
     assert not torch.allclose(ilql_logits_hook(heads, 2.0)(logits, hidden, 0), before)
 
 
+def test_heads_run_in_fp32_under_autocast(tiny_dirs):
+    """Under bf16 autocast (CUDA's, here the CPU's) the heads still compute in fp32: the same numbers, bit
+    for bit, as without autocast. In bf16, Q and V near 1 would sit on a 1/128 grid."""
+    model = load_model(tiny_dirs["llama-gqa-tied"]).eval()
+    heads, gen = random_heads(model), torch.Generator().manual_seed(1)
+    hidden, logits = torch.randn(3, 64, generator=gen), torch.randn(3, 128, generator=gen)
+    outputs = lambda h: [*heads.qs(h), *heads.qs(h, target=True), heads.v(h),
+                         ilql_logits_hook(heads, 2.0, 0.7)(logits, h, 0)]
+    with torch.no_grad():
+        plain = outputs(hidden)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = outputs(hidden)
+            from_bf16 = outputs(hidden.bfloat16())  # a bf16 hidden state (the LM's, under autocast) is upcast
+    assert len(plain) == 6 and all(a.dtype == torch.float32 for a in auto + from_bf16)
+    assert all(torch.equal(a, p) for a, p in zip(auto, plain))
+    with torch.no_grad():
+        assert all(torch.equal(a, p) for a, p in zip(from_bf16, outputs(hidden.bfloat16().float())))
+
+
+def test_training_forward_runs_heads_in_fp32_under_autocast(tiny_chat_model, tmp_path):
+    tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model).eval()
+    samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 1)), tok,
+                                         train_ilql.Config(), 320)
+    batch, heads = ilql_batch(samples, tok.pad_id), random_heads(model)
+    with torch.no_grad():
+        h_states = train_ilql.state_hidden(model, batch).bfloat16().float()
+        batch["h_states"] = h_states  # cached features: the heads' inputs are fixed, only their precision varies
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            qs, target_qs, vs, _, _ = train_ilql.ILQLNet(model, heads)(batch, lm_logits=False)
+    assert qs[0].dtype == target_qs[0].dtype == vs.dtype == torch.float32
+    assert torch.equal(qs[0], heads.qs(h_states[:, :-1])[0]) and torch.equal(vs, heads.v(h_states))
+
+
 # --- heads ---
 
 def test_head_sizes_for_smollm2_135m():
@@ -304,9 +403,10 @@ def test_heads_on_gathered_states_equal_heads_everywhere(tiny_chat_model, tmp_pa
     batch = ilql_batch(samples, tok.pad_id)
     fresh = ILQLHeads(64, model.lm_head.weight)
     with torch.no_grad():
-        assert torch.equal(train_ilql.forward(model, fresh, batch)[0][0], torch.zeros(4, batch["actions_ixs"].shape[1], 320))
+        zeros = torch.zeros(4, batch["actions_ixs"].shape[1], 320)
+        assert torch.equal(train_ilql.ILQLNet(model, fresh)(batch)[0][0], zeros)
         heads = random_heads(model)
-        qs, _, vs, logits, actions = train_ilql.forward(model, heads, batch)
+        qs, _, vs, logits, actions = train_ilql.ILQLNet(model, heads)(batch)
         full_logits, hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
     for row in range(4):
         n = int(batch["action_mask"][row].sum())
@@ -344,7 +444,8 @@ def cli(monkeypatch, *args):
 @pytest.mark.parametrize("train_lm", ["true", "false"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, train_lm):
     data = write_pairs(tmp_path / "p.jsonl", 6)  # 12 samples / 2 -> 6 steps, resumable state every 2
-    common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "", "--out-dir", str(tmp_path / "out"),
+    common = ["--model", str(tiny_chat_model), "--data", str(data), "--eval-data", "",
+              "--out-dir", str(tmp_path / "out"),
               "--batch-size", "2", "--grad-accum", "1", "--save-every", "2", "--lr", "1e-3", "--head-lr", "1e-2",
               "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm, "--epochs", "1"]
     cli(monkeypatch, *common, "--run", "straight")
@@ -369,7 +470,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, broken)]
     assert [json.loads(l)["step"] for l in lines[1]] == [1, 2, 3, 4, 5, 6]
     assert lines[0] == lines[1]
-    saved = ["model/model.safetensors", "ilql_heads.safetensors"] if train_lm == "true" else ["ilql_heads.safetensors"]
+    saved = ["ilql_heads.safetensors"] + (["model/model.safetensors"] if train_lm == "true" else [])
     assert (straight / "model").exists() == (train_lm == "true")  # a frozen LM is not copied
     for name in saved:
         a, b = (load_file(d / name) for d in (straight, broken))
@@ -383,7 +484,8 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
     eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
     cli(monkeypatch, "--model", str(tiny_chat_model), "--data", str(data), "--eval-data", str(eval_rows),
         "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6", "--eval-betas", "0,2",
-        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm, "--epochs", "1", "--batch-size", "8",
+        "--eval-top-k", "5" if train_lm == "true" else "0", "--train-lm", train_lm, "--epochs", "1",
+        "--batch-size", "8",
         "--grad-accum", "2")
     run = tmp_path / "out" / "r"
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -406,7 +508,7 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("args, message", [
     (["--eval-betas", "1,x"], "--eval-betas '1,x': expected comma-separated numbers"),
-    (["--reward", "dense"], "--reward 'dense': choose terminal or shaped"),
+    (["--reward", "dense"], "--reward 'dense': choose one of terminal, shaped"),
     (["--reward", "shaped"], "p.jsonl:1: --reward shaped needs a non-empty 'pink' field"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--resume", "nowhere"], "--resume nowhere: no resumable checkpoint"),

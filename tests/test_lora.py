@@ -97,3 +97,20 @@ def test_dpo_reference_with_adapters_off_equals_a_frozen_copy(tiny_chat_model, t
     assert (on - torch.tensor([p["ref_chosen"] for p in off[:2]])).abs().max() > 1e-3
     base_weights = {k: v for k, v in model.state_dict().items() if "lora" not in k}
     assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in base_weights.items())  # W itself never moved
+
+
+def test_base_view_is_the_base_model_after_training(tiny_chat_model):
+    """lora.BaseView computes what the checkpoint computed before the adapters learned anything."""
+    from nanorlhf import lora as lora_mod
+    model = load_model(tiny_chat_model).eval()
+    lora_mod.add(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora_mod.LoRALinear):
+                m.lora_B.normal_()  # as if trained: the adapted model now differs from the base
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        base = load_model(tiny_chat_model).eval()(ids)
+        assert not torch.equal(model(ids), base)
+        assert torch.equal(lora_mod.BaseView(model)(ids), base)  # the same ops on the same weights
+        assert not torch.equal(model(ids), base)  # and the adapters are back on afterwards

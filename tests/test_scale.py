@@ -42,7 +42,7 @@ def test_no_recomputation_without_gradients(tiny_chat_model):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0 (0 = full fine-tuning)"),
+    (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
     (["--lora-targets", "q_proj,qv_proj"], "--lora-targets 'q_proj,qv_proj': unknown projection 'qv_proj'"),
     (["--lora-targets", ""], "--lora-targets '': unknown projection ''"),

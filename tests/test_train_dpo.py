@@ -147,3 +147,94 @@ def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monke
     assert info.value.code == 130
     load_model(tmp_path / "out" / "r" / "model")  # a complete checkpoint, not a half-written one
     assert json.loads((tmp_path / "out" / "r" / "metrics.jsonl").read_text())["step"] == 1
+
+
+def test_ipo_trains_on_per_token_mean_logps(tiny_chat_model, tmp_path):
+    """IPO's h is a difference of *mean* token log-probs (Azar et al.; TRL). At step 1 h = 0 whatever the
+    averaging, so the loss cannot tell; its gradient can: -(1/β)·∇h, with ∇ of means, not of sums.
+    The first step's gradient norm is re-derived here in float64 from the full logits."""
+    tok = Tokenizer(tiny_chat_model)
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 3))
+    rows[0]["chosen"] = "Grey elephants are large, calm and very fond of water."  # lengths differ
+    rows[2]["rejected"] = "Paris."
+    model = load_model(tiny_chat_model)
+    pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
+    beta = 0.1
+    cfg = train_dpo.Config(loss_type="ipo", beta=beta, batch_size=3, grad_accum=1, warmup_steps=1, lr=1e-3)
+    run = type("NoRun", (), {"log": lambda self, **kw: None})()
+    history = train_dpo.train(cfg, model, [dict(p) for p in pairs], tok.pad_id, torch.device("cpu"), run)
+    assert history[0]["loss"] == pytest.approx(1 / (2 * beta) ** 2, rel=1e-6)  # h = 0: (0 - 1/(2β))²
+
+    fresh = load_model(tiny_chat_model).double()
+
+    def mean_logp(prompt, response):
+        ids = torch.tensor([prompt + response])
+        logps = fresh(ids)[0].log_softmax(-1)  # (T, V) float64
+        return torch.stack([logps[len(prompt) - 1 + i, t] for i, t in enumerate(response)]).mean()
+
+    losses = []
+    for p in pairs:
+        c, r = mean_logp(p["prompt"], p["chosen"]), mean_logp(p["prompt"], p["rejected"])
+        h = (c - r) - (c - r).detach()  # the reference is the same network, frozen
+        losses.append((h - 1 / (2 * beta)) ** 2)
+    torch.stack(losses).mean().backward()
+    expected = torch.sqrt(sum((q.grad ** 2).sum() for q in fresh.parameters())).item()
+    # fp32 forward vs float64: relative differences ~1e-6; summed log-probs would be off by the lengths (x10)
+    assert history[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_reference_is_scored_once_per_pair(tiny_chat_model, tmp_path, monkeypatch):
+    scored = []
+    real = train_dpo.reference_logps
+    monkeypatch.setattr(train_dpo, "reference_logps",
+                        lambda model, batches, *a: (scored.extend(id(p) for b in batches for p in b),
+                                                    real(model, batches, *a)))
+    tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
+    pairs, _ = train_dpo.tokenize_pairs(read_preferences(write_pairs(tmp_path / "p.jsonl", 5)), tok, 192, 320)
+    cfg = train_dpo.Config(epochs=3, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1)
+    run = type("NoRun", (), {"log": lambda self, **kw: None})()
+    history = train_dpo.train(cfg, model, pairs, tok.pad_id, torch.device("cpu"), run)
+    assert len(history) == 9  # 3 epochs x 3 micro-batches
+    assert sorted(scored) == sorted(id(p) for p in pairs)  # every pair once, not once per epoch
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0"], "--beta 0.0: must be > 0"),
+    (["--loss-type", "hinge", "--label-smoothing", "0.1"],
+     "--label-smoothing 0.1: applies to sigmoid and robust only, not to --loss-type hinge"),
+    (["--loss-type", "ipo", "--label-smoothing", "0.2"],
+     "--label-smoothing 0.2: applies to sigmoid and robust only, not to --loss-type ipo"),
+    (["--loss-type", "robust", "--label-smoothing", "0.5"], "--label-smoothing 0.5: robust DPO needs < 0.5 (it divides by 1-2ε)"),
+    (["--label-smoothing", "0.7"], "--label-smoothing 0.7: must be <= 0.5"),
+    (["--loss-type", "kto"], "--loss-type 'kto': choose one of sigmoid, robust, hinge, ipo"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+])
+def test_bad_flags_fail_before_any_work(tiny_chat_model, tmp_path, monkeypatch, capsys, flags, message):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(train_dpo, "load_model", never)
+    monkeypatch.setattr(train_dpo, "read_preferences", never)
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model),
+                                     "--out-dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(SystemExit) as info:
+        train_dpo.run_cli(train_dpo.main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_run_scores_the_nll_guard_with_adapters_off(tiny_chat_model, tmp_path, monkeypatch):
+    """With LoRA the base model is the trained model with its adapters off: loaded once, not twice."""
+    loads = []
+    real = train_dpo.load_model
+    monkeypatch.setattr(train_dpo, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    eval_rows = tmp_path / "eval.jsonl"
+    eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
+                                     str(write_pairs(tmp_path / "p.jsonl", 4)), "--eval-data", str(eval_rows),
+                                     "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6",
+                                     "--lr", "1e-2", "--lora-rank", "4"])
+    train_dpo.main()
+    assert len(loads) == 1  # before: a second load_model for the NLL column
+    assert set(json.loads((tmp_path / "out" / "r" / "eval.json").read_text())) == {"base", "DPO"}
