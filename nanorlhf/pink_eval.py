@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from nanorlhf import cli
+from nanorlhf import cli, distributed
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import response_logps_batched
@@ -59,7 +58,7 @@ def sample_responses(model, tok: Tokenizer, conversations: list[list[dict]], n: 
     """n samples for every conversation -> (prompt ids, response ids, response texts), conversation-major."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
     responses = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+    for start in distributed.bar(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         out = generate(model, prompts[start:start + batch_size], max_new_tokens, tok.stop_ids, tok.pad_id,
                        temperature=temperature, seed=seed + start, logits_hook=logits_hook)
         responses += out.ids
