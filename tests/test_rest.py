@@ -174,6 +174,30 @@ def test_cli_bad_budget_is_a_clear_error(tiny_chat_model, tmp_path, monkeypatch,
     assert "12 labels in one iteration (oneshot)" in err and "only 8 disjoint pairs" in err
 
 
+class Loaded(Exception):
+    """Raised by the recording loader: the request is all these tests need."""
+
+
+@pytest.mark.parametrize("lm_device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_gold_rm_loads_on_the_run_device_bf16_on_cuda(tiny_chat_model, tmp_path, monkeypatch, lm_device, dtype):
+    """--gold rm:PATH is frozen: on CUDA it is loaded in bf16 (its forwards run under bf16 autocast anyway, so
+    only the memory halves), fp32 on the CPU. No GPU here: device() says CUDA and the loader records its request."""
+    import nanorlhf.reward
+
+    asked = []
+    monkeypatch.setattr(rest_loop, "device", lambda: torch.device(lm_device))
+
+    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+        asked.append((torch.device(device), dtype))
+        raise Loaded
+
+    monkeypatch.setattr(nanorlhf.reward, "load_reward_model", load_reward_model)
+    with pytest.raises(Loaded):
+        run_main(monkeypatch, "--model", tiny_chat_model, "--prompts", write_prompts(tmp_path / "p.jsonl", 30),
+                 "--gold", f"rm:{tiny_chat_model}", "--out-dir", tmp_path / "out")
+    assert asked == [(torch.device(lm_device), dtype)]
+
+
 # --- whole runs: outputs, budget, resume ---
 
 TINY = ["--iterations", 3, "--prompts-per-iter", 3, "--k", 4, "--max-new-tokens", 5, "--gold-pairs", 2,
