@@ -253,7 +253,7 @@ def test_empty_cells_are_grey_and_the_scale_is_fixed(tmp_path):
     (["--fitness", "gpt4"], "--fitness 'gpt4': choose ai, vader or rm:PATH"),
     (["--grid", "genre=;tone=happy"], "axis 'genre' has no labels"),
     (["--grid", "colour=red,blue"], "--init-prompt 'Write a {tone} {genre}"),
-    (["--labels", "guessed"], "--labels 'guessed': choose judged or requested"),
+    (["--labels", "guessed"], "--labels 'guessed': choose one of judged, requested"),
     (["--qd-offset", "low"], "--qd-offset 'low'"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
@@ -380,3 +380,27 @@ def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_pa
         assert bool((top2[:, 0] - top2[:, 1] > 2e-4 * top2[:, 0]).all())  # wider than the tolerance: argmax is sure
         assert [row[axis] for row in judged] == [grid().axes[axis][i] for i in want.argmax(-1).tolist()]
     assert changed > 0
+
+
+class Loaded(Exception):
+    """Raised by the recording loader: the request is all these tests need."""
+
+
+@pytest.mark.parametrize("lm_device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_path, monkeypatch, lm_device, dtype):
+    """--fitness rm:PATH: the RM goes where the LM is, in bf16 on CUDA (a 13B RM in fp32 on the CPU needs ~52 GB
+    of RAM), fp32 on the CPU. No GPU here: device() says CUDA, and both loaders record what they are asked for."""
+    import nanorlhf.reward
+
+    asked = {}
+    monkeypatch.setattr(qdaif, "device", lambda: torch.device(lm_device))
+    monkeypatch.setattr(qdaif, "load_model", lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module())
+
+    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+        asked["rm"] = (torch.device(device), dtype)
+        raise Loaded
+
+    monkeypatch.setattr(nanorlhf.reward, "load_reward_model", load_reward_model)
+    with pytest.raises(Loaded):
+        qdaif.run(qdaif.Config(model=str(tiny_chat_model), fitness=f"rm:{tiny_chat_model}", out_dir=str(tmp_path)))
+    assert asked == {"lm": torch.device(lm_device), "rm": (torch.device(lm_device), dtype)}
