@@ -335,7 +335,7 @@ def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_pa
     spellings' summed p(tokens | question), from transformers' own forward of the whole sequence (no KV cache),
     normalised over the labels; calibration divides by the mean of those distributions for the content-free
     inputs and renormalises (Zhao et al. 2021, arXiv 2102.09690, eq. 1 with W = diag(p̄)^-1, b = 0)."""
-    judge_dir = tmp_path / "judge"  # the tiny model with 8x its logits: a judge with opinions, as a trained one has
+    judge_dir = tmp_path / "judge"  # the tiny model with 8x its logits: a judge with opinions, like a trained one
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model)
     with torch.no_grad():
         hf.model.norm.weight.mul_(8.0)
@@ -377,7 +377,7 @@ def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_pa
         # p ≤ 1 is exp of a sum of < 10 such terms (option tokens, 3 priors, the normaliser): error < 1e-4 · p
         torch.testing.assert_close(got.exp().double(), want, rtol=1e-4, atol=0)
         top2 = want.topk(2, -1).values
-        assert bool((top2[:, 0] - top2[:, 1] > 2e-4 * top2[:, 0]).all())  # wider than the tolerance: argmax is sure
+        assert bool((top2[:, 0] - top2[:, 1] > 2e-4 * top2[:, 0]).all())  # gap > tolerance: a sure argmax
         assert [row[axis] for row in judged] == [grid().axes[axis][i] for i in want.argmax(-1).tolist()]
     assert changed > 0
 
@@ -394,7 +394,8 @@ def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_pat
 
     asked = {}
     monkeypatch.setattr(qdaif, "device", lambda: torch.device(lm_device))
-    monkeypatch.setattr(qdaif, "load_model", lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module())
+    load_lm = lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module()
+    monkeypatch.setattr(qdaif, "load_model", load_lm)
 
     def load_reward_model(path, dtype=torch.float32, device="cpu"):
         asked["rm"] = (torch.device(device), dtype)

@@ -130,8 +130,8 @@ def exact_kl(p_dir, q_dir, prompt: list[int], stops: list[int]) -> tuple[float, 
 
 
 def test_evaluate_kl_matches_brute_force(tiny_chat_model, tmp_path):
-    """evaluate()'s KL(π‖π₀): the mean of log π(y|x) - log π₀(y|x) over y ~ π, a Monte Carlo estimate; checked
-    against the exact sum over every response of up to 2 tokens. π is π₀ with noise on its final norm."""
+    """evaluate()'s KL(π‖π₀): the mean of log π(y|x) - log π₀(y|x) over y ~ π, a Monte Carlo estimate;
+    checked against the exact sum over every response of up to 2 tokens. π is π₀ with noise on its final norm."""
     ref, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
     policy = load_model(tiny_chat_model).eval()
     with torch.no_grad():
@@ -139,7 +139,8 @@ def test_evaluate_kl_matches_brute_force(tiny_chat_model, tmp_path):
         policy.model.norm.weight.add_(4 * noise)
     save_model(policy, tmp_path / "policy", copy_from=tiny_chat_model)
     n = 4000
-    cfg = rest_loop.Config(eval_n=n, max_new_tokens=2, gen_batch_size=n, batch_size=64, temperature=0.5)  # eval: T=1
+    # --temperature is Grow's: evaluation samples at T = 1 whatever it is, or the estimate would be biased
+    cfg = rest_loop.Config(eval_n=n, max_new_tokens=2, gen_batch_size=n, batch_size=64, temperature=0.5)
     got = rest_loop.evaluate(cfg, policy, ref, reward_model_from_lm(ref), ToyGold(), tok, ["Hello"], CPU)["kl"]
     prompt = tok.chat_prompt([{"role": "user", "content": "Hello"}])
     kl, var = exact_kl(tmp_path / "policy", tiny_chat_model, prompt, tok.stop_ids)
@@ -260,7 +261,8 @@ def test_cli_fsdp_is_refused_for_what_it_is(tmp_path, monkeypatch, capsys):
     """Not "launch with torchrun" (scale.check's message for --fsdp without torchrun): rest_loop refuses FSDP
     under torchrun too, since it samples between steps. Checked with the flags, before the model is even found."""
     err = cli_error(monkeypatch, capsys, "--model", "/no/model", "--fsdp", "true", "--out-dir", tmp_path / "out")
-    assert err.startswith("error: --fsdp:") and "samples from the policy" in err and "launch with torchrun" not in err
+    assert err.startswith("error: --fsdp:") and "samples from the policy" in err
+    assert "launch with torchrun" not in err
     assert not (tmp_path / "out").exists()
 
 
