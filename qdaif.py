@@ -4,26 +4,23 @@
     python qdaif.py --model llama --fitness rm:PATH      # map a reward model (the hackathon's use)
     python qdaif.py --model llama --iterations 2500      # the hackathon's length (a GPU job)
 
-MAP-Elites keeps one poem per cell of a grid of categories (default 5 genres x 5 tones). That poem is
-the cell's elite: the best one seen so far whose labels fall in the cell. Each batch either writes
-fresh poems ("Write a {tone} {genre} about ...": the first --init-iterations poems, or while the
-archive is empty) or rewrites elites. A rewrite picks a filled cell uniformly, takes its elite and
-asks for it to be rewritten as a randomly drawn (genre, tone). This is QDAIF's LMX-rewrite
-(Bradley et al. 2023, arXiv 2310.13032). Every child is then judged twice:
-  fitness  ai:    P(yes) for "is this a high-quality poem?", from the LM's log-probs of yes and no
+MAP-Elites keeps one poem per cell of a grid of categories (default 5 genres x 5 tones): the cell's
+elite, the best poem seen so far whose labels fall in the cell. Each batch either writes fresh poems
+("Write a {tone} {genre} about ...": the first --init-iterations poems, or while the archive is empty)
+or rewrites elites: pick a filled cell uniformly and ask for its elite rewritten as a randomly drawn
+(genre, tone), QDAIF's LMX-rewrite (Bradley et al. 2023, arXiv 2310.13032). Every child is judged twice:
+  fitness  ai: P(yes) for "is this a high-quality poem?", from the LM's log-probs of yes and no
            vader: VADER sentiment of the poem (compound, in [-1, 1])
-           rm:PATH: a reward model's score of (request, poem); any checkpoint nanorlhf loads
-  labels   judged:    the LM picks the genre (then the tone) whose label has the highest log-prob (QDAIF)
+           rm:PATH: a reward model's score of (request, poem), on the LM's device (bf16 on CUDA)
+  labels   judged: the LM picks the genre (then the tone) whose label has the highest log-prob (QDAIF)
            requested: the cell is the target the prompt asked for (the New England RLHF hackathon fork)
-Both kinds of label are recorded for every poem, and the run reports how often they disagree. A
-child takes a cell only if the cell is empty or the child's fitness is strictly higher. On a tie the
-older poem stays.
+Both labels are recorded for every poem, and the run reports how often they disagree. A child takes
+a cell only if the cell is empty or the child's fitness is strictly higher (a tie keeps the older poem).
 
-QD score = sum over filled cells of max(f - offset, 0). The offset is a floor under fitness, so every
-filled cell adds a term >= 0 and the score never falls. The clip at 0 keeps that true even for a
-score below the floor. --qd-offset auto uses the fitness's own lower bound: 0 for ai (QD <= number
-of cells) and -1 for vader. A reward model is unbounded and has no anchor, so it gets -10, the
-hackathon's fitness floor; set it below the scores you see.
+QD score = sum over filled cells of max(f - offset, 0): the offset is a floor under fitness, so every
+filled cell adds a term >= 0 and the score never falls (the clip keeps that true below the floor).
+--qd-offset auto uses the fitness's lower bound: 0 for ai (QD <= number of cells), -1 for vader; a
+reward model is unbounded, so it gets -10, the hackathon's floor (set it below the scores you see).
 
 Out: out/qdaif/<run>/ history.jsonl (every candidate), elites.jsonl, metrics.jsonl, snapshot.json
 (--resume true --run NAME continues a run exactly), elites.svg, mean_fitness.svg, qd_score.svg.
@@ -35,14 +32,15 @@ import math
 import random
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from nanorlhf import distributed
+from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import generate, left_pad, prefill
 from nanorlhf.svg import heatmap, line_plots
@@ -51,37 +49,76 @@ from nanorlhf.tokenizer import Tokenizer
 POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
 TOPICS = ("the sea", "autumn leaves", "a city at night", "an old house", "the moon", "a garden", "mountains",
           "first snow", "a long journey", "a lost friend", "the stars", "a summer storm")
+INIT_PROMPT = "Write a {tone} {genre} about {topic}. Reply with the poem only."
+MUTATE_PROMPT = ("Here is a {parent_genre}:\n\n{poem}\n\nRewrite it as a {tone} {genre} of very high, "
+                 "award-winning quality. Reply with the poem only.")
 LABEL_PROMPT = "{poem}\n\nWhich {axis} is the poem above closest to: {options}? Answer with one word."
 QUALITY_PROMPT = "{poem}\n\nIs the poem above a high-quality poem? Answer yes or no."
-CONTENT_FREE = ("N/A", "[poem]", "")  # stand-ins with no content: what the judge answers for them is its prior
+CONTENT_FREE = ("N/A", "[poem]", "")  # no content: what the judge answers for these is its prior
 RM_OFFSET = -10.0
 
 
 @dataclass
 class Config:
-    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
-    fitness: str = field(default="ai", metadata={"help": "ai (LM's P(yes) 'high quality?') | vader | rm:PATH (reward model)"})
-    labels: str = field(default="judged", metadata={"help": "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)"})
-    calibrate: bool = field(default=True, metadata={"help": "judged labels: divide out the judge's prior, its answer for content-free poems"})
-    grid: str = field(default=POETRY_GRID, metadata={"help": "axes and their labels: 'axis=a,b,c;axis2=x,y'"})
-    iterations: int = field(default=400, metadata={"help": "candidate poems in all (each costs one generation and its judging)"})
-    init_iterations: int = field(default=64, metadata={"help": "the first N candidates are fresh poems, not rewrites"})
-    batch_size: int = field(default=16, metadata={"help": "candidates generated and judged together"})
-    max_new_tokens: int = field(default=64, metadata={"help": "poem length cap (a cut-off last line is dropped)"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature for writing and rewriting"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for writing and rewriting"})
-    qd_offset: str = field(default="auto", metadata={"help": "QD-score floor: a number, or auto (ai 0, vader -1, rm -10)"})
-    init_prompt: str = field(default="Write a {tone} {genre} about {topic}. Reply with the poem only.",
-                             metadata={"help": "fresh-poem prompt: every axis as {axis}, and {topic}"})
-    mutate_prompt: str = field(default="Here is a {parent_genre}:\n\n{poem}\n\nRewrite it as a {tone} {genre} of very high, "
-                               "award-winning quality. Reply with the poem only.",
-                               metadata={"help": "rewrite prompt: every axis, {poem}, optionally {parent_AXIS}"})
-    rm_prompt: str = field(default="Write a {tone} {genre}.", metadata={"help": "rm:PATH scores (this request, the poem); {axis} = the cell"})
-    rm_batch_size: int = field(default=8, metadata={"help": "reward-model scoring batch"})
-    out_dir: str = field(default="out/qdaif", metadata={"help": "runs are written to OUT_DIR/RUN"})
-    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
-    resume: bool = field(default=False, metadata={"help": "continue OUT_DIR/RUN from its snapshot.json (to --iterations)"})
-    seed: int = field(default=0, metadata={"help": "seed for targets, parents and sampling"})
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
+    fitness: str = flag("ai", "ai (LM's P(yes) 'high quality?') | vader | rm:PATH (reward model)")
+    labels: str = flag("judged", "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)",
+                       choices=("judged", "requested"))
+    calibrate: bool = flag(True, "judged labels: divide out the judge's answer for content-free poems")
+    grid: str = flag(POETRY_GRID, "axes and their labels: 'axis=a,b,c;axis2=x,y'")
+    iterations: int = flag(400, "candidate poems in all (each costs one generation and its judging)", min=1)
+    init_iterations: int = flag(64, "the first N candidates are fresh poems, not rewrites", min=0)
+    batch_size: int = flag(16, "candidates generated and judged together", min=1)
+    max_new_tokens: int = flag(64, "poem length cap (a cut-off last line is dropped)", min=1)
+    temperature: float = flag(0.8, "sampling temperature for writing and rewriting (0: greedy)", min=0)
+    top_p: float = flag(0.95, "nucleus sampling for writing and rewriting", gt=0, max=1)
+    qd_offset: str = flag("auto", "QD-score floor: a number, or auto (ai 0, vader -1, rm -10)")
+    init_prompt: str = flag(INIT_PROMPT, "fresh-poem prompt: every axis as {axis}, and {topic}")
+    mutate_prompt: str = flag(MUTATE_PROMPT, "rewrite prompt: every axis, {poem}, optionally {parent_AXIS}")
+    rm_prompt: str = flag("Write a {tone} {genre}.", "rm:PATH scores (this request, poem); {axis}: the cell")
+    rm_batch_size: int = flag(8, "reward-model scoring batch", min=1)
+    out_dir: str = flag("out/qdaif", "runs are written to OUT_DIR/RUN")
+    run: str = flag("", "run name (default: a timestamp)")
+    resume: bool = flag(False, "continue OUT_DIR/RUN from its snapshot.json (to --iterations)")
+    seed: int = flag(0, "seed for targets, parents and sampling")
+
+    def check(self) -> None:
+        """The rules between flags, before any work: the grid, the prompts that must name its axes,
+        --qd-offset, and --fitness (a bad rm:PATH should not cost a model load first)."""
+        axes = set(Grid(self.grid).names)
+        check_template("init-prompt", self.init_prompt, axes, axes | {"topic"})
+        parents = {f"parent_{a}" for a in axes}
+        check_template("mutate-prompt", self.mutate_prompt, axes | {"poem"}, axes | {"poem"} | parents)
+        check_template("rm-prompt", self.rm_prompt, set(), axes)
+        if self.qd_offset != "auto" and _number(self.qd_offset) is None:
+            raise UserError(f"--qd-offset {self.qd_offset!r}: expected a number or auto")
+        check_fitness(self.fitness)
+
+
+def check_template(flag: str, template: str, required: set[str], allowed: set[str]) -> None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise UserError(f"--{flag}: {e}") from None
+    if fields - allowed or required - fields:
+        names = lambda xs: ", ".join("{" + x + "}" for x in sorted(xs)) or "none"
+        raise UserError(f"--{flag} {template!r}: must use {names(required)}; may also use "
+                        f"{names(allowed - required)}; unknown: {names(fields - allowed)} "
+                        "(set the prompt flags to match --grid)")
+
+
+def check_fitness(spec: str) -> None:
+    if spec in ("ai", "vader"):
+        return
+    if not spec.startswith("rm:"):
+        raise UserError(f"--fitness {spec!r}: choose ai, vader or rm:PATH")
+    try:
+        path = resolve_model(spec[3:])
+    except UserError:
+        path = None
+    if path is None or not (path / "config.json").is_file():
+        raise UserError(f"--fitness {spec}: {spec[3:]!r} is not a readable reward-model checkpoint directory "
+                        "(no config.json)")
 
 
 # --- the grid and the archive ---
@@ -157,10 +194,10 @@ class Domain:
     All randomness comes from `seed`, so a run (and a resumed run) is reproducible."""
     fitness_range: tuple[float, float] | None = None  # known bounds of fitness (None: unbounded)
 
-    def init_batch(self, targets: list[dict], seed: int) -> list[str]: raise NotImplementedError
-    def mutate_batch(self, parents: list[dict], targets: list[dict], seed: int) -> list[str]: raise NotImplementedError
-    def labels_batch(self, texts: list[str]) -> list[dict | None]: raise NotImplementedError
-    def fitness_batch(self, texts: list[str], cells: list[dict | None]) -> list[float]: raise NotImplementedError
+    def init_batch(self, targets: list[dict], seed: int) -> list[str]: ...
+    def mutate_batch(self, parents: list[dict], targets: list[dict], seed: int) -> list[str]: ...
+    def labels_batch(self, texts: list[str]) -> list[dict | None]: ...
+    def fitness_batch(self, texts: list[str], cells: list[dict | None]) -> list[float]: ...
 
 
 @torch.no_grad()
@@ -199,16 +236,17 @@ def calibrate(label_logps: torch.Tensor, prior_logps: torch.Tensor) -> torch.Ten
 
 
 class PoetryDomain(Domain):
-    """The LM writes, rewrites and judges poems. Fitness comes from the LM (ai) or from a scorer (vader, rm)."""
+    """The LM writes, rewrites and judges poems. Fitness: from the LM (ai) or from a scorer (vader, rm)."""
 
     def __init__(self, model, tok: Tokenizer, grid: Grid, cfg: Config, scorer=None, scorer_range=None):
         self.model, self.tok, self.grid, self.cfg, self.scorer = model, tok, grid, cfg, scorer
-        self.priors: dict[str, torch.Tensor] = {}  # axis -> the judge's label log-probs for content-free poems
+        self.priors: dict[str, torch.Tensor] = {}  # axis -> judge's label log-probs for content-free poems
         self.fitness_range = (0.0, 1.0) if scorer is None else scorer_range
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
-        gen = generate(self.model, [self.tok.chat_prompt(p) for p in prompts], self.cfg.max_new_tokens,
-                       self.tok.stop_ids, self.tok.pad_id, self.cfg.temperature, top_p=self.cfg.top_p, seed=seed)
+        cfg, tok = self.cfg, self.tok
+        gen = generate(self.model, [tok.chat_prompt(p) for p in prompts], cfg.max_new_tokens, tok.stop_ids,
+                       tok.pad_id, cfg.temperature, top_p=cfg.top_p, seed=seed)
         texts = []
         for ids in gen.ids:
             text = self.tok.decode(ids).strip()
@@ -219,14 +257,17 @@ class PoetryDomain(Domain):
 
     def init_batch(self, targets, seed):
         rng = random.Random(seed)
-        return self._generate([self.cfg.init_prompt.format(**t, topic=rng.choice(TOPICS)) for t in targets], seed)
+        prompts = [self.cfg.init_prompt.format(**t, topic=rng.choice(TOPICS)) for t in targets]
+        return self._generate(prompts, seed)
 
     def mutate_batch(self, parents, targets, seed):
-        return self._generate([self.cfg.mutate_prompt.format(poem=p["text"], **t, **{f"parent_{a}": v for a, v in p["cell"].items()})
-                               for p, t in zip(parents, targets)], seed)
+        parent_labels = lambda p: {f"parent_{a}": v for a, v in p["cell"].items()}
+        prompts = [self.cfg.mutate_prompt.format(poem=p["text"], **t, **parent_labels(p))
+                   for p, t in zip(parents, targets)]
+        return self._generate(prompts, seed)
 
     def choose(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
-        """(B, len(answers)) log-probs of each answer as the reply, its lower- and capitalised spellings pooled."""
+        """(B, len(answers)) log-probs of each answer as the reply, its spellings (lower, Capital) pooled."""
         spellings = [sorted({a, a.capitalize()}) for a in answers]
         flat = [self.tok.encode(s) for group in spellings for s in group]
         lp = option_logprobs(self.model, [self.tok.chat_prompt(p) for p in prompts], flat, self.tok.pad_id)
@@ -244,7 +285,7 @@ class PoetryDomain(Domain):
         for axis, values in self.grid.axes.items():
             logps = self.label_logprobs(texts, axis)
             if self.cfg.calibrate:
-                if axis not in self.priors:  # once per axis: the judge's answer when there is no poem to judge
+                if axis not in self.priors:  # once per axis: the judge's answer when there is no poem
                     self.priors[axis] = self.label_logprobs(list(CONTENT_FREE), axis)
                 logps = calibrate(logps, self.priors[axis])
             for row, i in zip(judged, logps.argmax(-1).tolist()):
@@ -258,25 +299,13 @@ class PoetryDomain(Domain):
         return torch.sigmoid(lp[:, 0] - lp[:, 1]).tolist()  # P(yes) over {yes, no}
 
 
-def check_fitness(spec: str) -> None:
-    """Validate --fitness before any work (a bad rm:PATH should not cost a model load first)."""
-    if spec in ("ai", "vader"):
-        return
-    if not spec.startswith("rm:"):
-        raise UserError(f"--fitness {spec!r}: choose ai, vader or rm:PATH")
-    try:
-        path = resolve_model(spec[3:])
-    except UserError:
-        path = None
-    if path is None or not (path / "config.json").is_file():
-        raise UserError(f"--fitness {spec}: {spec[3:]!r} is not a readable reward-model checkpoint directory (no config.json)")
 
-
-def make_scorer(cfg: Config):
-    """-> (score(texts, cells) -> list[float], known range or None) for vader and rm:PATH."""
+def make_scorer(cfg: Config, dev: torch.device):
+    """-> (score(texts, cells) -> list[float], known range or None) for vader and rm:PATH. The RM goes on the
+    LM's device, bf16 on CUDA (reward.scorer_dtype): a 13B RM in fp32 on the CPU would need ~52 GB of RAM."""
     from nanorlhf.reward import make_gold_scorer  # lazy: only these fitnesses need it
 
-    scorer = make_gold_scorer(cfg.fitness, batch_size=cfg.rm_batch_size)
+    scorer = make_gold_scorer(cfg.fitness, device=dev, batch_size=cfg.rm_batch_size)
 
     def score(texts, cells):
         prompts = [cfg.rm_prompt.format(**c) if c else "Write a poem." for c in cells]
@@ -291,7 +320,7 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
     resumed run continue exactly as an uninterrupted one would. -> (archive, curve of stats per batch)."""
     archive, rng, done, curve = Archive(grid, offset), random.Random(cfg.seed), 0, []
     history, snapshot = out.dir / "history.jsonl", out.dir / "snapshot.json"
-    if cfg.resume:
+    if cfg.resume:  # the archive, the curve and the RNG exactly as the last snapshot left them
         snap = json.loads(snapshot.read_text())
         done, curve = snap["done"], snap["curve"]
         rng.setstate((snap["rng"][0], tuple(snap["rng"][1]), snap["rng"][2]))
@@ -300,17 +329,27 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
         history.write_text("".join(lines[:done]))  # drop candidates written after the snapshot
     else:
         history.write_text("")
-    bar = tqdm(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")
+    bar = distributed.bar(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")
     while done < cfg.iterations:
-        n, init = min(cfg.batch_size, cfg.iterations - done), done < cfg.init_iterations or not archive.elites
+        n = min(cfg.batch_size, cfg.iterations - done)
+        # Select. MAP-Elites starts from random solutions: here fresh poems written for random cells. After
+        # that a parent is the elite of a filled cell drawn uniformly: every niche, not only the fittest,
+        # gets offspring, which is what spreads the search over the grid. (The draws' order is fixed: a
+        # resumed run must make the same ones.)
+        init = done < cfg.init_iterations or not archive.elites
         targets = [grid.labels(rng.choice(grid.keys)) for _ in range(n)]
         occupied = [k for k in grid.keys if k in archive.elites]
         parents = None if init else [archive.elites[rng.choice(occupied)] for _ in range(n)]
         seed = rng.randrange(2**31)
+        # Mutate: LMX-rewrite, the LM as the variation operator. The target cell is only a request: the
+        # child may not be what was asked for, and with judged labels it lands where the judge puts it.
         texts = domain.init_batch(targets, seed) if init else domain.mutate_batch(parents, targets, seed)
+        # Evaluate: AI feedback gives both the behaviour (the cell) and the quality (the fitness).
         judged = domain.labels_batch(texts)
         cells = judged if cfg.labels == "judged" else targets
         fitness = domain.fitness_batch(texts, cells)
+        # Insert: a child takes its cell if it is empty or the child is strictly fitter; a tie keeps the
+        # older poem, and an invalid child (no text, off-grid labels, NaN fitness) changes nothing.
         rows = []
         for i, (text, target, label, cell, f) in enumerate(zip(texts, targets, judged, cells, fitness)):
             cand = {"id": done + i, "batch": len(curve), "op": "init" if init else "mutate",
@@ -321,14 +360,14 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
         with open(history, "a") as fh:
             fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         done += n
-        point = {"candidates": done, "batch": len(curve) + 1, "phase": "init" if init else "mutate", **archive.stats(),
-                 "added": sum(r["status"] in ("new", "improved") for r in rows)}
+        point = {"candidates": done, "batch": len(curve) + 1, "phase": "init" if init else "mutate",
+                 **archive.stats(), "added": sum(r["status"] in ("new", "improved") for r in rows)}
         curve.append(point)
         out.log(**point)
-        state = {"grid": grid.spec, "offset": offset, "labels": cfg.labels, "done": done, "rng": rng.getstate(),
-                 "curve": curve, "elites": list(archive.elites.values())}
-        (out.dir / "snapshot.tmp").write_text(json.dumps(state, ensure_ascii=False))
-        (out.dir / "snapshot.tmp").replace(snapshot)  # atomic: a crash leaves the previous snapshot
+        # the snapshot is written whole or not at all: a crash leaves the previous one to resume from
+        state = {"grid": grid.spec, "offset": offset, "labels": cfg.labels, "done": done,
+                 "rng": rng.getstate(), "curve": curve, "elites": list(archive.elites.values())}
+        atomic_write_text(snapshot, json.dumps(state, ensure_ascii=False))
         bar.set_postfix(qd=f"{point['qd_score']:.3g}", cov=f"{point['coverage']:.0%}")
         bar.update(n)
     bar.close()
@@ -340,14 +379,16 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
 def grid_matrix(grid: Grid, values: dict) -> tuple[list[str], list[str], list[list]]:
     """{cell key: value} -> (rows = first axis, columns = the other axes joined by '/', values[r][c])."""
     cols = list(itertools.product(*(grid.axes[n] for n in grid.names[1:])))
-    return grid.axes[grid.names[0]], ["/".join(c) for c in cols], [[values.get((r, *c)) for c in cols] for r in grid.axes[grid.names[0]]]
+    rows = grid.axes[grid.names[0]]
+    return rows, ["/".join(c) for c in cols], [[values.get((r, *c)) for c in cols] for r in rows]
 
 
 def format_table(grid: Grid, values: dict) -> str:
     rows, cols, matrix = grid_matrix(grid, values)
     w, first = max([9] + [len(c) + 2 for c in cols]), max(len(r) for r in rows) + 2
+    cell = lambda v: "." if v is None else f"{v:.3g}"
     lines = [" " * first + "".join(f"{c:>{w}}" for c in cols)]
-    lines += [f"{r:<{first}}" + "".join(f"{'.' if v is None else f'{v:.3g}':>{w}}" for v in vals) for r, vals in zip(rows, matrix)]
+    lines += [f"{r:<{first}}" + "".join(f"{cell(v):>{w}}" for v in vals) for r, vals in zip(rows, matrix)]
     return "\n".join(lines)
 
 
@@ -355,7 +396,8 @@ def disagreement(grid: Grid, history: list[dict]) -> dict:
     """How often the judged labels differ from the requested ones, overall and per axis."""
     rows = [h for h in history if grid.key(h["judged"]) is not None]
     out = {"n": len(rows), "any": sum(h["judged"] != h["target"] for h in rows) / max(len(rows), 1)}
-    return out | {a: sum(h["judged"][a] != h["target"][a] for h in rows) / max(len(rows), 1) for a in grid.names}
+    rate = lambda a: sum(h["judged"][a] != h["target"][a] for h in rows) / max(len(rows), 1)
+    return out | {a: rate(a) for a in grid.names}
 
 
 def report(out: Run, grid: Grid, archive: Archive, curve: list[dict], fitness_range) -> dict:
@@ -368,79 +410,60 @@ def report(out: Run, grid: Grid, archive: Archive, curve: list[dict], fitness_ra
         by_cell.setdefault(grid.key(h["cell"]), []).append(h["fitness"])
     means = {k: sum(fs) / len(fs) for k, fs in by_cell.items()}
     with open(out.dir / "elites.jsonl", "w") as fh:
-        fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n" for k in grid.keys if k in archive.elites))
-    lo, hi = fitness_range or (min((h["fitness"] for h in valid), default=0.0), max((h["fitness"] for h in valid), default=1.0))
+        fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n"
+                         for k in grid.keys if k in archive.elites))
+    seen = [h["fitness"] for h in valid]
+    lo, hi = fitness_range or (min(seen, default=0.0), max(seen, default=1.0))
     rows, cols, _ = grid_matrix(grid, {})
-    col_label = "/".join(grid.names[1:])
-    heatmap(rows, cols, grid_matrix(grid, elites)[2], out.dir / "elites.svg", "elite fitness per cell", lo, hi, grid.names[0], col_label)
-    heatmap(rows, cols, grid_matrix(grid, means)[2], out.dir / "mean_fitness.svg",
-            f"mean fitness of all {len(valid)} valid candidates per cell", lo, hi, grid.names[0], col_label)
-    line_plots([(f"QD score (offset {archive.offset:g})", {"QD": [(p["candidates"], p["qd_score"]) for p in curve]}),
-                ("coverage", {"coverage": [(p["candidates"], p["coverage"]) for p in curve]}),
-                ("elite fitness", {"best": [(p["candidates"], p["best"]) for p in curve if p["best"] is not None],
-                                   "mean": [(p["candidates"], p["mean"]) for p in curve if p["mean"] is not None]})],
+    for name, values, title in (("elites.svg", elites, "elite fitness per cell"), ("mean_fitness.svg", means,
+                                f"mean fitness of all {len(valid)} valid candidates per cell")):
+        heatmap(rows, cols, grid_matrix(grid, values)[2], out.dir / name, title, lo, hi, grid.names[0],
+                "/".join(grid.names[1:]))
+    series = lambda key: [(p["candidates"], p[key]) for p in curve if p[key] is not None]
+    line_plots([(f"QD score (offset {archive.offset:g})", {"QD": series("qd_score")}),
+                ("coverage", {"coverage": series("coverage")}),
+                ("elite fitness", {"best": series("best"), "mean": series("mean")})],
                out.dir / "qd_score.svg", xlabel="candidates (LM generations)")
     stats, disagree = archive.stats(), disagreement(grid, history)
     print("\nelite fitness per cell\n" + format_table(grid, elites))
     top = f" of {(hi - archive.offset) * len(grid.keys):.3g}" if fitness_range else ""
     best = "n/a" if stats["best"] is None else f"{stats['best']:.3g}"
-    print(f"coverage {stats['num_elites']}/{len(grid.keys)} ({stats['coverage']:.0%}), QD score {stats['qd_score']:.3g}"
-          f"{top} (offset {archive.offset:g}), best {best}, {len(history)} candidates, {len(history) - len(valid)} invalid")
-    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of {disagree['n']} judged poems ("
-          + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
-    summary = {**stats, "offset": archive.offset, "candidates": len(history), "invalid": len(history) - len(valid),
-               "disagreement": disagree}
+    print(f"coverage {stats['num_elites']}/{len(grid.keys)} ({stats['coverage']:.0%}), QD score "
+          f"{stats['qd_score']:.3g}{top} (offset {archive.offset:g}), best {best}, "
+          f"{len(history)} candidates, {len(history) - len(valid)} invalid")
+    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of {disagree['n']} judged "
+          "poems (" + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
+    summary = {**stats, "offset": archive.offset, "candidates": len(history),
+               "invalid": len(history) - len(valid), "disagreement": disagree}
     out.write_json("summary.json", summary)
     return summary
 
 
-def check_template(flag: str, template: str, required: set[str], allowed: set[str]) -> None:
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        raise UserError(f"--{flag}: {e}") from None
-    if fields - allowed or required - fields:
-        names = lambda xs: ", ".join("{" + x + "}" for x in sorted(xs)) or "none"
-        raise UserError(f"--{flag} {template!r}: must use {names(required)}; may also use {names(allowed - required)}; "
-                        f"unknown: {names(fields - allowed)} (set the prompt flags to match --grid)")
-
-
 def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]:
-    """The whole script. Inputs are validated before any work; `domain` replaces the LM (tests)."""
-    grid = Grid(cfg.grid)
-    axes = set(grid.names)
-    check_template("init-prompt", cfg.init_prompt, axes, axes | {"topic"})
-    check_template("mutate-prompt", cfg.mutate_prompt, axes | {"poem"}, axes | {"poem"} | {f"parent_{a}" for a in axes})
-    check_template("rm-prompt", cfg.rm_prompt, set(), axes)
-    if cfg.labels not in ("judged", "requested"):
-        raise UserError(f"--labels {cfg.labels!r}: choose judged or requested")
-    if min(cfg.iterations, cfg.batch_size) < 1:
-        raise UserError("--iterations and --batch-size must be at least 1")
-    if cfg.qd_offset != "auto" and _number(cfg.qd_offset) is None:
-        raise UserError(f"--qd-offset {cfg.qd_offset!r}: expected a number or auto")
-    if domain is None:
-        check_fitness(cfg.fitness)  # before any model is loaded
-    run_dir = Path(cfg.out_dir) / cfg.run
+    """The whole script; `domain` replaces the LM (tests). The flags are checked here too, for callers that
+    build a Config without parse_config: every input before any work."""
+    check_flags(cfg)
+    grid, run_dir = Grid(cfg.grid), Path(cfg.out_dir) / cfg.run
     if cfg.resume:
         if not cfg.run or not (run_dir / "snapshot.json").is_file():
             raise UserError(f"--resume: no snapshot.json in {run_dir} (name the run with --run)")
         snap = json.loads((run_dir / "snapshot.json").read_text())
         if snap["grid"] != cfg.grid or snap["labels"] != cfg.labels:
-            raise UserError(f"--resume: {run_dir} was run with --grid {snap['grid']!r} --labels {snap['labels']}")
+            raise UserError(f"--resume: {run_dir} was run with --grid {snap['grid']!r} "
+                            f"--labels {snap['labels']}")
     seed_everything(cfg.seed)
     if domain is None:
-        model_dir = resolve_model(cfg.model)
-        tok, model = Tokenizer(model_dir), load_model(model_dir, device=device()).eval()
-        scorer, scorer_range = make_scorer(cfg) if cfg.fitness != "ai" else (None, None)
+        model_dir, dev = resolve_model(cfg.model), device()
+        tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+        scorer, scorer_range = make_scorer(cfg, dev) if cfg.fitness != "ai" else (None, None)
         domain = PoetryDomain(model, tok, grid, cfg, scorer, scorer_range)
     bounds = domain.fitness_range
     offset = float(cfg.qd_offset) if cfg.qd_offset != "auto" else (bounds[0] if bounds else RM_OFFSET)
     if cfg.resume and snap["offset"] != offset:
         raise UserError(f"--resume: {run_dir} was run with --qd-offset {snap['offset']}")
-    if cfg.run:  # metrics.jsonl is appended to: start it afresh, or from the snapshot's curve
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in snap["curve"]) if cfg.resume else "")
-    out = Run("qdaif", cfg.out_dir, cfg.run, cfg)
+    out = Run("qdaif", cfg.out_dir, cfg.run, cfg, resume=cfg.resume)
+    if cfg.resume:
+        out.rewrite(snap["curve"])  # metrics.jsonl as far as the snapshot: later lines are redone
     archive, curve = search(domain, grid, cfg, offset, out)
     return archive, report(out, grid, archive, curve, bounds), out.dir
 

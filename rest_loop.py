@@ -1,7 +1,8 @@
-"""ReST and iterated RLHF against a gold scorer: does re-labelling fresh on-policy pairs beat a proxy trained once?
+"""ReST and iterated RLHF against a gold scorer: does re-labelling fresh on-policy pairs beat a proxy
+trained once?
 
     python rest_loop.py --model llama                  # SmolLM2-135M-Instruct, VADER gold, CPU, ~15 minutes
-    python rest_loop.py --model llama --mode oneshot   # the baseline: the same gold labels, all bought up front
+    python rest_loop.py --model llama --mode oneshot   # the baseline: the same gold labels, bought up front
     python rest_loop.py --resume out/rest_loop/RUN     # continue an interrupted run
 
 The Gao, Schulman & Hilton (2022, arXiv 2210.10760) setup: a fixed *gold* scorer plays the human
@@ -16,11 +17,12 @@ Each iteration t = 1..T, on its own chunk of prompts:
            continuing from its previous weights. --mode oneshot buys all T·gold_pairs labels from π_0's
            samples in iteration 1 and never again: the same budget, spent before the policy moves.
   Improve the proxy scores the grow set; Improve step i keeps what beats τ_i, the --quantiles[i]
-           quantile of those scores (rising thresholds, kept sets shrinking, as TRL's ReST sketch),
-           and fine-tunes π with --improve bc: NLL on the kept samples (ReST's behaviour cloning), or
-           --improve dpo: DPO on each prompt's best-vs-worst pair (RLHFlow's max_min) whose best
-           beats τ_i, reference π_{t-1} (the hackathon team's ReST+DPO). Each step's lr is
-           --lr · --lr-decay^i: ReST lowers it as the filtered sets shrink.
+           quantile of those scores but at least their mean (ReST: τ_1 ≥ the grow set's mean reward;
+           rising thresholds, kept sets shrinking, as TRL's ReST sketch), and fine-tunes π with
+           --improve bc: NLL on the kept samples (ReST's behaviour cloning), or --improve dpo: DPO on
+           each prompt's best-vs-worst pair (RLHFlow's max_min) whose best beats τ_i, reference π_{t-1}
+           (the hackathon team's ReST+DPO). Each step's lr is --lr · --lr-decay^i: ReST lowers it as
+           the filtered sets shrink.
   Evaluate on held-out prompts (the last --eval-prompts rows of --prompts), sampled at temperature 1
            with the same seed every iteration: mean gold and proxy reward, the proxy's accuracy on
            these fresh gold-labelled pairs, and KL(π_t‖π_0) ≈ mean over samples of
@@ -30,12 +32,14 @@ Each iteration t = 1..T, on its own chunk of prompts:
 Outputs in RUN/: metrics.jsonl (one line per iteration, 0 = before training), rest_loop.svg (gold,
 proxy, √KL, proxy accuracy), model/ (the policy, HF layout) and proxy_rm/ (save_reward_model: usable as
 `qdaif.py --fitness rm:RUN/proxy_rm`). After every iteration RUN/state/ holds the policy, the proxy and
-state.json, swapped in atomically (and removed once the run completes); AdamW moments are not carried across iterations and every seed is
-derived from (--seed, iteration), so the iteration number is all a resume needs. Not done here: ReST's
-union with the original demonstrations (there are none) and validation-based early stopping.
+state.json, swapped in atomically (and removed once the run completes); AdamW moments are not carried
+across iterations and every seed is derived from (--seed, iteration), so the iteration number is all a
+resume needs. Not done here: ReST's union with the original demonstrations (there are none) and
+validation-based early stopping.
 
-Scale (nanorlhf/scale.py): with --lora-rank each Improve and each proxy update trains fresh adapters, merged
-at its end. Under torchrun every rank grows, labels and evaluates alike; fit() shards each batch (DDP).
+Scale (nanorlhf/scale.py): with --lora-rank each Improve and each proxy update trains fresh adapters,
+merged at its end. Under torchrun every rank grows, labels and evaluates alike; fit() shards each batch
+(DDP). No --fsdp: sampling between training steps needs the whole policy on every rank.
 """
 
 import json
@@ -43,22 +47,24 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanorlhf import distributed, lora, scale
+from nanorlhf.atomic import atomic_dir
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.cli import Run, autocast, device, parse_config, seed_everything
+from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
 from nanorlhf.data import (batch_logps, collate, pair_batch, read_prompts, reference_logps, response_logps,
                            response_logps_batched)
+from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
+from nanorlhf.pink import DATA_DIR
 from nanorlhf.pink_eval import sample_responses
-from nanorlhf.atomic import atomic_dir
 from nanorlhf.resume import latest, resumed_config
-from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids, reward_model_from_lm,
-                             save_reward_model, score_texts)
+from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids,
+                             reward_model_from_lm, save_reward_model, score_texts)
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 # DPO's loss is the algorithm of train_dpo.py and stays there, readable next to its paper; ReST's DPO
@@ -68,36 +74,62 @@ from train_dpo import dpo_loss
 
 @dataclass
 class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing (no --fsdp)
-    model: str = field(default="llama", metadata={"help": "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)"})
-    prompts: str = field(default="data/rest_prompts.jsonl", metadata={"help": "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out"})
-    gold: str = field(default="vader", metadata={"help": "gold scorer: vader (VADER sentiment) | rm:PATH (a reward model)"})
-    out_dir: str = field(default="out/rest_loop", metadata={"help": "runs are written to OUT_DIR/RUN"})
-    run: str = field(default="", metadata={"help": "run name (default: a timestamp)"})
-    resume: str = field(default="", metadata={"help": "RUN_DIR of an interrupted run: continue it with its own config"})
-    mode: str = field(default="iterated", metadata={"help": "iterated (fresh gold labels every iteration) | oneshot (all labels from π_0)"})
-    improve: str = field(default="bc", metadata={"help": "bc (NLL on kept samples, ReST) | dpo (best-vs-worst pairs, ReST+DPO)"})
-    iterations: int = field(default=3, metadata={"help": "grow/label/improve rounds T"})
-    prompts_per_iter: int = field(default=48, metadata={"help": "prompts in each iteration's chunk (the pool is cycled)"})
-    k: int = field(default=4, metadata={"help": "responses sampled per prompt in Grow"})
-    max_new_tokens: int = field(default=40, metadata={"help": "response length cap"})
-    temperature: float = field(default=1.0, metadata={"help": "Grow sampling temperature (evaluation always uses 1)"})
-    gold_pairs: int = field(default=32, metadata={"help": "gold labels bought per iteration (oneshot: all T·this in iteration 1)"})
-    quantiles: str = field(default="0.7,0.85", metadata={"help": "Improve thresholds: rising quantiles of the grow set's proxy rewards"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW lr of the first Improve step"})
-    lr_decay: float = field(default=0.5, metadata={"help": "Improve step i uses lr · lr_decay^i"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (--improve dpo)"})
-    rm_lr: float = field(default=2e-5, metadata={"help": "proxy RM backbone lr"})
-    rm_head_lr: float = field(default=1e-3, metadata={"help": "proxy RM head lr (the head is fresh, the backbone pretrained)"})
-    rm_epochs: int = field(default=1, metadata={"help": "Bradley-Terry passes over each batch of new gold pairs"})
-    rm_center: float = field(default=0.01, metadata={"help": "BT centering coefficient c·(r_w + r_l)² (arXiv 2312.09244)"})
-    batch_size: int = field(default=8, metadata={"help": "sequences (or pairs) per optimizer step, over all torchrun ranks"})
-    gen_batch_size: int = field(default=48, metadata={"help": "sampling batch size"})
-    eval_prompts: int = field(default=24, metadata={"help": "held-out prompts (the last rows of --prompts)"})
-    eval_n: int = field(default=2, metadata={"help": "samples per held-out prompt (>= 2: pairs for the proxy accuracy)"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling, shuffling and the proxy head"})
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
+    prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"),
+                        "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out")
+    gold: str = flag("vader", "gold scorer: vader (VADER sentiment) | rm:PATH (a reward model)")
+    out_dir: str = flag("out/rest_loop", "runs are written to OUT_DIR/RUN")
+    run: str = flag("", "run name (default: a timestamp)")
+    resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
+    mode: str = flag("iterated", "iterated (fresh gold labels each iteration) | oneshot (all from π_0)",
+                     choices=("iterated", "oneshot"))
+    improve: str = flag("bc", "bc (NLL on kept samples, ReST) | dpo (best-vs-worst pairs, ReST+DPO)",
+                        choices=("bc", "dpo"))
+    iterations: int = flag(3, "grow/label/improve rounds T", min=1)
+    prompts_per_iter: int = flag(48, "prompts in each iteration's chunk (the pool is cycled)", min=1)
+    k: int = flag(4, "responses sampled per prompt in Grow (>= 2: pairs to label)", min=2)
+    max_new_tokens: int = flag(40, "response length cap", min=1)
+    temperature: float = flag(1.0, "Grow sampling temperature (evaluation always uses 1)", min=0)
+    gold_pairs: int = flag(32, "gold labels bought per iteration (oneshot: T·this in iteration 1)", min=1)
+    quantiles: str = flag("0.7,0.85", "Improve thresholds: rising quantiles of the grow set's proxy rewards")
+    lr: float = flag(2e-5, "AdamW lr of the first Improve step", gt=0)
+    lr_decay: float = flag(0.5, "Improve step i uses lr · lr_decay^i", gt=0)
+    beta: float = flag(0.1, "DPO beta (--improve dpo)", gt=0)
+    rm_lr: float = flag(2e-5, "proxy RM backbone lr", gt=0)
+    rm_head_lr: float = flag(1e-3, "proxy RM head lr (the head is fresh, the backbone pretrained)", gt=0)
+    rm_epochs: int = flag(1, "Bradley-Terry passes over each batch of new gold pairs", min=0)
+    rm_center: float = flag(0.01, "BT centering coefficient c·(r_w + r_l)² (arXiv 2312.09244)", min=0)
+    batch_size: int = flag(8, "sequences (or pairs) per optimizer step, over all torchrun ranks", min=1)
+    gen_batch_size: int = flag(48, "sampling batch size", min=1)
+    eval_prompts: int = flag(24, "held-out prompts (the last rows of --prompts)", min=1)
+    eval_n: int = flag(2, "samples per held-out prompt (>= 2: pairs for the proxy accuracy)", min=2)
+    seed: int = flag(0, "seed for sampling, shuffling and the proxy head")
+
+    def check(self) -> None:
+        """The rules between flags, before any work (parse_config calls this)."""
+        if self.fsdp:  # before scale.check, whose --fsdp message ("launch with torchrun") does not apply here
+            raise UserError("--fsdp: rest_loop samples from the policy between training steps, which needs the "
+                            "whole model on every rank (use DDP: torchrun without --fsdp)")
+        scale.check(self)
+        if self.gold != "vader" and not (self.gold.startswith("rm:") and len(self.gold) > 3):
+            raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH (a reward-model checkpoint)")
+        parse_quantiles(self.quantiles)
+        per_call = self.gold_pairs * (self.iterations if self.mode == "oneshot" else 1)
+        if per_call > self.prompts_per_iter * (self.k // 2):
+            raise UserError(f"--gold-pairs: {per_call} labels in one iteration ({self.mode}), but one grow step "
+                            f"has only {self.prompts_per_iter * (self.k // 2)} disjoint pairs "
+                            "(--prompts-per-iter x --k/2)")
 
 
-# --- data ---
+def parse_quantiles(text: str) -> list[float]:
+    try:
+        qs = [float(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        qs = []
+    if not qs or any(not 0 <= q < 1 for q in qs) or any(b <= a for a, b in zip(qs, qs[1:])):
+        raise UserError(f"--quantiles {text!r}: expected strictly rising numbers in [0, 1), e.g. 0.7,0.85")
+    return qs
+
 
 def prompt_chunk(pool: list[str], t: int, n: int) -> list[str]:
     """Iteration t's prompts (t = 1..T): the next n of the pool, wrapping around."""
@@ -108,17 +140,22 @@ def prompt_chunk(pool: list[str], t: int, n: int) -> list[str]:
 
 def grow(policy, tok: Tokenizer, prompts: list[str], k: int, temperature: float, max_new_tokens: int,
          batch_size: int, seed: int, desc: str = "grow") -> list[dict]:
-    """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt i at i*k+j)."""
-    prompt_ids, ids, texts = sample_responses(policy, tok, [[{"role": "user", "content": p}] for p in prompts], k,
-                                              temperature, seed, max_new_tokens, batch_size, desc=desc)
+    """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt i: i*k+j)."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    prompt_ids, ids, texts = sample_responses(policy, tok, chats, k, temperature, seed, max_new_tokens,
+                                              batch_size, desc=desc)
     return [{"prompt": prompts[i // k], "prompt_ids": p, "ids": r, "text": t}
             for i, (p, r, t) in enumerate(zip(prompt_ids, ids, texts))]
 
 
 def thresholds(rewards: list[float], quantiles: list[float]) -> list[float]:
-    """τ_i = the q_i quantile of the rewards (linear interpolation between order statistics)."""
+    """τ_i = the q_i quantile of the grow set's rewards (linear interpolation between order statistics), but
+    never below their mean: ReST's Alg. 1 takes τ_1 ≥ the grow set's mean reward. A quantile can sit below
+    the mean when the rewards are right-skewed (q = 0.7 of [0]*7 + [1, 2, 9] is 0.3, the mean 1.2); every τ_i
+    is floored at the mean, so the thresholds still never fall."""
     r = torch.tensor(rewards, dtype=torch.float64)
-    return [float(torch.quantile(r, q)) for q in quantiles]
+    mean = float(r.mean())
+    return [max(float(torch.quantile(r, q)), mean) for q in quantiles]
 
 
 def keep_above(rewards: list[float], tau: float) -> list[int]:
@@ -151,7 +188,9 @@ def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, grad
     for i in range(0, len(order), batch_size):
         mine, real = distributed.shard(order[i:i + batch_size])
         total, count = loss_fn(mine)
-        loss = total * real / distributed.all_reduce_sum(count * real)  # this rank's part of the batch mean
+        # this rank's part of the batch mean: its sum over the count of the whole batch, on every rank
+        loss = total * real / distributed.all_reduce_sum(count * real)
+        # DDP averages gradients over ranks; x world_size turns that average back into the batch's sum
         (loss * distributed.world_size()).backward()
         distributed.clip_grad_norm(model.parameters(), grad_clip)
         optimizer.step()
@@ -163,7 +202,8 @@ def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, grad
 
 def bc_loss(model, samples: list[dict], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """ReST's BC: negative log-likelihood of the kept samples' response tokens -> (sum, token count)."""
-    batch = {k: v.to(dev) for k, v in collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id).items()}
+    batch = collate([s["prompt_ids"] for s in samples], [s["ids"] for s in samples], pad_id)
+    batch = {k: v.to(dev) for k, v in batch.items()}
     with autocast(dev):
         logps = response_logps(model, batch)  # (B,) summed over each response
     return -logps.sum(), batch["loss_mask"][:, 1:].sum()
@@ -184,8 +224,8 @@ def improve(cfg: Config, policy, samples: list[dict], rewards: list[float], quan
     net = distributed.wrap(scale.prepare(policy, cfg, seed))
     if cfg.improve == "dpo":
         items = best_worst_pairs(samples, rewards, cfg.k)
-        reference_logps(policy, [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)], pad_id,
-                        dev, average=False)  # ref = π_{t-1}, frozen
+        batches = [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+        reference_logps(policy, batches, pad_id, dev, average=False)  # ref = π_{t-1}, frozen: once, up front
         kept_of = lambda tau: [p for p in items if p["reward"] > tau]
         loss_fn = lambda batch: dpo_batch_loss(net, batch, pad_id, dev, cfg.beta)
     else:
@@ -194,9 +234,13 @@ def improve(cfg: Config, policy, samples: list[dict], rewards: list[float], quan
     optimizer = torch.optim.AdamW(scale.trainable(policy), lr=cfg.lr, weight_decay=0.0)
     stats = {"thresholds": taus, "kept": [], "improve_loss": []}
     for i, tau in enumerate(taus):
+        # Filter F(x, y; τ_i) = 1[R > τ_i]: the same grow set each step, a smaller and better subset of it
+        # (τ_i rises), so later steps imitate only the best samples. Nothing is re-sampled here.
         kept = kept_of(tau)
+        # ReST lowers the lr as the filtered sets shrink: fewer samples, smaller steps.
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_decay ** i
+        # Fine-tune on the kept set, continuing from the previous Improve step (weights and AdamW moments).
         stats["kept"].append(len(kept))
         stats["improve_loss"].append(fit(policy, kept, loss_fn, optimizer, cfg.batch_size, f"{seed}:improve{i}"))
     lora.merge(policy)
@@ -209,15 +253,16 @@ def label_pairs(samples: list[dict], k: int, n: int, gold, tok: Tokenizer) -> li
     """Buy n gold labels on disjoint pairs of one prompt's samples, (0,1) of every prompt before (2,3) of any.
     -> RM pairs {prompt, chosen, rejected} as token ids; gold ties are dropped (the label was still spent)."""
     order = [(i + 2 * j, i + 2 * j + 1) for j in range(k // 2) for i in range(0, len(samples), k)][:n]
-    texts = [samples[a]["text"] for pair in order for a in pair]
-    scores = gold.score([samples[a]["prompt"] for pair in order for a in pair], texts)
+    scores = gold.score([samples[a]["prompt"] for pair in order for a in pair],
+                        [samples[a]["text"] for pair in order for a in pair])
     pairs = []
     for (a, b), sa, sb in zip(order, scores[0::2], scores[1::2]):
         if sa == sb:
             continue
         win, lose = (a, b) if sa > sb else (b, a)
         prompt, chosen = pair_ids(tok, samples[win]["prompt"], samples[win]["text"])
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": pair_ids(tok, samples[lose]["prompt"], samples[lose]["text"])[1]})
+        rejected = pair_ids(tok, samples[lose]["prompt"], samples[lose]["text"])[1]
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 
 
@@ -230,13 +275,14 @@ def bt_batch_loss(rm, pairs: list[dict], pad_id: int, dev, center: float) -> tup
 
 
 def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str) -> float | None:
-    """--rm-epochs passes of Bradley-Terry; with LoRA, fresh backbone adapters merged at the end (the head trains whole)."""
+    """--rm-epochs passes of Bradley-Terry; with LoRA, fresh backbone adapters merged at the end (the head
+    trains whole)."""
     scale.prepare(rm, cfg, seed + ":rm").score.requires_grad_(True)
     net = distributed.wrap(rm)
     optimizer = torch.optim.AdamW([{"params": scale.trainable(rm.model), "lr": cfg.rm_lr},
                                    {"params": [rm.score.weight], "lr": cfg.rm_head_lr}], weight_decay=0.0)
-    losses = [fit(rm, pairs, lambda b: bt_batch_loss(net, b, pad_id, dev, cfg.rm_center), optimizer, cfg.batch_size,
-                  f"{seed}:rm{e}") for e in range(cfg.rm_epochs)]
+    loss_fn = lambda b: bt_batch_loss(net, b, pad_id, dev, cfg.rm_center)
+    losses = [fit(rm, pairs, loss_fn, optimizer, cfg.batch_size, f"{seed}:rm{e}") for e in range(cfg.rm_epochs)]
     lora.merge(rm)
     return losses[-1] if losses else None
 
@@ -244,11 +290,14 @@ def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str)
 # --- evaluation ---
 
 def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: list[str], dev) -> dict:
-    samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7, "eval")
+    samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7,
+                   "eval")
     texts, asked = [s["text"] for s in samples], [s["prompt"] for s in samples]
-    logps = lambda model: response_logps_batched(model, [s["prompt_ids"] for s in samples], [s["ids"] for s in samples], tok.pad_id)
-    kl = [a - b for a, b in zip(logps(policy), logps(ref))]
-    gold_scores, proxy_scores = gold.score(asked, texts), score_texts(proxy, tok, asked, texts, 2 * cfg.batch_size)
+    prompt_ids, ids = [s["prompt_ids"] for s in samples], [s["ids"] for s in samples]
+    logps = lambda model: response_logps_batched(model, prompt_ids, ids, tok.pad_id)
+    kl = [a - b for a, b in zip(logps(policy), logps(ref))]  # log π(y|x) - log π_0(y|x), y ~ π: mean -> KL
+    gold_scores = gold.score(asked, texts)
+    proxy_scores = score_texts(proxy, tok, asked, texts, 2 * cfg.batch_size)
     correct = labelled = 0
     for i in range(0, len(samples), cfg.eval_n):  # samples (0, 1) of every prompt: a fresh gold-labelled pair
         g, p = gold_scores[i] - gold_scores[i + 1], proxy_scores[i] - proxy_scores[i + 1]
@@ -256,8 +305,9 @@ def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: lis
             labelled += 1
             correct += (p > 0) if g > 0 else (p < 0)
     mean = lambda xs: sum(xs) / len(xs)
-    return {"gold": mean(gold_scores), "proxy": mean(proxy_scores), "proxy_acc": correct / labelled if labelled else None,
-            "kl": mean(kl), "sqrt_kl": math.sqrt(max(mean(kl), 0.0)), "eval_pairs": labelled}
+    return {"gold": mean(gold_scores), "proxy": mean(proxy_scores),
+            "proxy_acc": correct / labelled if labelled else None, "kl": mean(kl),
+            "sqrt_kl": math.sqrt(max(mean(kl), 0.0)), "eval_pairs": labelled}
 
 
 # --- resumable state: safetensors + json, never pickle ---
@@ -273,32 +323,6 @@ def save_state(run_dir: Path, iteration: int, policy, proxy, history: list[dict]
 
 # --- the run ---
 
-def parse_quantiles(text: str) -> list[float]:
-    try:
-        qs = [float(q) for q in text.split(",") if q.strip()]
-    except ValueError:
-        qs = []
-    if not qs or any(not 0 <= q < 1 for q in qs) or any(b <= a for a, b in zip(qs, qs[1:])):
-        raise UserError(f"--quantiles {text!r}: expected strictly rising numbers in [0, 1), e.g. 0.7,0.85")
-    return qs
-
-
-def check(cfg: Config) -> list[float]:
-    if cfg.mode not in ("iterated", "oneshot"):
-        raise UserError(f"--mode {cfg.mode!r}: choose iterated or oneshot")
-    if cfg.improve not in ("bc", "dpo"):
-        raise UserError(f"--improve {cfg.improve!r}: choose bc or dpo")
-    if scale.check(cfg) and cfg.fsdp:
-        raise UserError("--fsdp: rest_loop samples from the policy on every rank, which needs whole models (use DDP)")
-    if cfg.k < 2 or cfg.eval_n < 2 or min(cfg.iterations, cfg.prompts_per_iter, cfg.eval_prompts) < 1:
-        raise UserError("--k and --eval-n must be >= 2; --iterations, --prompts-per-iter and --eval-prompts >= 1")
-    per_call = cfg.gold_pairs * (cfg.iterations if cfg.mode == "oneshot" else 1)
-    if not 0 < per_call <= cfg.prompts_per_iter * (cfg.k // 2):
-        raise UserError(f"--gold-pairs: {per_call} labels in one iteration ({cfg.mode}), but one grow step has only "
-                        f"{cfg.prompts_per_iter * (cfg.k // 2)} disjoint pairs (--prompts-per-iter x --k/2)")
-    return parse_quantiles(cfg.quantiles)
-
-
 FIELDS = [("iter", "iteration", "{}"), ("gold", "gold", "{:+.3f}"), ("proxy", "proxy", "{:+.3f}"),
           ("proxy acc", "proxy_acc", "{:.2f}"), ("KL", "kl", "{:.3f}"), ("√KL", "sqrt_kl", "{:.3f}"),
           ("gold labels", "gold_labels", "{}"), ("kept", "kept", "{}")]
@@ -309,18 +333,20 @@ def table_row(m: dict) -> str:
 
 
 def main() -> None:
-    cfg = parse_config(Config, __doc__)
+    cfg = parse_config(Config, __doc__)  # every flag checked (Config.check) before any work
     if cfg.resume:
         cfg = resumed_config(Config, cfg.resume, "rest_loop")
-    quantiles = check(cfg)
+        check_flags(cfg)
+    quantiles = parse_quantiles(cfg.quantiles)
     distributed.init()  # torchrun: every rank grows and evaluates alike; training is sharded (fit)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     prompts = read_prompts(cfg.prompts)  # validate every input before any work
     if len(prompts) <= cfg.eval_prompts:
-        raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts {cfg.eval_prompts} holds out that many")
+        raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts {cfg.eval_prompts} "
+                        "holds out that many")
     pool, eval_prompts = prompts[:-cfg.eval_prompts], prompts[-cfg.eval_prompts:]
-    gold = make_gold_scorer(cfg.gold, device=str(dev))
+    gold = make_gold_scorer(cfg.gold, device=dev)  # an RM gold is frozen: bf16 on CUDA (reward.scorer_dtype)
     model_dir = resolve_model(cfg.model)
     tok, ref = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()  # ref: π_0, frozen
     for p in ref.parameters():
@@ -333,43 +359,54 @@ def main() -> None:
         proxy = load_reward_model(saved / "proxy_rm", device=dev).eval()
         state = json.loads((saved / "state.json").read_text())
         start, history = state["iteration"], state["history"]
-        print(f"resuming {cfg.resume} after iteration {start}")
+        print0(f"resuming {cfg.resume} after iteration {start}")
     else:
         policy = load_model(model_dir, device=dev).eval()
         proxy = reward_model_from_lm(policy, seed=cfg.seed).eval()
         start, history = 0, []
-    run = Run("rest_loop", cfg.out_dir, cfg.run, cfg)
+    run = Run("rest_loop", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
     run.rewrite(history)  # what the state had seen
-    print(f"{cfg.mode} RLHF, ReST improve={cfg.improve}, gold={cfg.gold}: {cfg.iterations} iterations x "
-          f"{cfg.prompts_per_iter} prompts x K={cfg.k}; {len(eval_prompts)} held-out prompts x {cfg.eval_n}")
-    print("| " + " | ".join(name for name, _, _ in FIELDS) + " |\n" + "|---" * len(FIELDS) + "|")
+    print0(f"{cfg.mode} RLHF, ReST improve={cfg.improve}, gold={cfg.gold}: {cfg.iterations} iterations x "
+           f"{cfg.prompts_per_iter} prompts x K={cfg.k}; {len(eval_prompts)} held-out prompts x {cfg.eval_n}")
+    print0("| " + " | ".join(name for name, _, _ in FIELDS) + " |\n" + "|---" * len(FIELDS) + "|")
     for m in history:
-        print(table_row(m))
+        print0(table_row(m))
 
-    if not history:
+    if not history:  # iteration 0: π_0 and the untrained proxy, the baseline every iteration is read against
         m = {"iteration": 0, "gold_labels": 0, **evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev)}
         run.log(**m)
         history.append(m)
-        print(table_row(m))
+        print0(table_row(m))
     for t in range(start + 1, cfg.iterations + 1):
         t0, seed = time.perf_counter(), f"{cfg.seed}:{t}"
-        samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k, cfg.temperature, cfg.max_new_tokens,
-                       cfg.gen_batch_size, cfg.seed + 1000 * t, desc=f"grow {t}")
+        # Grow: K samples per prompt from the current policy π_{t-1}, on the next chunk of prompts. Fresh
+        # on-policy samples are the point of iterating: the proxy is then taught, and queried, where the
+        # policy now puts its mass, not where π_0 did.
+        samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k, cfg.temperature,
+                       cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 1000 * t, desc=f"grow {t}")
+        # Label (iterated RLHF): gold labels on pairs of these samples -> the proxy RM continues Bradley-Terry
+        # on them. oneshot spends the whole budget now, in iteration 1, on π_0's samples, and never again.
         n_labels = cfg.gold_pairs if cfg.mode == "iterated" else cfg.gold_pairs * cfg.iterations * (t == 1)
         m = {"iteration": t, "new_labels": n_labels, "gold_labels": history[-1]["gold_labels"] + n_labels}
         if n_labels:
             pairs = label_pairs(samples, cfg.k, n_labels, gold, tok)
             m.update(rm_pairs=len(pairs), rm_loss=train_proxy(cfg, proxy, pairs, tok.pad_id, dev, seed))
-        rewards = score_texts(proxy, tok, [s["prompt"] for s in samples], [s["text"] for s in samples], 2 * cfg.batch_size)
-        m.update(grow_proxy=sum(rewards) / len(rewards),
-                 grow_best_of_k=sum(max(rewards[i:i + cfg.k]) for i in range(0, len(rewards), cfg.k)) / cfg.prompts_per_iter)
+        # The policy is trained on the *proxy's* scores, never the gold's: the gold reward at evaluation then
+        # shows whether optimising the proxy helps or games it (Gao et al. 2022).
+        rewards = score_texts(proxy, tok, [s["prompt"] for s in samples], [s["text"] for s in samples],
+                              2 * cfg.batch_size)
+        best_of_k = [max(rewards[i:i + cfg.k]) for i in range(0, len(rewards), cfg.k)]
+        m.update(grow_proxy=sum(rewards) / len(rewards), grow_best_of_k=sum(best_of_k) / cfg.prompts_per_iter)
+        # Improve: filter the grow set by rising thresholds (τ_1 ≥ its mean reward) and fine-tune π on what
+        # passes, one step per threshold (improve()); π_t is the result.
         m.update(improve(cfg, policy, samples, rewards, quantiles, tok.pad_id, dev, seed))
+        # Evaluate π_t on held-out prompts with the same seed every iteration: gold, proxy, KL(π_t‖π_0).
         m.update(evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev))
         m["seconds"] = time.perf_counter() - t0
         run.log(**m)
         history.append(m)
-        save_state(run.dir, t, policy, proxy, history, model_dir)
-        print(table_row(m))
+        save_state(run.dir, t, policy, proxy, history, model_dir)  # a resume needs only t and these weights
+        print0(table_row(m))
 
     if not distributed.is_main():
         return
@@ -382,8 +419,8 @@ def main() -> None:
                 ("√KL(π‖π₀)", {"√KL": series("sqrt_kl")}),
                 ("proxy accuracy on fresh gold-labelled pairs", {"accuracy": series("proxy_acc")})],
                run.dir / "rest_loop.svg", xlabel="iteration")
-    print(f"policy in {run.dir / 'model'}, proxy RM in {run.dir / 'proxy_rm'}, metrics and plot in {run.dir} "
-          f"({(time.perf_counter() - started) / 60:.1f} min)")
+    print0(f"policy in {run.dir / 'model'}, proxy RM in {run.dir / 'proxy_rm'}, metrics and plot in {run.dir} "
+           f"({(time.perf_counter() - started) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

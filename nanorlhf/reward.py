@@ -174,10 +174,11 @@ class GoldScorer(Protocol):
 class RMScorer:
     """A reward-model checkpoint (either layout) with the tokenizer from its own directory."""
 
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 8):
         from nanorlhf.tokenizer import Tokenizer
 
-        self.rm = load_reward_model(path, dtype, device).eval()
+        self.rm = load_reward_model(path, dtype or scorer_dtype(device), device).eval()
         self.tok = Tokenizer(self.rm.model_dir)
         self.batch_size = batch_size
 
@@ -199,9 +200,16 @@ class VaderScorer:
         return [self.analyzer.polarity_scores(r)["compound"] for r in responses]
 
 
-def make_gold_scorer(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def scorer_dtype(device: str | torch.device) -> torch.dtype:
+    """A frozen scorer's weights: bf16 on CUDA, where its forwards run under bf16 autocast anyway, so only the
+    memory changes (a 13B RM takes 26 GB, not 52); fp32 on the CPU, which runs without autocast."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def make_gold_scorer(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                      batch_size: int = 8) -> GoldScorer:
-    """'rm:PATH' (a reward-model checkpoint directory or local HF cache id) or 'vader'."""
+    """'rm:PATH' (a reward-model checkpoint directory or local HF cache id; loaded on `device`, in `dtype`,
+    default scorer_dtype(device)) or 'vader'."""
     if spec.startswith("rm:") and len(spec) > 3:
         return RMScorer(spec[3:], dtype, device, batch_size)
     if spec == "vader":

@@ -2,10 +2,13 @@
 the heatmaps against a planted reward table, bad input, and the LM-facing code on a tiny random model."""
 
 import json
+import math
 import random
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
+import transformers
 import torch
 
 import qdaif
@@ -250,7 +253,7 @@ def test_empty_cells_are_grey_and_the_scale_is_fixed(tmp_path):
     (["--fitness", "gpt4"], "--fitness 'gpt4': choose ai, vader or rm:PATH"),
     (["--grid", "genre=;tone=happy"], "axis 'genre' has no labels"),
     (["--grid", "colour=red,blue"], "--init-prompt 'Write a {tone} {genre}"),
-    (["--labels", "guessed"], "--labels 'guessed': choose judged or requested"),
+    (["--labels", "guessed"], "--labels 'guessed': choose one of judged, requested"),
     (["--qd-offset", "low"], "--qd-offset 'low'"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
@@ -325,3 +328,80 @@ def test_calibration_divides_by_the_mean_content_free_distribution():
     torch.testing.assert_close(out, torch.tensor([[0.875, 2.0, 1.0]]) / 3.875)
     assert out.argmax().item() == 1  # the label the judge favours for every input no longer wins
     torch.testing.assert_close(qdaif.calibrate(p, torch.full((1, 3), 1 / 3).log()).exp(), p.exp())  # flat prior: no-op
+
+
+def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_path, monkeypatch):
+    """The judged labels end to end against plain float64 arithmetic: each label's probability is its
+    spellings' summed p(tokens | question), from transformers' own forward of the whole sequence (no KV cache),
+    normalised over the labels; calibration divides by the mean of those distributions for the content-free
+    inputs and renormalises (Zhao et al. 2021, arXiv 2102.09690, eq. 1 with W = diag(p̄)^-1, b = 0)."""
+    judge_dir = tmp_path / "judge"  # the tiny model with 8x its logits: a judge with opinions, like a trained one
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(8.0)
+    hf.save_pretrained(judge_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_chat_model / name, judge_dir / name)
+    tok, hf = Tokenizer(judge_dir), hf.double().eval()
+
+    def probs(poem: str, axis: str) -> torch.Tensor:  # (labels,) float64, the judge's raw label distribution
+        values = grid().axes[axis]
+        prompt = tok.chat_prompt(qdaif.LABEL_PROMPT.format(poem=poem, axis=axis, options=", ".join(values)))
+        p = []
+        for value in values:
+            total = 0.0
+            for spelling in {value, value.capitalize()}:
+                option = tok.encode(spelling)
+                with torch.no_grad():
+                    logps = hf(torch.tensor([prompt + option])).logits[0].log_softmax(-1)
+                total += math.exp(sum(logps[len(prompt) - 1 + i, t].item() for i, t in enumerate(option)))
+            p.append(total)
+        p = torch.tensor(p, dtype=torch.float64)
+        return p / p.sum()
+
+    poems = ["The capital of France is Paris.", "Never mention the pink elephant,\never.", "system user assistant"]
+    seen = []  # what labels_batch computes: qdaif.calibrate's outputs, one (B, labels) per axis
+    real_calibrate = qdaif.calibrate
+    monkeypatch.setattr(qdaif, "calibrate", lambda lp, prior: seen.append(real_calibrate(lp, prior)) or seen[-1])
+    domain = qdaif.PoetryDomain(load_model(judge_dir).eval(), tok, grid(), qdaif.Config())
+    judged = domain.labels_batch(poems)
+    assert len(seen) == 2
+    changed = 0  # labels calibration changes: some, or this judge could not tell a wrong calibration from none
+    for axis, got in zip(grid().names, seen):
+        prior = torch.stack([probs(t, axis) for t in qdaif.CONTENT_FREE]).mean(0)  # p̄: a mean of probabilities
+        raw = torch.stack([probs(t, axis) for t in poems])
+        want = raw / prior
+        want = want / want.sum(-1, keepdim=True)
+        changed += (raw.argmax(-1) != want.argmax(-1)).sum().item()
+        # fp32 (ε = 1.2e-7) log-softmax of logits |z| < 50 errs by < 1e-5 per token; a calibrated probability
+        # p ≤ 1 is exp of a sum of < 10 such terms (option tokens, 3 priors, the normaliser): error < 1e-4 · p
+        torch.testing.assert_close(got.exp().double(), want, rtol=1e-4, atol=0)
+        top2 = want.topk(2, -1).values
+        assert bool((top2[:, 0] - top2[:, 1] > 2e-4 * top2[:, 0]).all())  # gap > tolerance: a sure argmax
+        assert [row[axis] for row in judged] == [grid().axes[axis][i] for i in want.argmax(-1).tolist()]
+    assert changed > 0
+
+
+class Loaded(Exception):
+    """Raised by the recording loader: the request is all these tests need."""
+
+
+@pytest.mark.parametrize("lm_device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_path, monkeypatch, lm_device, dtype):
+    """--fitness rm:PATH: the RM goes where the LM is, in bf16 on CUDA (a 13B RM in fp32 on the CPU needs ~52 GB
+    of RAM), fp32 on the CPU. No GPU here: device() says CUDA, and both loaders record what they are asked for."""
+    import nanorlhf.reward
+
+    asked = {}
+    monkeypatch.setattr(qdaif, "device", lambda: torch.device(lm_device))
+    load_lm = lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module()
+    monkeypatch.setattr(qdaif, "load_model", load_lm)
+
+    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+        asked["rm"] = (torch.device(device), dtype)
+        raise Loaded
+
+    monkeypatch.setattr(nanorlhf.reward, "load_reward_model", load_reward_model)
+    with pytest.raises(Loaded):
+        qdaif.run(qdaif.Config(model=str(tiny_chat_model), fitness=f"rm:{tiny_chat_model}", out_dir=str(tmp_path)))
+    assert asked == {"lm": torch.device(lm_device), "rm": (torch.device(lm_device), dtype)}

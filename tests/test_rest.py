@@ -2,15 +2,16 @@
 the gold-label budget. Expected values are computed by hand (reference notes §5.6), never by the code under test."""
 
 import json
+import math
 
 import pytest
 import torch
 import transformers
 
 import rest_loop
-from nanorlhf.checkpoint import load_model
+from nanorlhf.checkpoint import load_model, save_model
 from nanorlhf.errors import UserError
-from nanorlhf.reward import load_reward_model
+from nanorlhf.reward import load_reward_model, reward_model_from_lm
 from nanorlhf.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
@@ -35,16 +36,28 @@ def write_prompts(path, n=8):
 # --- filtering and bookkeeping ---
 
 def test_quantile_threshold_hand_example():
-    rewards = [0.1, 0.5, 0.9, 0.3]
-    # sorted 0.1 0.3 0.5 0.9; q=0.5 sits at position 0.5·3 = 1.5: 0.3 + 0.5·(0.5 - 0.3) = 0.4
-    (tau,) = rest_loop.thresholds(rewards, [0.5])
-    assert tau == pytest.approx(0.4)
-    assert rest_loop.keep_above(rewards, tau) == [1, 2]  # 0.5 and 0.9
-    # q=0.75: position 2.25: 0.5 + 0.25·(0.9 - 0.5) = 0.6 -> only 0.9
+    rewards = [0.1, 0.5, 0.9, 0.3]  # mean 0.45
+    # sorted 0.1 0.3 0.5 0.9; q=0.75 sits at position 0.75·3 = 2.25: 0.5 + 0.25·(0.9 - 0.5) = 0.6 -> only 0.9
     assert rest_loop.thresholds(rewards, [0.75]) == [pytest.approx(0.6)]
     assert rest_loop.keep_above(rewards, 0.6) == [2]
-    # ties at τ are dropped: [1, 1, 1, 2] at q=0.5 -> τ = 1, only the 2 survives
+    # q=0.5: position 1.5: 0.3 + 0.5·(0.5 - 0.3) = 0.4, below the mean: τ = 0.45 keeps 0.5 and 0.9
+    (tau,) = rest_loop.thresholds(rewards, [0.5])
+    assert tau == pytest.approx(0.45)
+    assert rest_loop.keep_above(rewards, tau) == [1, 2]
+    # ties at τ are dropped: [1, 1, 1, 2] at q=0.5 -> quantile 1, mean 1.25: only the 2 survives
     assert rest_loop.keep_above([1, 1, 1, 2], rest_loop.thresholds([1, 1, 1, 2], [0.5])[0]) == [3]
+    assert rest_loop.keep_above([1, 1, 1, 2], 1.0) == [3]
+
+
+def test_first_threshold_is_at_least_the_grow_mean():
+    """ReST (Gulcehre et al. 2023, Alg. 1): τ_1 ≥ the mean reward of the grow set. A right-skewed grow set puts
+    the 0.7 quantile below the mean; then every τ_i is raised to the mean (the quantiles above it stay)."""
+    rewards = [0.0] * 7 + [1.0, 2.0, 9.0]  # mean 1.2
+    # q=0.7 at position 0.7·9 = 6.3: 0 + 0.3·(1 - 0) = 0.3 < 1.2 -> 1.2; q=0.9 at 8.1: 2 + 0.1·(9 - 2) = 2.7
+    taus = rest_loop.thresholds(rewards, [0.7, 0.9])
+    assert taus == [pytest.approx(1.2), pytest.approx(2.7)]
+    assert rest_loop.keep_above(rewards, taus[0]) == [8, 9]  # the 0.3 quantile alone would keep 1.0 too
+    assert rest_loop.thresholds([0.0] * 9 + [10.0], [0.7, 0.85]) == [pytest.approx(1.0)] * 2  # both below: the mean
 
 
 def test_quantile_flag_must_rise():
@@ -67,7 +80,7 @@ def test_bc_improve_steps_keep_shrinking_sets(tiny_chat_model):
     cfg = rest_loop.Config(improve="bc", k=4, lr=1e-3, batch_size=2)
     before = [p.detach().clone() for p in model.parameters()]
     stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.75], tok.pad_id, CPU, "t")
-    # τ1 at position 3.5 of 0/7..7/7 = 3.5/7: keeps 4/7..7/7 (4); τ2 at 5.25/7: keeps 6/7, 7/7 (2)
+    # τ1 at position 3.5 of 0/7..7/7 = 3.5/7 (= the mean): keeps 4/7..7/7 (4); τ2 at 5.25/7: keeps 6/7, 7/7 (2)
     assert stats["thresholds"] == [pytest.approx(0.5), pytest.approx(0.75)]
     assert stats["kept"] == [4, 2]
     assert all(loss is not None and loss > 0 for loss in stats["improve_loss"])
@@ -83,12 +96,58 @@ def test_dpo_improve_pairs_best_against_worst(tiny_chat_model):
     assert [(p["chosen"], p["rejected"], p["reward"]) for p in pairs] == [
         (samples[1]["ids"], samples[2]["ids"], 0.9), (samples[10]["ids"], samples[9]["ids"], 0.6)]
     cfg = rest_loop.Config(improve="dpo", k=4, lr=1e-3, batch_size=2)
-    # sorted rewards 0 .1 .2 .2 .3 .3 .3 .3 .4 .5 .6 .9; q=0.5 at position 5.5 -> 0.3: both pairs (0.9, 0.6)
-    # q=0.85 at position 9.35 -> 0.5 + 0.35·0.1 = 0.535: still both; q=0.95 at 10.45 -> 0.6 + 0.45·0.3 = 0.735: one
+    # sorted rewards 0 .1 .2 .2 .3 .3 .3 .3 .4 .5 .6 .9; q=0.5 at position 5.5 -> 0.3, below the mean 4.1/12:
+    # τ1 = 0.341667, both pairs (0.9, 0.6); q=0.85 at position 9.35 -> 0.5 + 0.35·0.1 = 0.535: still both;
+    # q=0.95 at 10.45 -> 0.6 + 0.45·0.3 = 0.735: one
     stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.85, 0.95], tok.pad_id, CPU, "t")
-    assert stats["thresholds"] == [pytest.approx(0.3), pytest.approx(0.535), pytest.approx(0.735)]
+    assert stats["thresholds"] == [pytest.approx(4.1 / 12), pytest.approx(0.535), pytest.approx(0.735)]
     assert stats["kept"] == [2, 2, 1]
     assert stats["improve_loss"][0] == pytest.approx(0.6931472, abs=1e-5)  # first DPO batch: policy == reference
+
+
+def exact_kl(p_dir, q_dir, prompt: list[int], stops: list[int]) -> tuple[float, float]:
+    """KL(p‖q) over every response of up to 2 tokens, by brute force in float64 with transformers' forward:
+    a response ends at a stop token or after 2 tokens, so its probability is p(a)·p(b|a), or p(a) when a
+    stops. -> (KL, the variance of log p(y) - log q(y) under p)."""
+    def first_two(model_dir):  # -> (V,) log p(a | prompt), (V, V) log p(b | prompt, a)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+        V = model.config.vocab_size
+        ids = torch.cat([torch.tensor(prompt).expand(V, -1), torch.arange(V)[:, None]], 1)
+        with torch.no_grad():
+            logps = model(ids).logits.log_softmax(-1)  # (V, P+1, V)
+        return logps[0, -2], logps[:, -1]
+    (p1, p2), (q1, q2) = first_two(p_dir), first_two(q_dir)
+    ends = torch.zeros(p1.shape[0], dtype=torch.bool)
+    ends[stops] = True
+    # (V, V) log-ratio of the two-token responses, and of the one-token ones
+    two = (p1 - q1)[:, None] + (p2 - q2)
+    one = p1 - q1
+    prob_two, prob_one = (p1[:, None] + p2).exp() * ~ends[:, None], p1.exp() * ends
+    kl = (prob_two * two).sum() + (prob_one * one).sum()
+    second = (prob_two * two ** 2).sum() + (prob_one * one ** 2).sum()
+    assert abs((prob_two.sum() + prob_one.sum()).item() - 1) < 1e-12  # every response enumerated once
+    return kl.item(), (second - kl ** 2).item()
+
+
+def test_evaluate_kl_matches_brute_force(tiny_chat_model, tmp_path):
+    """evaluate()'s KL(π‖π₀): the mean of log π(y|x) - log π₀(y|x) over y ~ π, a Monte Carlo estimate;
+    checked against the exact sum over every response of up to 2 tokens. π is π₀ with noise on its final norm."""
+    ref, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
+    policy = load_model(tiny_chat_model).eval()
+    with torch.no_grad():
+        noise = torch.randn(policy.model.norm.weight.shape, generator=torch.Generator().manual_seed(0))
+        policy.model.norm.weight.add_(4 * noise)
+    save_model(policy, tmp_path / "policy", copy_from=tiny_chat_model)
+    n = 4000
+    # --temperature is Grow's: evaluation samples at T = 1 whatever it is, or the estimate would be biased
+    cfg = rest_loop.Config(eval_n=n, max_new_tokens=2, gen_batch_size=n, batch_size=64, temperature=0.5)
+    got = rest_loop.evaluate(cfg, policy, ref, reward_model_from_lm(ref), ToyGold(), tok, ["Hello"], CPU)["kl"]
+    prompt = tok.chat_prompt([{"role": "user", "content": "Hello"}])
+    kl, var = exact_kl(tmp_path / "policy", tiny_chat_model, prompt, tok.stop_ids)
+    assert kl > 0.2  # far from the π = π₀ case, where any estimator that returns 0 would pass
+    # the estimate is a mean of n i.i.d. terms: by the CLT it lies within 5 standard errors but for p ≈ 6e-7
+    # (fp32 log-probs add ~1e-6, negligible next to it)
+    assert abs(got - kl) < 5 * math.sqrt(var / n), (got, kl, var)
 
 
 def test_label_pairs_spend_exactly_the_budget(tiny_chat_model):
@@ -174,6 +233,39 @@ def test_cli_bad_budget_is_a_clear_error(tiny_chat_model, tmp_path, monkeypatch,
     assert "12 labels in one iteration (oneshot)" in err and "only 8 disjoint pairs" in err
 
 
+class Loaded(Exception):
+    """Raised by the recording loader: the request is all these tests need."""
+
+
+@pytest.mark.parametrize("lm_device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_gold_rm_loads_on_the_run_device_bf16_on_cuda(tiny_chat_model, tmp_path, monkeypatch, lm_device, dtype):
+    """--gold rm:PATH is frozen: on CUDA it is loaded in bf16 (its forwards run under bf16 autocast anyway, so
+    only the memory halves), fp32 on the CPU. No GPU here: device() says CUDA and the loader records its request."""
+    import nanorlhf.reward
+
+    asked = []
+    monkeypatch.setattr(rest_loop, "device", lambda: torch.device(lm_device))
+
+    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+        asked.append((torch.device(device), dtype))
+        raise Loaded
+
+    monkeypatch.setattr(nanorlhf.reward, "load_reward_model", load_reward_model)
+    with pytest.raises(Loaded):
+        run_main(monkeypatch, "--model", tiny_chat_model, "--prompts", write_prompts(tmp_path / "p.jsonl", 30),
+                 "--gold", f"rm:{tiny_chat_model}", "--out-dir", tmp_path / "out")
+    assert asked == [(torch.device(lm_device), dtype)]
+
+
+def test_cli_fsdp_is_refused_for_what_it_is(tmp_path, monkeypatch, capsys):
+    """Not "launch with torchrun" (scale.check's message for --fsdp without torchrun): rest_loop refuses FSDP
+    under torchrun too, since it samples between steps. Checked with the flags, before the model is even found."""
+    err = cli_error(monkeypatch, capsys, "--model", "/no/model", "--fsdp", "true", "--out-dir", tmp_path / "out")
+    assert err.startswith("error: --fsdp:") and "samples from the policy" in err
+    assert "launch with torchrun" not in err
+    assert not (tmp_path / "out").exists()
+
+
 # --- whole runs: outputs, budget, resume ---
 
 TINY = ["--iterations", 3, "--prompts-per-iter", 3, "--k", 4, "--max-new-tokens", 5, "--gold-pairs", 2,
@@ -198,7 +290,7 @@ def test_oneshot_and_iterated_spend_the_same_gold_labels(tiny_chat_model, tmp_pa
     assert iterated[-1]["gold_labels"] == oneshot[-1]["gold_labels"] == 6
     # what the gold scorer actually saw: 2 responses per label, plus 2 prompts x 2 samples at each of 4 evaluations
     assert gold_it.scored == gold_os.scored == 2 * 6 + 4 * 4
-    assert iterated[0]["kl"] == 0.0 and oneshot[0] == iterated[0]  # iteration 0: the same π_0 and proxy
+    assert oneshot[0] == iterated[0]  # iteration 0: the same π_0, proxy and evaluation seed
 
 
 def test_run_outputs_and_resume_matches_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, capsys):
