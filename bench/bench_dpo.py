@@ -16,7 +16,7 @@ import time
 import torch
 
 import train_dpo
-from nanorlhf import lora
+from nanorlhf import data, lora
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import device
 from nanorlhf.data import read_preferences
@@ -61,7 +61,7 @@ def reference(model, batches, pad_id, dev) -> float:
     sync(dev)
     start = time.perf_counter()
     with lora.disabled(model):
-        train_dpo.reference_logps(model, batches, pad_id, dev, average=False)
+        data.reference_logps(model, batches, pad_id, dev, average=False)
     sync(dev)
     return time.perf_counter() - start
 
@@ -77,7 +77,7 @@ def timed_steps(model, batches, pad_id, dev, grad_accum: int) -> dict[str, float
         fwd = bwd = 0.0
         for chunk in batches[step * grad_accum:(step + 1) * grad_accum]:
             t0 = time.perf_counter()
-            chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(chunk, pad_id), dev, False)
+            chosen, rejected = data.batch_logps(model, data.pair_batch(chunk, pad_id), dev, False)
             losses, _, _ = train_dpo.dpo_loss(chosen, rejected, torch.tensor([p["ref_chosen"] for p in chunk], device=dev),
                                               torch.tensor([p["ref_rejected"] for p in chunk], device=dev), 0.1)
             sync(dev)

@@ -46,7 +46,6 @@ def test_no_recomputation_without_gradients(tiny_chat_model):
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
     (["--lora-targets", "q_proj,qv_proj"], "--lora-targets 'q_proj,qv_proj': unknown projection 'qv_proj'"),
     (["--lora-targets", ""], "--lora-targets '': unknown projection ''"),
-    (["--fsdp", "true"], "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"),
 ])
 @pytest.mark.parametrize("script", [train_dpo, rest_loop])
 def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys, script,
@@ -62,8 +61,24 @@ def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script, message", [
+    (train_dpo, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"),
+    (rest_loop, "--fsdp: rest_loop samples from the policy between training steps"),  # not "use torchrun"
+])
+def test_fsdp_without_torchrun_says_the_right_thing(tiny_chat_model, tmp_path, monkeypatch, capsys, script, message):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path / "out"),
+                                     "--fsdp", "true"])
+    with pytest.raises(SystemExit):
+        script.run_cli(script.main)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_rest_loop_refuses_fsdp_under_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="--fsdp: rest_loop samples from the policy on every rank"):
-        rest_loop.check(rest_loop.Config(fsdp=True))
+    with pytest.raises(UserError, match="--fsdp: rest_loop samples from the policy between training steps"):
+        rest_loop.Config(fsdp=True).check()

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import train_dpo
+from nanorlhf import data
 from nanorlhf.checkpoint import load_model
 from nanorlhf.data import collate, fit_to_length, read_preferences, sequence_logps
 from nanorlhf.errors import UserError
@@ -28,7 +29,7 @@ def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, 
     rows[1]["chosen"] = "A much longer answer about grey elephants and their habits."  # uneven lengths
     pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
     with torch.no_grad():
-        chosen, rejected = train_dpo.batch_logps(model, train_dpo.pair_batch(pairs, tok.pad_id), torch.device("cpu"), False)
+        chosen, rejected = data.batch_logps(model, data.pair_batch(pairs, tok.pad_id), torch.device("cpu"), False)
         for i, pair in enumerate(pairs):
             for response, together in ((pair["chosen"], chosen[i]), (pair["rejected"], rejected[i])):
                 alone = collate([pair["prompt"]], [response], tok.pad_id)
@@ -103,10 +104,10 @@ def test_wrong_vocab_is_a_clear_error(tiny_chat_model, tmp_path):
 
 
 def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsys):
-    data = write_pairs(tmp_path / "p.jsonl", 6)
+    pairs_file = write_pairs(tmp_path / "p.jsonl", 6)
     eval_rows = tmp_path / "eval.jsonl"
     eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"}) + "\n")
-    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data", str(data),
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data", str(pairs_file),
                                      "--eval-data", str(eval_rows), "--out-dir", str(tmp_path / "out"),
                                      "--run", "r", "--eval-max-new-tokens", "8", "--lr", "1e-3"])
     train_dpo.main()
