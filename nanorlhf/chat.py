@@ -14,7 +14,8 @@ from nanorlhf.tokenizer import Tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("prompt", help="the user message")
-    parser.add_argument("--model", default="llama", help="checkpoint directory, local HF cache id, or 'llama' (embedded)")
+    parser.add_argument("--model", default="llama",
+                        help="checkpoint directory, local HF cache id, or 'llama' (embedded)")
     parser.add_argument("--system", default=None, help="system message (default: the model's own)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -193,7 +193,8 @@ class VaderScorer:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise UserError("gold scorer 'vader' needs the vaderSentiment package: pip install vaderSentiment") from None
+            raise UserError("gold scorer 'vader' needs the vaderSentiment package: "
+                            "pip install vaderSentiment") from None
         self.analyzer = SentimentIntensityAnalyzer()
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:

@@ -69,7 +69,8 @@ class Tokenizer:
         self.default_system = self._default_system()
 
     def _detect_format(self) -> str:
-        if self.tok.token_to_id("<|im_start|>") is not None and ("<|im_start|>" in self.chat_template or not self.chat_template):
+        chatml_template = "<|im_start|>" in self.chat_template or not self.chat_template
+        if self.tok.token_to_id("<|im_start|>") is not None and chatml_template:
             return "chatml"
         if self.tok.token_to_id("<|start_header_id|>") is not None:
             return "llama3"
@@ -109,7 +110,8 @@ class Tokenizer:
             for i, m in enumerate(messages):
                 content = (date if i == 0 and m["role"] == "system" else "") + m["content"].strip()
                 turns.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{content}<|eot_id|>")
-            return self.encode("<|begin_of_text|>" + "".join(turns) + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+            header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            return self.encode("<|begin_of_text|>" + "".join(turns) + header)
         # plain (base) models: BOS + the text of the turns
         text = "\n\n".join(m["content"] for m in messages) + "\n"
         return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
