@@ -1,6 +1,6 @@
 """A reward model learned from real human judgments: the VADER paper's sentiment ratings, offline.
 
-    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, CPU, ~20 minutes
+    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~17 minutes
     python train_rm.py --model llama --lora-rank 16 --grad-checkpointing true
     torchrun --nproc_per_node 2 train_rm.py -- --model llama   # DDP (nanorlhf/scale.py; no --fsdp)
 
@@ -22,7 +22,8 @@ by side -> RUN/rm in the LlamaForSequenceClassification layout, eval.json, train
 Evaluation, per split: pairwise accuracy on --eval-pairs fixed pairs (a tie counts 1/2: VADER gives
 many), SE = sqrt(p(1-p)/n); Pearson and Spearman correlation of the score with the raters' mean on
 --eval-texts texts, SE = (1-r²)/sqrt(n-1) (the large-sample SE of Pearson's r, used for Spearman's as an
-approximation). Pairs and texts are drawn independently, so a few texts are in both. Not done: --resume.
+approximation). Pairs and texts are drawn independently, so a few texts are in both. VADER reads each whole
+text, the RM its first --max-len tokens (the same cut as in training). Not done: --resume.
 """
 
 import math
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanorlhf import distributed, human_ratings, lora, scale
+from nanorlhf import distributed, human_ratings, scale
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
 from nanorlhf.data import fit_to_length, pair_batch
@@ -77,7 +78,7 @@ class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-check
     def check(self) -> None:
         super().check()
         if self.fsdp:
-            raise UserError("--fsdp: train_rm.py evaluates and saves the whole RM on rank 0; use DDP (no --fsdp)")
+            raise UserError("--fsdp: train_rm.py evaluates and saves the whole RM on rank 0; use DDP")
 
 
 # --- evaluation: pure functions of score vectors ---
@@ -101,7 +102,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x), np.float64)
     ranks[order] = np.arange(1, len(x) + 1)
-    values, group = np.unique(x, return_inverse=True)
+    _, group = np.unique(x, return_inverse=True)
     return (np.bincount(group, ranks) / np.bincount(group))[group]
 
 
@@ -130,7 +131,8 @@ def eval_sets(splits: dict[str, list[dict]], cfg: Config) -> dict[str, tuple[lis
     out = {}
     for k, split in enumerate(EVAL_SPLITS):
         pairs = human_ratings.preference_pairs(splits[split], cfg.eval_pairs, cfg.seed + 1 + k, cfg.pair_z)
-        texts = random.Random(f"{cfg.seed}:{split}").sample(splits[split], min(cfg.eval_texts, len(splits[split])))
+        rated = splits[split]
+        texts = random.Random(f"{cfg.seed}:{split}").sample(rated, min(cfg.eval_texts, len(rated)))
         out[split] = (pairs, texts)
     return out
 
@@ -151,7 +153,8 @@ def evaluate(score_fn, texts: list[str], sets: dict) -> dict[str, dict]:
 def format_table(results: dict[str, dict]) -> str:
     """One row per scorer: value±SE of accuracy, Pearson and Spearman on each evaluation split."""
     cols = "".join(f" | {EVAL_SPLITS[s]:<41}" for s in EVAL_SPLITS)
-    lines = [f"{'scorer':<12}{cols}", f"{'':<12}" + " | accuracy      pearson       spearman     " * len(EVAL_SPLITS)]
+    heads = " | accuracy      pearson       spearman     " * len(EVAL_SPLITS)
+    lines = [f"{'scorer':<12}{cols}", f"{'':<12}{heads}"]
     for name, res in results.items():
         cells = "".join(" | " + "  ".join(f"{res[s][k]:6.3f}±{res[s][k + '_se']:.3f}"
                                           for k in ("accuracy", "pearson", "spearman")) for s in EVAL_SPLITS)
@@ -170,7 +173,8 @@ def tokenize_pairs(pairs: list[dict], tok: Tokenizer, max_len: int, margin_scale
         # the prompt is never cut: fit_to_length cuts the response to max_len first (max_len >= its min 16)
         room = len(prompt) + max_len
         out.append({"prompt": prompt, "chosen": fit_to_length(prompt, chosen, room)[1],
-                    "rejected": fit_to_length(prompt, rejected, room)[1], "margin": margin_scale * p["margin"]})
+                    "rejected": fit_to_length(prompt, rejected, room)[1],
+                    "margin": margin_scale * p["margin"]})
     return out
 
 
@@ -187,7 +191,8 @@ def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> lis
     rm.train()
     # The head is fresh and the backbone pretrained: the head gets a larger lr (as rest_loop's proxy RM).
     optimizer = torch.optim.AdamW([{"params": scale.trainable(rm.model), "lr": cfg.lr},
-                                   {"params": [rm.score.weight], "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+                                   {"params": [rm.score.weight], "lr": cfg.head_lr}],
+                                  weight_decay=cfg.weight_decay)
     peaks = [group["lr"] for group in optimizer.param_groups]
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
     history, bar = [], distributed.bar(total=total_steps, desc="RM", unit="step")
@@ -222,7 +227,8 @@ def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> lis
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs of every rank
-        metrics.update(step=step + 1, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]  # the backbone's; the head's is head_lr/lr times it
+        metrics.update(step=step + 1, grad_norm=grad_norm, lr=lr)
         run.log(**metrics)
         history.append(metrics)
         # training accuracy is on pairs seen once: an honest running estimate of held-out accuracy in epoch 1
@@ -254,7 +260,9 @@ def main() -> None:
 
     texts = unique_texts(sets)
     prompt_len = len(pair_ids(tok, "", "")[0])
-    rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size, prompt_len + cfg.max_len)
+    # the cut of tokenize_pairs: score_texts' max_len covers prompt + text
+    rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size,
+                                       prompt_len + cfg.max_len)
     results = {}
     if distributed.is_main():  # rank 0 evaluates; the other ranks wait at DDP's first all-reduce
         results["VADER"] = evaluate(lambda ts: vader.score([""] * len(ts), ts), texts, sets)
@@ -263,13 +271,12 @@ def main() -> None:
     try:
         history = train(cfg, rm, pairs, tok.pad_id, dev, run)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
-        save_reward_model(lora.merge(rm).eval(), run.dir / "rm", copy_from=model_dir)
+        save_reward_model(rm.eval(), run.dir / "rm", copy_from=model_dir)  # LoRA: merged into the weights
         print(f"\ninterrupted: RM after the last finished step in {run.dir / 'rm'}", file=sys.stderr)
         sys.exit(130)
-    lora.merge(rm)  # LoRA: adapters folded into plain weights, the layout transformers loads
     if not distributed.is_main():
         return
-    save_reward_model(rm, run.dir / "rm", copy_from=model_dir)
+    save_reward_model(rm, run.dir / "rm", copy_from=model_dir)  # LoRA: adapters merged into plain weights
     line_plots([("Bradley-Terry loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
                 ("training pair accuracy", {"accuracy": [(m["step"], m["accuracy"]) for m in history]}),
                 ("score gap r_chosen - r_rejected", {"margin": [(m["step"], m["margin"]) for m in history]})],

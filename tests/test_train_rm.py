@@ -62,7 +62,8 @@ def test_pearson_by_hand_and_numpy():
 def test_spearman_with_ties_by_hand():
     assert list(train_rm.average_ranks(np.array([5.0, 1.0, 5.0]))) == [2.5, 1.0, 2.5]
     assert list(train_rm.average_ranks(np.array([2.0, 2.0, 2.0, 0.0]))) == [3.0, 3.0, 3.0, 1.0]
-    # ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5), (-1.5, -.5, .5, 1.5) -> 4.5/sqrt(4.5·5)
+    # ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5), (-1.5, -.5, .5, 1.5)
+    # -> 4.5/sqrt(4.5·5) = 3/sqrt(10)
     rho = train_rm.spearman(np.array([1.0, 2, 2, 3]), np.array([10.0, 20, 30, 40]))
     assert rho == pytest.approx(3 / math.sqrt(10), abs=1e-15)
     x = np.array([0.1, 0.5, 2.0, 3.0, 7.0])
@@ -117,7 +118,10 @@ def run_tiny(tmp_path, model, monkeypatch, *extra) -> Path:
     return tmp_path / "out" / "r"
 
 
-@pytest.mark.parametrize("extra", [(), ("--lora-rank", "4", "--margin-scale", "0.1", "--center-coef", "0.01")])
+LORA_MARGIN_CENTER = ("--lora-rank", "4", "--margin-scale", "0.1", "--center-coef", "0.01")
+
+
+@pytest.mark.parametrize("extra", [(), LORA_MARGIN_CENTER])
 def test_tiny_run_end_to_end(extra, ratings, tiny_chat_model, tmp_path, monkeypatch):
     run = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *extra)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
