@@ -1,6 +1,6 @@
 """A reward model learned from real human judgments: the VADER paper's sentiment ratings, offline.
 
-    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~17 minutes
+    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~15 minutes
     python train_rm.py --model llama --lora-rank 16 --grad-checkpointing true
     torchrun --nproc_per_node 2 train_rm.py -- --model llama   # DDP (nanorlhf/scale.py; no --fsdp)
 
@@ -54,7 +54,7 @@ class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-check
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
     out_dir: str = flag("out/train_rm", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (default: a timestamp)")
-    train_pairs: int = flag(1024, "preference pairs drawn from the train split", min=1)
+    train_pairs: int = flag(768, "preference pairs drawn from the train split", min=1)
     eval_pairs: int = flag(300, "fixed pairs per evaluation split (test, held-out source)", min=1)
     eval_texts: int = flag(300, "texts per evaluation split for the correlations (capped at the split's size)",
                            min=3)
