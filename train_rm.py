@@ -1,0 +1,292 @@
+"""A reward model learned from real human judgments: the VADER paper's sentiment ratings, offline.
+
+    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~15 minutes
+    python train_rm.py --model llama --lora-rank 16 --grad-checkpointing true
+    torchrun --nproc_per_node 2 train_rm.py -- --model llama   # DDP (nanorlhf/scale.py; no --fsdp)
+
+Each of 23,703 short texts (tweets, movie and Amazon review snippets, NYT editorials) was rated on
+[-4, 4] by ~20 people (Hutto & Gilbert, ICWSM 2014; nanorlhf/human_ratings.py). "A is more positive
+than B" when the raters' means differ beyond their standard errors: preference pairs, as in RLHF's
+reward modelling (Stiennon et al. 2020, arXiv 2009.01325; Ouyang et al. 2022), fit with the
+Bradley-Terry loss -log σ(r_A - r_B - m), optionally with a margin m (Llama 2, arXiv 2307.09288) and
+reward centering (Eisenstein et al. 2023, arXiv 2312.09244).
+
+The run, top to bottom: ratings split by text (NYT held out whole) -> --train-pairs pairs from the
+train split, each text as the chat-formatted (prompt "", response = text) input that reward.score_texts
+and `rest_loop.py --gold rm:PATH` score, its text cut to --max-len tokens -> the RM is the LM's backbone
+with a fresh scalar head (reward_model_from_lm) -> evaluation of VADER and the untrained RM on the
+in-domain test split and the held-out source -> Bradley-Terry steps (AdamW, warmup + linear decay,
+clipping, accumulation), metrics.jsonl and a tqdm bar -> the same evaluation for the trained RM, side
+by side -> RUN/rm in the LlamaForSequenceClassification layout, eval.json, training.svg.
+
+Evaluation, per split: pairwise accuracy on --eval-pairs fixed pairs (a tie counts 1/2: VADER gives
+many), SE = sqrt(p(1-p)/n); Pearson and Spearman correlation of the score with the raters' mean on
+--eval-texts texts, SE = (1-r²)/sqrt(n-1) (the large-sample SE of Pearson's r, used for Spearman's as an
+approximation). Pairs and texts are drawn independently, so a few texts are in both. VADER reads each whole
+text, the RM its first --max-len tokens (the same cut as in training). Not done: --resume.
+"""
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanorlhf import distributed, human_ratings, scale
+from nanorlhf.checkpoint import load_model, resolve_model
+from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
+from nanorlhf.data import fit_to_length, pair_batch
+from nanorlhf.errors import UserError, run_cli
+from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm, save_reward_model,
+                             score_texts)
+from nanorlhf.schedule import lr_at
+from nanorlhf.svg import line_plots
+from nanorlhf.tokenizer import Tokenizer
+
+EVAL_SPLITS = {"test": "in-domain test", "heldout_source": "held-out source (NYT)"}
+
+
+@dataclass
+class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-checkpointing)
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
+    out_dir: str = flag("out/train_rm", "runs are written to OUT_DIR/RUN")
+    run: str = flag("", "run name (default: a timestamp)")
+    train_pairs: int = flag(768, "preference pairs drawn from the train split", min=1)
+    eval_pairs: int = flag(300, "fixed pairs per evaluation split (test, held-out source)", min=1)
+    eval_texts: int = flag(300, "texts per evaluation split for the correlations (capped at the split's size)",
+                           min=3)
+    pair_z: float = flag(1.96, "a pair needs |mean_a - mean_b| > z·sqrt(se_a² + se_b²)", min=0)
+    max_len: int = flag(64, "text tokens kept (cut at the right; 99% of the texts are shorter)", min=16)
+    margin_scale: float = flag(0.0, "BT margin m = scale × the raters' mean difference (0 = no margin)", min=0)
+    center_coef: float = flag(0.0, "reward centering c·(r_w + r_l)² (0.01 in arXiv 2312.09244)", min=0)
+    lr: float = flag(2e-5, "AdamW peak learning rate of the backbone", gt=0)
+    head_lr: float = flag(1e-3, "AdamW peak learning rate of the head (fresh, where the backbone is pretrained)",
+                          gt=0)
+    weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
+    warmup_steps: int = flag(8, "linear warmup steps, then linear decay to 0", min=0)
+    epochs: int = flag(1, "passes over the training pairs", min=1)
+    batch_size: int = flag(8, "pairs per forward pass, summed over torchrun's ranks", min=1)
+    grad_accum: int = flag(1, "forward passes per optimizer step: batch_size x grad_accum pairs per step", min=1)
+    grad_clip: float = flag(1.0, "max gradient norm", gt=0)
+    eval_batch_size: int = flag(32, "texts per scoring forward", min=1)
+    eval_base: bool = flag(True, "also evaluate the untrained RM (the baseline row; costs one more evaluation)")
+    seed: int = flag(0, "seed of the split, the pairs, the head's init and the shuffling")
+
+    def check(self) -> None:
+        super().check()
+        if self.fsdp:
+            raise UserError("--fsdp: train_rm.py evaluates and saves the whole RM on rank 0; use DDP")
+
+
+# --- evaluation: pure functions of score vectors ---
+
+def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> tuple[float, float]:
+    """(n,) scores of the preferred and the other text -> (accuracy, binomial SE sqrt(p(1-p)/n)).
+    A tie scores 1/2: a scorer without an opinion is as good as a coin, not always wrong."""
+    p = float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+    return p, math.sqrt(p * (1 - p) / len(chosen))
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """(n,), (n,) -> Pearson's r in float64 (nan when either vector is constant)."""
+    x, y = np.asarray(x, np.float64) - np.mean(x), np.asarray(y, np.float64) - np.mean(y)
+    denom = math.sqrt(float(x @ x) * float(y @ y))
+    return float(x @ y) / denom if denom > 0 else math.nan
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """(n,) -> 1-based ranks, tied values sharing the mean of their ranks ([5, 1, 5] -> [2.5, 1, 2.5])."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, group = np.unique(x, return_inverse=True)
+    return (np.bincount(group, ranks) / np.bincount(group))[group]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: Pearson's r of the average ranks (the tie-corrected form)."""
+    return pearson(average_ranks(np.asarray(x)), average_ranks(np.asarray(y)))
+
+
+def corr_se(r: float, n: int) -> float:
+    """Large-sample SE of a correlation coefficient: (1 - r²)/sqrt(n - 1)."""
+    return (1 - r * r) / math.sqrt(n - 1)
+
+
+def eval_metrics(score: dict[str, float], pairs: list[dict], texts: list[dict]) -> dict[str, float]:
+    """A scorer's text -> score map on one split's pairs and rated texts -> accuracy, pearson, spearman, SEs."""
+    acc, acc_se = pairwise_accuracy(np.array([score[p["chosen"]] for p in pairs]),
+                                    np.array([score[p["rejected"]] for p in pairs]))
+    s, m = np.array([score[t["text"]] for t in texts]), np.array([t["mean"] for t in texts])
+    r, rho = pearson(s, m), spearman(s, m)
+    return dict(accuracy=acc, accuracy_se=acc_se, pearson=r, pearson_se=corr_se(r, len(texts)),
+                spearman=rho, spearman_se=corr_se(rho, len(texts)), pairs=len(pairs), texts=len(texts))
+
+
+def eval_sets(splits: dict[str, list[dict]], cfg: Config) -> dict[str, tuple[list[dict], list[dict]]]:
+    """{split: (pairs, rated texts)}: the fixed evaluation data, seeded apart from the training pairs."""
+    out = {}
+    for k, split in enumerate(EVAL_SPLITS):
+        pairs = human_ratings.preference_pairs(splits[split], cfg.eval_pairs, cfg.seed + 1 + k, cfg.pair_z)
+        rated = splits[split]
+        texts = random.Random(f"{cfg.seed}:{split}").sample(rated, min(cfg.eval_texts, len(rated)))
+        out[split] = (pairs, texts)
+    return out
+
+
+def unique_texts(sets: dict) -> list[str]:
+    """Every text an evaluation scores, once each, shortest first (less padding in a batch)."""
+    texts = {t for pairs, rated in sets.values() for t in [p[k] for p in pairs for k in ("chosen", "rejected")]
+             + [r["text"] for r in rated]}
+    return sorted(texts, key=lambda t: (len(t), t))
+
+
+def evaluate(score_fn, texts: list[str], sets: dict) -> dict[str, dict]:
+    """Score each text once with score_fn (texts -> scores), then every split's metrics."""
+    score = dict(zip(texts, score_fn(texts)))
+    return {split: eval_metrics(score, pairs, rated) for split, (pairs, rated) in sets.items()}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per scorer: value±SE of accuracy, Pearson and Spearman on each evaluation split."""
+    cols = "".join(f" | {EVAL_SPLITS[s]:<41}" for s in EVAL_SPLITS)
+    heads = " | accuracy      pearson       spearman     " * len(EVAL_SPLITS)
+    lines = [f"{'scorer':<12}{cols}", f"{'':<12}{heads}"]
+    for name, res in results.items():
+        cells = "".join(" | " + "  ".join(f"{res[s][k]:6.3f}±{res[s][k + '_se']:.3f}"
+                                          for k in ("accuracy", "pearson", "spearman")) for s in EVAL_SPLITS)
+        lines.append(f"{name:<12}{cells}")
+    return "\n".join(lines)
+
+
+# --- the run ---
+
+def tokenize_pairs(pairs: list[dict], tok: Tokenizer, max_len: int, margin_scale: float) -> list[dict]:
+    """Human pairs -> {prompt, chosen, rejected} ids (+ margin), each text cut as score_texts cuts it."""
+    out = []
+    for p in pairs:
+        prompt, chosen = pair_ids(tok, "", p["chosen"])
+        rejected = pair_ids(tok, "", p["rejected"])[1]
+        # the prompt is never cut: fit_to_length cuts the response to max_len first (max_len >= its min 16)
+        room = len(prompt) + max_len
+        out.append({"prompt": prompt, "chosen": fit_to_length(prompt, chosen, room)[1],
+                    "rejected": fit_to_length(prompt, rejected, room)[1],
+                    "margin": margin_scale * p["margin"]})
+    return out
+
+
+def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
+    """Bradley-Terry steps on `rm` (prepared by scale.prepare: with LoRA the adapters and the head train).
+    Under torchrun every rank builds the same micro-batches and trains on its shard of each."""
+    rng = random.Random(cfg.seed)
+    micro_batches = []
+    for _ in range(cfg.epochs):
+        order = pairs[:]
+        rng.shuffle(order)
+        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    net = distributed.wrap(rm)  # DDP under torchrun, else rm itself
+    rm.train()
+    # The head is fresh and the backbone pretrained: the head gets a larger lr (as rest_loop's proxy RM).
+    optimizer = torch.optim.AdamW([{"params": scale.trainable(rm.model), "lr": cfg.lr},
+                                   {"params": [rm.score.weight], "lr": cfg.head_lr}],
+                                  weight_decay=cfg.weight_decay)
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
+    history, bar = [], distributed.bar(total=total_steps, desc="RM", unit="step")
+    for step in range(total_steps):
+        mult = lr_at(step, total_steps, cfg.warmup_steps)
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * mult
+        step_batches = micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+        n_pairs = sum(map(len, step_batches))  # the pairs of this optimizer step, over all ranks
+        step_metrics = []
+        for i, batch in enumerate(step_batches):
+            batch_pairs, real = distributed.shard(batch)  # this rank's pairs (a weight-0 dummy if none)
+            # DDP all-reduces on the last backward of the step only; the others accumulate locally
+            with distributed.no_sync(net, skip=i < len(step_batches) - 1):
+                # one forward over the chosen rows then the rejected rows: the head at each last real token
+                ids = pair_batch(batch_pairs, pad_id)
+                with autocast(dev):
+                    chosen, rejected = net(ids["input_ids"].to(dev), ids["attention_mask"].to(dev)).chunk(2)
+                # Bradley-Terry: P(chosen ≻ rejected) = σ(r_c - r_r). The margin asks for a gap that grows with
+                # how much more positive the raters found the chosen text; centering pins the scores' offset,
+                # which BT alone leaves free. No margin at all (None) when --margin-scale is 0.
+                margin = torch.tensor([p["margin"] for p in batch_pairs], device=dev) if cfg.margin_scale else None
+                losses, accuracy = bradley_terry_loss(chosen, rejected, margin, cfg.center_coef)
+                # The step's loss is the mean over its n_pairs pairs however they are split over micro-batches
+                # and ranks; DDP averages over ranks, so a rank multiplies by world_size; a dummy weighs 0.
+                weight = distributed.world_size() / n_pairs if real else 0.0
+                (losses.sum() * weight).backward()
+            step_metrics.append((len(batch_pairs) * real, {
+                "loss": losses.mean().item(), "accuracy": accuracy.mean().item(),
+                "margin": (chosen - rejected).mean().item(), "reward": (chosen + rejected).mean().item() / 2}))
+        grad_norm = distributed.clip_grad_norm(rm.parameters(), cfg.grad_clip)  # before clipping, logged
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs of every rank
+        lr = optimizer.param_groups[0]["lr"]  # the backbone's; the head's is head_lr/lr times it
+        metrics.update(step=step + 1, grad_norm=grad_norm, lr=lr)
+        run.log(**metrics)
+        history.append(metrics)
+        # training accuracy is on pairs seen once: an honest running estimate of held-out accuracy in epoch 1
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+        bar.update()
+    bar.close()
+    rm.eval()
+    return history
+
+
+def main() -> None:
+    cfg = parse_config(Config, __doc__)  # every flag checked here, before any work
+    distributed.init()  # torchrun: join the process group (a no-op otherwise)
+    seed_everything(cfg.seed)
+    started, dev = time.perf_counter(), device()
+    splits = human_ratings.load_splits(cfg.seed)
+    rows = human_ratings.preference_pairs(splits["train"], cfg.train_pairs, cfg.seed, cfg.pair_z)
+    sets = eval_sets(splits, cfg)
+    vader = VaderScorer()  # before the model load: a missing vaderSentiment is one line, not a wasted minute
+    model_dir = resolve_model(cfg.model)
+    tok = Tokenizer(model_dir)
+    rm = reward_model_from_lm(load_model(model_dir, device=dev), cfg.seed).eval()
+    scale.prepare(rm, cfg, cfg.seed).score.requires_grad_(True)  # with LoRA the head still trains whole
+    pairs = tokenize_pairs(rows, tok, cfg.max_len, cfg.margin_scale)
+    cut = sum(len(tok.encode(r[k])) > cfg.max_len for r in rows for k in ("chosen", "rejected"))
+    distributed.print0(f"{len(pairs)} training pairs from {len(splits['train'])} train texts; {cut} texts cut to "
+                       f"{cfg.max_len} tokens")
+    run = Run("train_rm", cfg.out_dir, cfg.run, cfg)
+
+    texts = unique_texts(sets)
+    prompt_len = len(pair_ids(tok, "", "")[0])
+    # the cut of tokenize_pairs: score_texts' max_len covers prompt + text
+    rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size,
+                                       prompt_len + cfg.max_len)
+    results = {}
+    if distributed.is_main():  # rank 0 evaluates; the other ranks wait at DDP's first all-reduce
+        results["VADER"] = evaluate(lambda ts: vader.score([""] * len(ts), ts), texts, sets)
+        if cfg.eval_base:
+            results["RM untrained"] = evaluate(rm_scores, texts, sets)
+    try:
+        history = train(cfg, rm, pairs, tok.pad_id, dev, run)
+    except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
+        save_reward_model(rm.eval(), run.dir / "rm", copy_from=model_dir)  # LoRA: merged into the weights
+        print(f"\ninterrupted: RM after the last finished step in {run.dir / 'rm'}", file=sys.stderr)
+        sys.exit(130)
+    if not distributed.is_main():
+        return
+    save_reward_model(rm, run.dir / "rm", copy_from=model_dir)  # LoRA: adapters merged into plain weights
+    line_plots([("Bradley-Terry loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
+                ("training pair accuracy", {"accuracy": [(m["step"], m["accuracy"]) for m in history]}),
+                ("score gap r_chosen - r_rejected", {"margin": [(m["step"], m["margin"]) for m in history]})],
+               run.dir / "training.svg")
+    results["RM trained"] = evaluate(rm_scores, texts, sets)
+    run.write_json("eval.json", results)
+    print(f"\n{len(texts)} texts scored; per split {cfg.eval_pairs} pairs, up to {cfg.eval_texts} rated texts")
+    print(format_table(results))
+    print(f"RM, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
