@@ -14,7 +14,6 @@ tqdm bar -> the same evaluation for the trained model, side by side -> checkpoin
 """
 
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from torch import Tensor
 from nanorlhf import distributed, lora, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, device, flag, parse_config, seed_everything
-from nanorlhf.data import batch_logps, check_vocab, fit_to_length, pair_batch, read_preferences, reference_logps
+from nanorlhf.data import (batch_logps, check_vocab, epoch_batches, fit_to_length, pair_batch, read_preferences,
+                           reference_logps)
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import DATA_DIR, load_eval_rows
 from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
@@ -181,12 +181,7 @@ def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> 
     """DPO steps on `model` (prepared by scale.prepare: with LoRA only the adapters train). Under torchrun
     every rank builds the same micro-batches and trains on its shard of each (distributed.shard)."""
     average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs, the others on sums
-    rng = random.Random(cfg.seed)
-    epochs = []  # per epoch, its micro-batches of the shuffled pairs
-    for _ in range(cfg.epochs):
-        order = pairs[:]
-        rng.shuffle(order)
-        epochs.append([order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)])
+    epochs = epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed)  # per epoch, its micro-batches
     micro_batches = [b for epoch in epochs for b in epoch]
     net = distributed.wrap(model, cfg.fsdp)  # DDP/FSDP under torchrun, else model itself
     # π_ref never changes, so every pair is scored once, before the first step (the first epoch holds each

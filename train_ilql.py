@@ -27,7 +27,6 @@ Resume: RUN/resume/ (heads, targets, AdamW moments, RNG, a trained LM), every --
 """
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from nanorlhf import distributed, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
-from nanorlhf.data import check_vocab, collate, fit_to_length, read_preferences
+from nanorlhf.data import check_vocab, collate, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.distributed import print0
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, save_heads
@@ -318,12 +317,8 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
           history=()) -> list[dict]:
     """ILQL steps. Under torchrun every rank builds the same micro-batches and trains on its shard of each."""
     model.train(cfg.train_lm)
-    rng = random.Random(cfg.seed)  # the same order on every (re)start: a resume needs only the step number
-    micro_batches = []
-    for _ in range(cfg.epochs):
-        order = samples[:]
-        rng.shuffle(order)
-        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    # the same order on every (re)start: a resume needs only the step number
+    micro_batches = [b for epoch in epoch_batches(samples, cfg.batch_size, cfg.epochs, cfg.seed) for b in epoch]
     shards = [distributed.shard(b) for b in micro_batches]  # [(this rank's samples, real?)]
     if not cfg.train_lm:  # the LM never changes: its features once, then only the small heads run
         model.requires_grad_(False)

@@ -38,7 +38,7 @@ import torch
 from nanorlhf import distributed, human_ratings, scale
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
-from nanorlhf.data import fit_to_length, pair_batch
+from nanorlhf.data import epoch_batches, fit_to_length, pair_batch
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm, save_reward_model,
                              score_texts)
@@ -181,12 +181,7 @@ def tokenize_pairs(pairs: list[dict], tok: Tokenizer, max_len: int, margin_scale
 def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
     """Bradley-Terry steps on `rm` (prepared by scale.prepare: with LoRA the adapters and the head train).
     Under torchrun every rank builds the same micro-batches and trains on its shard of each."""
-    rng = random.Random(cfg.seed)
-    micro_batches = []
-    for _ in range(cfg.epochs):
-        order = pairs[:]
-        rng.shuffle(order)
-        micro_batches += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    micro_batches = [b for epoch in epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed) for b in epoch]
     net = distributed.wrap(rm)  # DDP under torchrun, else rm itself
     rm.train()
     # The head is fresh and the backbone pretrained: the head gets a larger lr (as rest_loop's proxy RM).

@@ -114,7 +114,8 @@ class Run:
 
     def __init__(self, script: str, out_dir: str, name: str, config, resume: bool = False) -> None:
         self.writes = distributed.is_main()
-        self.dir = Path(out_dir) / name if resume else run_dir(out_dir, name) if self.writes else Path(out_dir) / name
+        # rank 0 picks (or refuses) a fresh directory; a resumed run and the other ranks use the named one
+        self.dir = run_dir(out_dir, name) if self.writes and not resume else Path(out_dir) / name
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
             config_json = json.dumps({"script": script, **dataclasses.asdict(config)}, indent=2)

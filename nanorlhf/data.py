@@ -4,6 +4,7 @@ Every bad line is reported as `file:line: what is wrong`, before anything is tra
 """
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -109,6 +110,19 @@ def check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
     if ids and max(ids) >= vocab_size:
         raise UserError(f"{where}: token id {max(ids)} is outside the model's vocabulary ({vocab_size}): "
                         "tokenizer and model do not match")
+
+
+def epoch_batches(items: list, batch_size: int, epochs: int, seed: int) -> list[list[list]]:
+    """Per epoch, `items` shuffled (one seeded RNG across the epochs) and cut into micro-batches of
+    batch_size (the last may be short). Same seed, same order: under torchrun every rank builds the same
+    batches, and a resumed run needs only its step number."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(epochs):
+        order = items[:]
+        rng.shuffle(order)
+        out.append([order[i:i + batch_size] for i in range(0, len(order), batch_size)])
+    return out
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """train_dpo.py beyond the loss: batching, reference caching, bad input, and whole runs."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_steps_split_by_accumulation_give_the_same_update(tiny_chat_model, tmp_p
         pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
         cfg = train_dpo.Config(batch_size=batch_size, grad_accum=accum, warmup_steps=1, lr=1e-3, seed=0)
         run = type("NoRun", (), {"log": lambda self, **kw: None})()
-        train_dpo.random.seed(0)
+        random.seed(0)
         history = train_dpo.train(cfg, model, pairs, tok.pad_id, torch.device("cpu"), run)
         assert len(history) == 1 and history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # policy == ref
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -236,6 +237,17 @@ def test_lora_run_scores_the_nll_guard_with_adapters_off(tiny_chat_model, tmp_pa
                                      str(write_pairs(tmp_path / "p.jsonl", 4)), "--eval-data", str(eval_rows),
                                      "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6",
                                      "--lr", "1e-2", "--lora-rank", "4"])
+    from nanorlhf import pink_eval
+    scored = []  # (prompts, responses, NLL) of every NLL the evaluation computes
+    real_nll = pink_eval.mean_nll
+    monkeypatch.setattr(pink_eval, "mean_nll",
+                        lambda m, p, r, *a, **k: scored.append((p, r, real_nll(m, p, r, *a, **k))) or scored[-1][2])
     train_dpo.main()
     assert len(loads) == 1  # before: a second load_model for the NLL column
-    assert set(json.loads((tmp_path / "out" / "r" / "eval.json").read_text())) == {"base", "DPO"}
+    results = json.loads((tmp_path / "out" / "r" / "eval.json").read_text())
+    assert set(results) == {"base", "DPO"}
+    # the DPO column's NLL is that of its samples under a freshly loaded base, not under the trained model
+    prompts, responses, nll = scored[-1]
+    assert results["DPO"]["base_nll"] == nll
+    base, pad_id = real(tiny_chat_model).eval(), Tokenizer(tiny_chat_model).pad_id
+    assert nll == pytest.approx(real_nll(base, prompts, responses, pad_id), rel=1e-5)
