@@ -55,7 +55,8 @@ def parse_config(cls, description: str, argv: list[str] | None = None):
     own = set(vars(cls).get("__annotations__", {}))  # the script's own flags first, inherited ones (scale.py) after
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         parser.add_argument(flag_name(f.name), type=_flag_type(f.type), default=f.default,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                            # argparse %-formats help text: a literal % ("99% of texts") must be doubled
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%"))
     cfg = cls(**vars(parser.parse_args(argv)))
     check_flags(cfg)
     if hasattr(cfg, "out_dir") and not getattr(cfg, "resume", ""):

@@ -81,3 +81,25 @@ def test_default_run_names_never_collide(tmp_path):
     first.log(step=1)
     second = run_dir(str(tmp_path), "")
     assert second != first.dir and not second.exists()
+
+
+@dataclass
+class Percent:
+    max_len: int = flag(64, "tokens kept (99% of texts are shorter)")
+
+
+def test_help_prints_a_literal_percent(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_config(Percent, "", ["--help"])
+    assert done.value.code == 0
+    assert "99% of texts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train_dpo.py", "train_ilql.py", "train_rm.py", "rest_loop.py", "qdaif.py"])
+def test_every_script_prints_its_help(script):
+    import subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--seed" in done.stdout
