@@ -1,6 +1,7 @@
 """A reward model learned from real human judgments: the VADER paper's sentiment ratings, offline.
 
-    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~15 minutes
+    python train_rm.py --model llama          # the embedded SmolLM2-135M-Instruct, 2 CPU cores, ~19 minutes
+    python train_rm.py --resume out/train_rm/RUN   # continue an interrupted run
     python train_rm.py --model llama --lora-rank 16 --grad-checkpointing true
     torchrun --nproc_per_node 2 train_rm.py -- --model llama   # DDP (nanorlhf/scale.py; no --fsdp)
 
@@ -23,14 +24,22 @@ Evaluation, per split: pairwise accuracy on --eval-pairs fixed pairs (a tie coun
 many), SE = sqrt(p(1-p)/n); Pearson and Spearman correlation of the score with the raters' mean on
 --eval-texts texts, SE = (1-r²)/sqrt(n-1) (the large-sample SE of Pearson's r, used for Spearman's as an
 approximation). Pairs and texts are drawn independently, so a few texts are in both. VADER reads each whole
-text, the RM its first --max-len tokens (the same cut as in training). Not done: --resume.
+text, the RM its first --max-len tokens (the same cut as in training).
+
+Resume: RUN/resume/ (the trainable weights, AdamW's moments, the RNG) every --save-every steps, swapped in
+whole; the pairs, their order and the evaluation sets come from --seed alone, so the step is all a resumed
+run needs, and it keeps the baseline rows already in RUN/eval.json. RUN/rm/config.json records the prompt ""
+as nanorlhf_fixed_prompt: the RM learned the sentiment of a text alone, so reward.RMScorer (rest_loop's
+--gold rm:PATH, qdaif's --fitness rm:PATH) scores responses under that prompt and ignores the request.
 """
 
+import json
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +49,7 @@ from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
 from nanorlhf.data import epoch_batches, fit_to_length, pair_batch
 from nanorlhf.errors import UserError, run_cli
+from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm, save_reward_model,
                              score_texts)
 from nanorlhf.schedule import lr_at
@@ -54,6 +64,9 @@ class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-check
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
     out_dir: str = flag("out/train_rm", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (default: a timestamp)")
+    resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
+    save_every: int = flag(24, "write RUN/resume/ every N optimizer steps (and at the last; 0: only the last)",
+                           min=0)
     train_pairs: int = flag(768, "preference pairs drawn from the train split", min=1)
     eval_pairs: int = flag(300, "fixed pairs per evaluation split (test, held-out source)", min=1)
     eval_texts: int = flag(300, "texts per evaluation split for the correlations (capped at the split's size)",
@@ -178,9 +191,31 @@ def tokenize_pairs(pairs: list[dict], tok: Tokenizer, max_len: int, margin_scale
     return out
 
 
-def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
+# --- resumable checkpoints: safetensors + json, never pickle ---
+
+def trainable_tensors(rm) -> dict:
+    """What training changes (all weights, or with LoRA the adapters and the head): a resume's weights."""
+    return {name: p for name, p in rm.named_parameters() if p.requires_grad}
+
+
+def resume_dir(run_dir: Path) -> Path:
+    if (found := latest(run_dir, "resume", "state.json")) is None:
+        raise UserError(f"--resume {run_dir}: no resumable checkpoint (resume/state.json) in that directory")
+    return found
+
+
+def load_resume(path: Path, rm, optimizer) -> int:
+    step, tensors = load_train_state(path, optimizer)
+    with torch.no_grad():
+        for name, p in trainable_tensors(rm).items():
+            p.copy_(tensors[name])
+    return step
+
+
+def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run, history=()) -> list[dict]:
     """Bradley-Terry steps on `rm` (prepared by scale.prepare: with LoRA the adapters and the head train).
     Under torchrun every rank builds the same micro-batches and trains on its shard of each."""
+    # the same order on every (re)start: a resume needs only the step number
     micro_batches = [b for epoch in epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed) for b in epoch]
     net = distributed.wrap(rm)  # DDP under torchrun, else rm itself
     rm.train()
@@ -190,8 +225,9 @@ def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> lis
                                   weight_decay=cfg.weight_decay)
     peaks = [group["lr"] for group in optimizer.param_groups]
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
-    history, bar = [], distributed.bar(total=total_steps, desc="RM", unit="step")
-    for step in range(total_steps):
+    start = load_resume(resume_dir(run.dir), rm, optimizer) if cfg.resume else 0
+    history, bar = list(history), distributed.bar(total=total_steps, initial=start, desc="RM", unit="step")
+    for step in range(start, total_steps):
         mult = lr_at(step, total_steps, cfg.warmup_steps)
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * mult
@@ -229,14 +265,21 @@ def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run) -> lis
         # training accuracy is on pairs seen once: an honest running estimate of held-out accuracy in epoch 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
         bar.update()
+        last = step + 1 == total_steps
+        if distributed.is_main() and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            save_train_state(run.dir / "resume", step + 1, trainable_tensors(rm), optimizer)
     bar.close()
     rm.eval()
     return history
 
 
 def main() -> None:
-    cfg = parse_config(Config, __doc__)  # every flag checked here, before any work
+    cfg, history = parse_config(Config, __doc__), []  # every flag checked here, before any work
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
+    if cfg.resume:  # the interrupted run's own config, and its metrics up to the checkpoint
+        step = json.loads((resume_dir(Path(cfg.resume)) / "state.json").read_text())["step"]
+        distributed.print0(f"resuming {cfg.resume} at step {step}")
+        cfg, history = resumed_config(Config, cfg.resume, "train_rm"), metrics_upto(Path(cfg.resume), step)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     splits = human_ratings.load_splits(cfg.seed)
@@ -246,25 +289,30 @@ def main() -> None:
     model_dir = resolve_model(cfg.model)
     tok = Tokenizer(model_dir)
     rm = reward_model_from_lm(load_model(model_dir, device=dev), cfg.seed).eval()
+    rm.fixed_prompt = ""  # trained and evaluated on ("", text): saved with the RM (reward.RMScorer)
     scale.prepare(rm, cfg, cfg.seed).score.requires_grad_(True)  # with LoRA the head still trains whole
     pairs = tokenize_pairs(rows, tok, cfg.max_len, cfg.margin_scale)
     cut = sum(len(tok.encode(r[k])) > cfg.max_len for r in rows for k in ("chosen", "rejected"))
     distributed.print0(f"{len(pairs)} training pairs from {len(splits['train'])} train texts; {cut} texts cut to "
                        f"{cfg.max_len} tokens")
-    run = Run("train_rm", cfg.out_dir, cfg.run, cfg)
+    run = Run("train_rm", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
+    if cfg.resume:
+        run.rewrite(history)  # metrics.jsonl back to the checkpoint's step
 
     texts = unique_texts(sets)
     prompt_len = len(pair_ids(tok, "", "")[0])
     # the cut of tokenize_pairs: score_texts' max_len covers prompt + text
     rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size,
                                        prompt_len + cfg.max_len)
-    results = {}
-    if distributed.is_main():  # rank 0 evaluates; the other ranks wait at DDP's first all-reduce
+    saved = run.dir / "eval.json"  # a resumed run keeps the baseline rows it already has
+    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    if distributed.is_main() and "VADER" not in results:  # rank 0 evaluates; the others wait at DDP's first sync
         results["VADER"] = evaluate(lambda ts: vader.score([""] * len(ts), ts), texts, sets)
         if cfg.eval_base:
             results["RM untrained"] = evaluate(rm_scores, texts, sets)
+        run.write_json("eval.json", results)
     try:
-        history = train(cfg, rm, pairs, tok.pad_id, dev, run)
+        history = train(cfg, rm, pairs, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
         save_reward_model(rm.eval(), run.dir / "rm", copy_from=model_dir)  # LoRA: merged into the weights
         print(f"\ninterrupted: RM after the last finished step in {run.dir / 'rm'}", file=sys.stderr)

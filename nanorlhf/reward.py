@@ -9,6 +9,10 @@ real token. Two checkpoint layouts load and save, told apart by the head's tenso
 Which token is "last" comes from the attention mask, never from the pad id: with pad == eos (SmolLM2)
 transformers' rightmost-non-pad rule reads the token before a final EOS. We append no EOS (as UltraRM's
 card does), so the last real token is the response's last text token and transformers agrees with us.
+
+An RM trained on texts alone (train_rm.py: sentiment of a text, whatever was asked) records the one prompt
+it saw as "nanorlhf_fixed_prompt" in its config.json; RMScorer then scores every response under that prompt,
+so a gold or a fitness sees what the RM was trained on rather than requests it never read.
 """
 
 import copy
@@ -45,6 +49,7 @@ class RewardModel(nn.Module):
         super().__init__()
         assert head_name in HEAD_NAMES, head_name
         self.cfg, self.head_name = cfg, head_name  # head_name: the tensor name save_reward_model writes
+        self.fixed_prompt: str | None = None  # set: the RM was trained on (this prompt, text) only
         self.model = Backbone(cfg)
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
 
@@ -80,6 +85,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32,
         rm = RewardModel(cfg, head_name)
     load_state_into(rm, tensors, str(model_dir), dtype, ignore=("lm_head.weight",))
     rm.model_dir = model_dir
+    rm.fixed_prompt = hf.get("nanorlhf_fixed_prompt")
     return rm.to(device)
 
 
@@ -95,6 +101,8 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, copy_from: str | Pat
     config["architectures"] = ["LlamaRewardModel" if rm.head_name == "regression_head"
                                else f"{prefix}ForSequenceClassification"]
     config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if getattr(rm, "fixed_prompt", None) is not None:
+        config["nanorlhf_fixed_prompt"] = rm.fixed_prompt  # transformers keeps unknown keys as attributes
     if config.get("pad_token_id") is None:
         eos = config.get("eos_token_id")
         config["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
@@ -172,7 +180,8 @@ class GoldScorer(Protocol):
 
 
 class RMScorer:
-    """A reward-model checkpoint (either layout) with the tokenizer from its own directory."""
+    """A reward-model checkpoint (either layout) with the tokenizer from its own directory. An RM trained
+    on texts alone (its fixed_prompt) scores every response under that prompt: the given ones are ignored."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 8):
@@ -183,6 +192,8 @@ class RMScorer:
         self.batch_size = batch_size
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.rm.fixed_prompt is not None:
+            prompts = [self.rm.fixed_prompt] * len(responses)
         return score_texts(self.rm, self.tok, prompts, responses, self.batch_size)
 
 

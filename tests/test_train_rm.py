@@ -161,3 +161,60 @@ def test_training_loss_decreases(ratings, tiny_chat_model, tmp_path, monkeypatch
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean(losses[:6]), np.mean(losses[-6:])
     assert last < 0.5 * min(first, math.log(2)), (first, last)
+
+
+def test_saved_rm_scores_texts_alone_whatever_the_prompt(ratings, tiny_chat_model, tmp_path, monkeypatch):
+    """The RM learned ("", text): its checkpoint says so, and RMScorer (rest_loop's gold, qdaif's fitness)
+    scores a response under that prompt, so two different requests give the same score, equal to score_texts
+    with the prompt "" (and not to the score under the request, which the RM never saw)."""
+    from nanorlhf.reward import RMScorer
+
+    run = run_tiny(tmp_path, tiny_chat_model, monkeypatch, "--epochs", "1")
+    assert json.loads((run / "rm" / "config.json").read_text())["nanorlhf_fixed_prompt"] == ""
+    transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm")  # an extra key HF keeps
+    scorer, texts = RMScorer(run / "rm"), ["lovely kind day", "awful sad night"]
+    a = scorer.score(["Write a dark poem.", "Tell me about the sea."], texts)
+    b = scorer.score(["Describe your weekend.", ""], texts)
+    assert a == b == score_texts(scorer.rm, scorer.tok, ["", ""], texts)
+    under_request = score_texts(scorer.rm, scorer.tok, ["Write a dark poem.", "Tell me about the sea."], texts)
+    assert under_request != a  # the prompt does reach an RM's input: ignoring it is RMScorer's doing
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_model, tmp_path, monkeypatch):
+    """A crash at step 5 of 12 (resume/ written every 2 steps) and a resume give the same metrics, the same
+    evaluation and the same RM, bit for bit, as a run that never stopped; flags beside --resume are ignored."""
+    from nanorlhf.cli import Run
+    from safetensors.torch import load_file
+
+    common = ("--epochs", "2", "--save-every", "2")
+    straight = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common).rename(tmp_path / "out" / "straight")
+    original = Run.log
+
+    def crash_at_step_5(self, **values):
+        if values.get("step") == 5:
+            raise RuntimeError("simulated crash")
+        original(self, **values)
+
+    monkeypatch.setattr(Run, "log", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common)
+    monkeypatch.setattr(Run, "log", original)
+    broken = tmp_path / "out" / "r"
+    assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
+    assert not (broken / "rm").exists()
+    monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(broken), "--lr", "5"])
+    train_rm.main()
+
+    lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, broken)]
+    assert [json.loads(line)["step"] for line in lines[1]] == list(range(1, 13))
+    assert lines[0] == lines[1]
+    assert json.loads((straight / "eval.json").read_text()) == json.loads((broken / "eval.json").read_text())
+    a, b = (load_file(d / "rm" / "model.safetensors") for d in (straight, broken))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError) as e:
+        train_rm.main()
+    assert "--resume" in str(e.value) and "no resumable checkpoint" in str(e.value) and "\n" not in str(e.value)
