@@ -53,6 +53,7 @@ from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_conf
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm, save_reward_model,
                              score_texts)
 from nanorlhf.schedule import lr_at
+from nanorlhf.stats import corr_se, pairwise_accuracy, pearson, spearman
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
@@ -94,40 +95,7 @@ class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-check
             raise UserError("--fsdp: train_rm.py evaluates and saves the whole RM on rank 0; use DDP")
 
 
-# --- evaluation: pure functions of score vectors ---
-
-def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> tuple[float, float]:
-    """(n,) scores of the preferred and the other text -> (accuracy, binomial SE sqrt(p(1-p)/n)).
-    A tie scores 1/2: a scorer without an opinion is as good as a coin, not always wrong."""
-    p = float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
-    return p, math.sqrt(p * (1 - p) / len(chosen))
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """(n,), (n,) -> Pearson's r in float64 (nan when either vector is constant)."""
-    x, y = np.asarray(x, np.float64) - np.mean(x), np.asarray(y, np.float64) - np.mean(y)
-    denom = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / denom if denom > 0 else math.nan
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """(n,) -> 1-based ranks, tied values sharing the mean of their ranks ([5, 1, 5] -> [2.5, 1, 2.5])."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, group = np.unique(x, return_inverse=True)
-    return (np.bincount(group, ranks) / np.bincount(group))[group]
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's ρ: Pearson's r of the average ranks (the tie-corrected form)."""
-    return pearson(average_ranks(np.asarray(x)), average_ranks(np.asarray(y)))
-
-
-def corr_se(r: float, n: int) -> float:
-    """Large-sample SE of a correlation coefficient: (1 - r²)/sqrt(n - 1)."""
-    return (1 - r * r) / math.sqrt(n - 1)
-
+# --- evaluation (the statistics are nanorlhf/stats.py) ---
 
 def eval_metrics(score: dict[str, float], pairs: list[dict], texts: list[dict]) -> dict[str, float]:
     """A scorer's text -> score map on one split's pairs and rated texts -> accuracy, pearson, spearman, SEs."""

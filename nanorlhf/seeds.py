@@ -14,16 +14,7 @@ import math
 from pathlib import Path
 
 from nanorlhf.errors import UserError, run_cli
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """-> (mean, SE = sample std / sqrt(n)); the SE of a single value is nan (one seed says nothing of noise)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+from nanorlhf.stats import mean_se
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

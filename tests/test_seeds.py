@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nanorlhf import seeds
+from nanorlhf import seeds, stats
 from nanorlhf.errors import UserError
 
 
@@ -17,9 +17,9 @@ def write_run(path, rows):
 
 def test_mean_se_by_hand():
     # (1, 2, 6): mean 3, deviations (-2, -1, 3), Σ² = 14, var 7, SE sqrt(7/3)
-    m, se = seeds.mean_se([1.0, 2.0, 6.0])
+    m, se = stats.mean_se([1.0, 2.0, 6.0])
     assert m == 3.0 and se == pytest.approx(math.sqrt(7 / 3), rel=1e-15)
-    assert seeds.mean_se([4.0])[0] == 4.0 and math.isnan(seeds.mean_se([4.0])[1])
+    assert stats.mean_se([4.0])[0] == 4.0 and math.isnan(stats.mean_se([4.0])[1])
 
 
 def test_per_step_groups_runs_and_skips_missing(tmp_path):

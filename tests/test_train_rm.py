@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import train_rm
+from nanorlhf import stats
 from nanorlhf import human_ratings as hr
 from nanorlhf.checkpoint import load_model
 from nanorlhf.cli import parse_config
@@ -45,31 +46,31 @@ def ratings(tmp_path, monkeypatch):
 # --- evaluation helpers, by hand ---
 
 def test_pairwise_accuracy_counts_ties_half():
-    acc, se = train_rm.pairwise_accuracy(np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 1.0, 5.0, -1.0]))
+    acc, se = stats.pairwise_accuracy(np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 1.0, 5.0, -1.0]))
     assert acc == 2.5 / 4  # right, tie, wrong, right
     assert se == pytest.approx(math.sqrt(0.625 * 0.375 / 4), rel=1e-12)
 
 
 def test_pearson_by_hand_and_numpy():
     # deviations (-1, 0, 1) and (-1, 1, 0): Σ = 1, norms sqrt(2)·sqrt(2) -> r = 1/2
-    assert train_rm.pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(0.5, abs=1e-15)
+    assert stats.pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(0.5, abs=1e-15)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=50), rng.normal(size=50)
-    assert train_rm.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    assert math.isnan(train_rm.pearson(np.ones(4), np.arange(4.0)))  # a constant scorer has no correlation
+    assert stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert math.isnan(stats.pearson(np.ones(4), np.arange(4.0)))  # a constant scorer has no correlation
 
 
 def test_spearman_with_ties_by_hand():
-    assert list(train_rm.average_ranks(np.array([5.0, 1.0, 5.0]))) == [2.5, 1.0, 2.5]
-    assert list(train_rm.average_ranks(np.array([2.0, 2.0, 2.0, 0.0]))) == [3.0, 3.0, 3.0, 1.0]
+    assert list(stats.average_ranks(np.array([5.0, 1.0, 5.0]))) == [2.5, 1.0, 2.5]
+    assert list(stats.average_ranks(np.array([2.0, 2.0, 2.0, 0.0]))) == [3.0, 3.0, 3.0, 1.0]
     # ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5), (-1.5, -.5, .5, 1.5)
     # -> 4.5/sqrt(4.5·5) = 3/sqrt(10)
-    rho = train_rm.spearman(np.array([1.0, 2, 2, 3]), np.array([10.0, 20, 30, 40]))
+    rho = stats.spearman(np.array([1.0, 2, 2, 3]), np.array([10.0, 20, 30, 40]))
     assert rho == pytest.approx(3 / math.sqrt(10), abs=1e-15)
     x = np.array([0.1, 0.5, 2.0, 3.0, 7.0])
-    assert train_rm.spearman(x, x ** 3) == pytest.approx(1.0, abs=1e-15)  # monotone, not linear
-    assert train_rm.pearson(x, x ** 3) < 0.99
-    assert train_rm.corr_se(0.5, 5) == 0.375  # (1 - 0.25)/sqrt(4)
+    assert stats.spearman(x, x ** 3) == pytest.approx(1.0, abs=1e-15)  # monotone, not linear
+    assert stats.pearson(x, x ** 3) < 0.99
+    assert stats.corr_se(0.5, 5) == 0.375  # (1 - 0.25)/sqrt(4)
 
 
 def test_eval_metrics_on_a_score_map():
