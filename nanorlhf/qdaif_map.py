@@ -69,7 +69,7 @@ td.cell { width: 84px; height: 44px; text-align: center; cursor: pointer; border
 td.cell.empty { background: #d0d0d0; color: #555; }
 td.cell.selected { outline: 3px solid #e6194b; outline-offset: -3px; }
 td.cell .flag { display: block; font-size: 10px; }
-#detail { max-width: 46em; }
+#detail { flex: 1 1 24em; max-width: 46em; }
 pre.poem { white-space: pre-wrap; background: #f5f5f5; padding: 8px 10px; border-left: 3px solid #999; margin: 4px 0; }
 ol#lineage li { margin-bottom: 10px; }
 </style>
