@@ -353,8 +353,9 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
         done, curve = snap["done"], snap["curve"]
         rng.setstate((snap["rng"][0], tuple(snap["rng"][1]), snap["rng"][2]))
         archive.elites = {grid.key(e["cell"]): e for e in snap["elites"]}
-        lines = history.read_text().splitlines(keepends=True) if history.exists() else []
-        history.write_text("".join(lines[:done]))  # drop candidates written after the snapshot
+        # split at "\n" only: str.splitlines also splits at U+2028 and U+0085, which json.dumps leaves in a poem
+        lines = history.read_text().split("\n") if history.exists() else []
+        history.write_text("".join(line + "\n" for line in lines[:done]))  # drop what came after the snapshot
     else:
         history.write_text("")
     bar = distributed.bar(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")

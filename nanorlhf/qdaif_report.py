@@ -134,7 +134,8 @@ def format_by_tone(bt: dict) -> str:
 def report(out, grid, archive, curve: list[dict], fitness_range) -> dict:
     """elites.jsonl, three heatmaps (elite and mean on one fixed colour scale, counts), the QD curve,
     map.html, the printed tables and summary.json. -> the summary."""
-    history = [json.loads(line) for line in (out.dir / "history.jsonl").read_text().splitlines()]
+    # lines end at "\n" only: str.splitlines would also split a poem holding U+2028 (json.dumps leaves it as it is)
+    history = [json.loads(line) for line in (out.dir / "history.jsonl").read_text().split("\n") if line]
     valid = [h for h in history if h["status"] != "invalid"]
     elites = {k: e["fitness"] for k, e in archive.elites.items()}
     cells = cell_stats(grid, valid, archive.elites)
