@@ -543,3 +543,19 @@ def test_seeds_aggregate_hand_made_summaries(tmp_path, capsys):
     for bad, message in ((tmp_path / "none", "no summary.json"), (tmp_path / "bad", "not valid JSON")):
         with pytest.raises(UserError, match=message):
             qdaif_seeds.main([str(bad)])
+
+
+def test_resume_and_report_keep_poems_that_hold_unicode_line_separators(tmp_path):
+    """json.dumps leaves U+2028 and U+0085 in a poem as they are, and str.splitlines splits at them: history.jsonl
+    must be read line by line at '\\n' only, or the report misreads it and a resume cuts it in the wrong place."""
+    class Separators(MockReward):
+        def _write(self, target, quality, rng):
+            text = super()._write(target, quality, rng)
+            return text and text + " one\u2028two\x85three"
+
+    full = qdaif.run(cfg_for(tmp_path, "full", iterations=80), Separators())[2]
+    part = qdaif.run(cfg_for(tmp_path, "part", iterations=40), Separators())[2]
+    qdaif.run(cfg_for(tmp_path, "part", iterations=80, resume=True), Separators())
+    assert (full / "history.jsonl").read_bytes() == (part / "history.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (full / "history.jsonl").read_text().split("\n")[:-1]]
+    assert len(rows) == 80 and sum("\u2028" in r["text"] for r in rows) > 0
