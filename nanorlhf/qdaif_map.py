@@ -103,7 +103,8 @@ function el(tag, attrs, ...children) {  // text children become text nodes: noth
 }
 const num = (x, d = 2) => x === null || x === undefined ? "n/a" : x.toFixed(d);
 const signed = x => x === null || x === undefined ? "n/a" : (x >= 0 ? "+" : "") + x.toFixed(2);
-const pm = s => s && s.mean !== null ? signed(s.mean) + (s.se === null ? "" : " ± " + s.se.toFixed(2)) : "n/a";
+const pm = (s, sign = true) => !s || s.mean === null ? "n/a" :
+  (sign ? signed(s.mean) : num(s.mean)) + (s.se === null ? "" : " ± " + s.se.toFixed(2));
 const labels = c => c ? Object.values(c).join("/") : "none";
 
 function colour(t) {  // t in [0, 1] -> [css colour, ink]
@@ -143,14 +144,17 @@ function render() {
     table.append(tr);
   }
   const what = {elite: "elite fitness", mean: "mean fitness of every valid candidate", count: "valid candidates"}[view];
-  document.getElementById("legend").textContent = `colour: ${what}, ${num(lo, view === "count" ? 0 : 2)} (dark) to ` +
-    `${num(hi, view === "count" ? 0 : 2)} (yellow); grey: empty` + (view === "elite" ? "; echo: the elite repeats its instruction" : "");
+  const digits = view === "count" ? 0 : 2;
+  document.getElementById("legend").textContent =
+    `colour: ${what}, ${num(lo, digits)} (dark) to ${num(hi, digits)} (yellow); grey: empty` +
+    (view === "elite" ? "; echo: the elite repeats its instruction" : "");
 }
 
 function describe(p) {
   const how = p.op === "init" ? "fresh poem" : "rewrite of #" + p.parent;
   return `#${p.id} ${how}, asked for ${labels(p.target)}, judged ${labels(p.judged)}, cell ${labels(p.cell)}, ` +
-    `fitness ${num(p.fitness, 3)}, sentiment ${signed(p.sentiment)}, ${p.status}` + (p.echo ? ", echoes its instruction" : "");
+    `fitness ${num(p.fitness, 3)}, sentiment ${signed(p.sentiment)}, ${p.status}` +
+    (p.echo ? ", echoes its instruction" : "");
 }
 
 function select(key) {
@@ -158,17 +162,24 @@ function select(key) {
   for (const td of document.querySelectorAll("td.cell")) td.classList.toggle("selected", td.dataset.cell === key);
   try { history.replaceState(null, "", "#cell=" + encodeURIComponent(key) + "&view=" + view); } catch (e) {}
   const cell = D.cells[key], box = document.getElementById("detail");
-  box.replaceChildren(el("h2", {id: "detail-cell"}, key),
-                      el("p", {class: "meta"}, `${cell.count} valid candidates landed here; their mean fitness ${num(cell.mean, 3)}`));
+  const landed = `${cell.count} valid candidate${cell.count === 1 ? "" : "s"} landed here` +
+    (cell.count ? `, mean fitness ${num(cell.mean, 3)}` : "");
+  box.replaceChildren(el("h2", {id: "detail-cell"}, key), el("p", {class: "meta"}, landed));
   const elite = D.poems[cell.id];
-  if (!elite) { box.append(el("p", {id: "no-elite"}, "No elite: no valid, eligible poem landed in this cell.")); return; }
-  box.append(el("h3", {}, `elite: fitness ${num(elite.fitness, 3)}`), el("p", {id: "elite-meta", class: "meta"}, describe(elite)),
+  if (!elite) {
+    box.append(el("p", {id: "no-elite"}, "No elite: no valid, eligible poem landed in this cell."));
+    return;
+  }
+  box.append(el("h3", {}, `elite: fitness ${num(elite.fitness, 3)}`),
+             el("p", {id: "elite-meta", class: "meta"}, describe(elite)),
              el("pre", {id: "poem", class: "poem"}, elite.text));
-  const chain = [];
+  const chain = [];  // the parent, its parent, ... back to the fresh poem (parent ids through the history)
   for (let p = D.poems[elite.parent]; p; p = D.poems[p.parent]) chain.push(p);
-  box.append(el("h3", {}, chain.length ? `lineage: ${chain.length} ancestor(s), the parent first` : "lineage: a fresh poem, no parent"));
+  box.append(el("h3", {}, chain.length ? `lineage: ${chain.length} ancestor(s), the parent first`
+                                       : "lineage: a fresh poem, no parent"));
   const ol = el("ol", {id: "lineage"});
-  for (const p of chain) ol.append(el("li", {class: "ancestor"}, el("div", {class: "meta"}, describe(p)), el("pre", {class: "poem"}, p.text)));
+  for (const p of chain)
+    ol.append(el("li", {class: "ancestor"}, el("div", {class: "meta"}, describe(p)), el("pre", {class: "poem"}, p.text)));
   box.append(ol);
 }
 
@@ -186,10 +197,10 @@ function openFromHash() {  // #cell=ROW/COL[&view=elite|mean|count]: a real clic
 
 function showStats() {
   const s = D.summary, n = Object.keys(D.cells).length, e = s.echo, g = s.by_tone && s.by_tone.gap;
-  let text = `coverage ${s.num_elites}/${n}, QD score ${num(s.qd_score, 3)} (offset ${s.offset}), best ${num(s.best, 3)}, ` +
-    `${s.candidates} candidates (${s.invalid} invalid)`;
-  if (e) text += `; instruction echoes: ${e.elites} of ${s.num_elites} elites, ${e.candidates} of ${s.candidates} candidates, ` +
-    `mean fitness ${pm(e.fitness_echo)} against ${pm(e.fitness_other)}`;
+  let text = `coverage ${s.num_elites}/${n}, QD score ${num(s.qd_score, 3)} (offset ${s.offset}), ` +
+    `best ${num(s.best, 3)}, ${s.candidates} candidates (${s.invalid} invalid)`;
+  if (e) text += `; instruction echoes: ${e.elites} of ${s.num_elites} elites, ${e.candidates} of ${s.candidates} ` +
+    `candidates, mean fitness ${pm(e.fitness_echo, false)} against ${pm(e.fitness_other, false)} for the rest`;
   if (g) text += `; happy − dark sentiment: fresh poems ${pm(g.init)}, rewrites ${pm(g.mutate)}`;
   document.getElementById("stats").textContent = text;
 }

@@ -117,12 +117,12 @@ def _pm(s: dict, signed: bool = False) -> str:
 
 def format_by_tone(bt: dict) -> str:
     """The sentiment table: one row per requested tone, fresh poems then rewrites (mean ± SE)."""
-    head = f"{'requested ' + bt['axis']:<14}{'fresh n':>8}{'sentiment':>14}{'fitness':>14}" \
+    head = f"{'requested ' + bt['axis']:<16}{'fresh n':>8}{'sentiment':>14}{'fitness':>14}" \
            f"{'rewrites n':>12}{'sentiment':>14}{'fitness':>14}{'child-parent':>16}"
     lines = [head]
     for tone, fresh in bt["init"].items():
         rew = bt["mutate"][tone]
-        lines.append(f"{tone:<14}{fresh['sentiment']['n']:>8}{_pm(fresh['sentiment']):>14}"
+        lines.append(f"{tone:<16}{fresh['sentiment']['n']:>8}{_pm(fresh['sentiment']):>14}"
                      f"{_pm(fresh['fitness']):>14}{rew['sentiment']['n']:>12}{_pm(rew['sentiment']):>14}"
                      f"{_pm(rew['fitness']):>14}{_pm(rew['shift'], True):>16}")
     if "gap" in bt:
