@@ -16,6 +16,10 @@ or rewrites elites: pick a filled cell uniformly and ask for its elite rewritten
            requested: the cell is the target the prompt asked for (the New England RLHF hackathon fork)
 Both labels are recorded for every poem, and the run reports how often they disagree. A child takes
 a cell only if the cell is empty or the child's fitness is strictly higher (a tie keeps the older poem).
+Two measures beside the fitness, recorded for every candidate: `echo`, whether the poem repeats its
+instruction ("... of very high, award-winning quality": see echoes_instruction; --echo-elites false keeps
+such poems out of the archive), and `sentiment`, VADER's compound score, to see how far a rewrite moves a
+poem toward the tone it was asked for.
 
 QD score = sum over filled cells of max(f - offset, 0): the offset is a floor under fitness, so every
 filled cell adds a term >= 0 and the score never falls (the clip keeps that true below the floor).
@@ -23,13 +27,17 @@ filled cell adds a term >= 0 and the score never falls (the clip keeps that true
 reward model is unbounded, so it gets -10, the hackathon's floor (set it below the scores you see).
 
 Out: out/qdaif/<run>/ history.jsonl (every candidate), elites.jsonl, metrics.jsonl, snapshot.json
-(--resume true --run NAME continues a run exactly), elites.svg, mean_fitness.svg, qd_score.svg.
+(--resume true --run NAME continues a run exactly), summary.json, elites.svg, mean_fitness.svg, counts.svg,
+qd_score.svg, and map.html: the map to click through (elite, mean and count views; each elite's poem and
+lineage), one self-contained file (nanorlhf/qdaif_report.py writes these). Several seeds' runs side by
+side: python -m nanorlhf.qdaif_seeds RUN_DIR RUN_DIR ...
 """
 
 import itertools
 import json
 import math
 import random
+import re
 import string
 import time
 from dataclasses import dataclass
@@ -43,7 +51,8 @@ from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import generate, left_pad, prefill
-from nanorlhf.svg import heatmap, line_plots
+from nanorlhf.qdaif_report import report
+from nanorlhf.reward import VaderScorer
 from nanorlhf.tokenizer import Tokenizer
 
 POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
@@ -56,6 +65,11 @@ LABEL_PROMPT = "{poem}\n\nWhich {axis} is the poem above closest to: {options}? 
 QUALITY_PROMPT = "{poem}\n\nIs the poem above a high-quality poem? Answer yes or no."
 CONTENT_FREE = ("N/A", "[poem]", "")  # no content: what the judge answers for these is its prior
 RM_OFFSET = -10.0
+# Words of the instructions above that a poem has no call to use: one that holds them is repeating its request,
+# not answering it. The earlier measure was "rewrite" or "quality"; a preamble ("Here is a dark haiku:") counts
+# only at the very start. Matched case-insensitively as whole words; "rewrit" also takes rewrite(s|ten|ing).
+ECHO_MARKERS = re.compile(r"\brewrit\w*|\baward[- ]winning\b|\bquality\b|\breply with\b|\bpoem only\b"
+                          r"|\A\s*here(?: is|'s) an?\b", re.IGNORECASE)
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Config:
     labels: str = flag("judged", "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)",
                        choices=("judged", "requested"))
     calibrate: bool = flag(True, "judged labels: divide out the judge's answer for content-free poems")
+    echo_elites: bool = flag(True, "instruction echoes may become elites (false: status 'echo', kept out)")
     grid: str = flag(POETRY_GRID, "axes and their labels: 'axis=a,b,c;axis2=x,y'")
     iterations: int = flag(400, "candidate poems in all (each costs one generation and its judging)", min=1)
     init_iterations: int = flag(64, "the first N candidates are fresh poems, not rewrites", min=0)
@@ -168,12 +183,17 @@ class Archive:
     def __init__(self, grid: Grid, offset: float):
         self.grid, self.offset, self.elites = grid, offset, {}  # cell key -> candidate dict
 
+    def valid(self, cand: dict) -> bool:
+        """Invalid: empty text, labels off the grid, NaN/inf/missing fitness."""
+        has_text = bool(str(cand.get("text") or "").strip())
+        return self.grid.key(cand.get("cell")) is not None and has_text and _number(cand.get("fitness")) is not None
+
     def add(self, cand: dict) -> str:
         """-> 'new' (filled an empty cell) | 'improved' | 'kept' (not strictly better) | 'invalid'.
-        An invalid candidate (empty text, labels off the grid, NaN/inf/missing fitness) changes nothing."""
-        key, f = self.grid.key(cand.get("cell")), cand.get("fitness")
-        if key is None or not str(cand.get("text") or "").strip() or _number(f) is None:
+        An invalid candidate changes nothing."""
+        if not self.valid(cand):
             return "invalid"
+        key, f = self.grid.key(cand["cell"]), cand["fitness"]
         old = self.elites.get(key)
         if old is not None and not f > old["fitness"]:
             return "kept"
@@ -313,20 +333,29 @@ def make_scorer(cfg: Config, dev: torch.device):
     return score, ((-1.0, 1.0) if cfg.fitness == "vader" else None)
 
 
+def echoes_instruction(text: str) -> bool:
+    """Does the poem repeat words of its instruction (ECHO_MARKERS)? A marker copied from an echoing parent
+    counts too: every lineage starts at a fresh poem, whose prompt held no poem, so the words first came from
+    an instruction, and the judge scores the elite for what it holds, not where it came from."""
+    return ECHO_MARKERS.search(text) is not None
+
+
 # --- the search ---
 
 def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> tuple[Archive, list[dict]]:
     """MAP-Elites, one batch per step, to cfg.iterations candidates. A snapshot after every batch lets a
     resumed run continue exactly as an uninterrupted one would. -> (archive, curve of stats per batch)."""
     archive, rng, done, curve = Archive(grid, offset), random.Random(cfg.seed), 0, []
+    vader = VaderScorer()  # a measure beside the fitness, for every candidate (draws nothing from rng)
     history, snapshot = out.dir / "history.jsonl", out.dir / "snapshot.json"
     if cfg.resume:  # the archive, the curve and the RNG exactly as the last snapshot left them
         snap = json.loads(snapshot.read_text())
         done, curve = snap["done"], snap["curve"]
         rng.setstate((snap["rng"][0], tuple(snap["rng"][1]), snap["rng"][2]))
         archive.elites = {grid.key(e["cell"]): e for e in snap["elites"]}
-        lines = history.read_text().splitlines(keepends=True) if history.exists() else []
-        history.write_text("".join(lines[:done]))  # drop candidates written after the snapshot
+        # split at "\n" only: str.splitlines also splits at U+2028 and U+0085, which json.dumps leaves in a poem
+        lines = history.read_text().split("\n") if history.exists() else []
+        history.write_text("".join(line + "\n" for line in lines[:done]))  # drop what came after the snapshot
     else:
         history.write_text("")
     bar = distributed.bar(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")
@@ -349,13 +378,16 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
         cells = judged if cfg.labels == "judged" else targets
         fitness = domain.fitness_batch(texts, cells)
         # Insert: a child takes its cell if it is empty or the child is strictly fitter; a tie keeps the
-        # older poem, and an invalid child (no text, off-grid labels, NaN fitness) changes nothing.
-        rows = []
+        # older poem, and an invalid child (no text, off-grid labels, NaN fitness) changes nothing. With
+        # --echo-elites false a child that echoes its instruction is valid but ineligible.
+        rows, sentiment = [], vader.score([], texts)
         for i, (text, target, label, cell, f) in enumerate(zip(texts, targets, judged, cells, fitness)):
             cand = {"id": done + i, "batch": len(curve), "op": "init" if init else "mutate",
                     "parent": None if init else parents[i]["id"], "target": target, "judged": label,
-                    "cell": cell, "fitness": _number(f), "text": text}
-            cand["status"] = archive.add(cand)
+                    "cell": cell, "fitness": _number(f), "text": text, "echo": echoes_instruction(text),
+                    "sentiment": sentiment[i]}
+            barred = cand["echo"] and not cfg.echo_elites and archive.valid(cand)
+            cand["status"] = "echo" if barred else archive.add(cand)
             rows.append(cand)
         with open(history, "a") as fh:
             fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -365,78 +397,13 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run) -> 
         curve.append(point)
         out.log(**point)
         # the snapshot is written whole or not at all: a crash leaves the previous one to resume from
-        state = {"grid": grid.spec, "offset": offset, "labels": cfg.labels, "done": done,
-                 "rng": rng.getstate(), "curve": curve, "elites": list(archive.elites.values())}
+        state = {"grid": grid.spec, "offset": offset, "labels": cfg.labels, "echo_elites": cfg.echo_elites,
+                 "done": done, "rng": rng.getstate(), "curve": curve, "elites": list(archive.elites.values())}
         atomic_write_text(snapshot, json.dumps(state, ensure_ascii=False))
         bar.set_postfix(qd=f"{point['qd_score']:.3g}", cov=f"{point['coverage']:.0%}")
         bar.update(n)
     bar.close()
     return archive, curve
-
-
-# --- outputs ---
-
-def grid_matrix(grid: Grid, values: dict) -> tuple[list[str], list[str], list[list]]:
-    """{cell key: value} -> (rows = first axis, columns = the other axes joined by '/', values[r][c])."""
-    cols = list(itertools.product(*(grid.axes[n] for n in grid.names[1:])))
-    rows = grid.axes[grid.names[0]]
-    return rows, ["/".join(c) for c in cols], [[values.get((r, *c)) for c in cols] for r in rows]
-
-
-def format_table(grid: Grid, values: dict) -> str:
-    rows, cols, matrix = grid_matrix(grid, values)
-    w, first = max([9] + [len(c) + 2 for c in cols]), max(len(r) for r in rows) + 2
-    cell = lambda v: "." if v is None else f"{v:.3g}"
-    lines = [" " * first + "".join(f"{c:>{w}}" for c in cols)]
-    lines += [f"{r:<{first}}" + "".join(f"{cell(v):>{w}}" for v in vals) for r, vals in zip(rows, matrix)]
-    return "\n".join(lines)
-
-
-def disagreement(grid: Grid, history: list[dict]) -> dict:
-    """How often the judged labels differ from the requested ones, overall and per axis."""
-    rows = [h for h in history if grid.key(h["judged"]) is not None]
-    out = {"n": len(rows), "any": sum(h["judged"] != h["target"] for h in rows) / max(len(rows), 1)}
-    rate = lambda a: sum(h["judged"][a] != h["target"][a] for h in rows) / max(len(rows), 1)
-    return out | {a: rate(a) for a in grid.names}
-
-
-def report(out: Run, grid: Grid, archive: Archive, curve: list[dict], fitness_range) -> dict:
-    """elites.jsonl, two heatmaps on one fixed colour scale, the QD curve, a table and a summary."""
-    history = [json.loads(line) for line in (out.dir / "history.jsonl").read_text().splitlines()]
-    valid = [h for h in history if h["status"] != "invalid"]
-    elites = {k: e["fitness"] for k, e in archive.elites.items()}
-    by_cell = {}
-    for h in valid:
-        by_cell.setdefault(grid.key(h["cell"]), []).append(h["fitness"])
-    means = {k: sum(fs) / len(fs) for k, fs in by_cell.items()}
-    with open(out.dir / "elites.jsonl", "w") as fh:
-        fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n"
-                         for k in grid.keys if k in archive.elites))
-    seen = [h["fitness"] for h in valid]
-    lo, hi = fitness_range or (min(seen, default=0.0), max(seen, default=1.0))
-    rows, cols, _ = grid_matrix(grid, {})
-    for name, values, title in (("elites.svg", elites, "elite fitness per cell"), ("mean_fitness.svg", means,
-                                f"mean fitness of all {len(valid)} valid candidates per cell")):
-        heatmap(rows, cols, grid_matrix(grid, values)[2], out.dir / name, title, lo, hi, grid.names[0],
-                "/".join(grid.names[1:]))
-    series = lambda key: [(p["candidates"], p[key]) for p in curve if p[key] is not None]
-    line_plots([(f"QD score (offset {archive.offset:g})", {"QD": series("qd_score")}),
-                ("coverage", {"coverage": series("coverage")}),
-                ("elite fitness", {"best": series("best"), "mean": series("mean")})],
-               out.dir / "qd_score.svg", xlabel="candidates (LM generations)")
-    stats, disagree = archive.stats(), disagreement(grid, history)
-    print("\nelite fitness per cell\n" + format_table(grid, elites))
-    top = f" of {(hi - archive.offset) * len(grid.keys):.3g}" if fitness_range else ""
-    best = "n/a" if stats["best"] is None else f"{stats['best']:.3g}"
-    print(f"coverage {stats['num_elites']}/{len(grid.keys)} ({stats['coverage']:.0%}), QD score "
-          f"{stats['qd_score']:.3g}{top} (offset {archive.offset:g}), best {best}, "
-          f"{len(history)} candidates, {len(history) - len(valid)} invalid")
-    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of {disagree['n']} judged "
-          "poems (" + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
-    summary = {**stats, "offset": archive.offset, "candidates": len(history),
-               "invalid": len(history) - len(valid), "disagreement": disagree}
-    out.write_json("summary.json", summary)
-    return summary
 
 
 def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]:
@@ -448,9 +415,10 @@ def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]
         if not cfg.run or not (run_dir / "snapshot.json").is_file():
             raise UserError(f"--resume: no snapshot.json in {run_dir} (name the run with --run)")
         snap = json.loads((run_dir / "snapshot.json").read_text())
-        if snap["grid"] != cfg.grid or snap["labels"] != cfg.labels:
+        was_echo = snap.get("echo_elites", True)  # snapshots from before the flag: echoes were eligible
+        if snap["grid"] != cfg.grid or snap["labels"] != cfg.labels or was_echo != cfg.echo_elites:
             raise UserError(f"--resume: {run_dir} was run with --grid {snap['grid']!r} "
-                            f"--labels {snap['labels']}")
+                            f"--labels {snap['labels']} --echo-elites {str(was_echo).lower()}")
     seed_everything(cfg.seed)
     if domain is None:
         model_dir, dev = resolve_model(cfg.model), device()

@@ -44,17 +44,22 @@ def _panel(title: str, series: Series, top: float, width: int, height: int, xlab
     return out
 
 
-def line_plots(panels: list[tuple[str, Series]], path: str | Path, xlabel: str = "step",
-               width: int = 640, panel_height: int = 220) -> Path:
-    """Write one SVG with the panels stacked vertically; each panel is (title, {name: [(x, y)]})."""
+def line_plots_svg(panels: list[tuple[str, Series]], xlabel: str = "step", width: int = 640,
+                   panel_height: int = 220) -> str:
+    """One SVG document with the panels stacked vertically; each panel is (title, {name: [(x, y)]})."""
     body = []
     for i, (title, series) in enumerate(panels):
         body += _panel(title, series, i * (panel_height + 10), width, panel_height, xlabel)
     height = len(panels) * (panel_height + 10) + 10
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
-           + "\n".join(body) + "\n</svg>\n")
-    Path(path).write_text(svg)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
+            + "\n".join(body) + "\n</svg>\n")
+
+
+def line_plots(panels: list[tuple[str, Series]], path: str | Path, xlabel: str = "step",
+               width: int = 640, panel_height: int = 220) -> Path:
+    """Write line_plots_svg(...) to `path`."""
+    Path(path).write_text(line_plots_svg(panels, xlabel, width, panel_height))
     return Path(path)
 
 
@@ -72,9 +77,9 @@ def _color(t: float) -> str:
 
 def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], path: str | Path, title: str,
             vmin: float, vmax: float, row_label: str = "", col_label: str = "", cell_w: int = 84,
-            cell_h: int = 40) -> Path:
+            cell_h: int = 40, fmt: str = ".2f") -> Path:
     """Write a heatmap: values[r][c] coloured on the fixed scale [vmin, vmax] (so maps of different runs
-    compare), None drawn as an empty grey cell, each value printed in its cell with 2 decimals."""
+    compare), None drawn as an empty grey cell, each value printed in its cell as format(v, fmt)."""
     left, top = 20 + max([len(r) for r in rows] + [4]) * 7, 64
     width, height = left + cell_w * len(cols) + 110, top + cell_h * len(rows) + 20
     span = (vmax - vmin) or 1.0
@@ -95,7 +100,7 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], 
                 ink = "white" if t < 0.6 else "black"
                 out.append(f'<text class="value" data-row="{escape(rows[r])}" data-col="{escape(cols[c])}" '
                            f'x="{x + cell_w / 2}" y="{y + cell_h / 2 + 4}" text-anchor="middle" '
-                           f'fill="{ink}">{v:.2f}</text>')
+                           f'fill="{ink}">{v:{fmt}}</text>')
     bar_x, bar_h = left + cell_w * len(cols) + 20, cell_h * len(rows)
     for i in range(20):  # the colour bar, vmax at the top
         out.append(f'<rect x="{bar_x}" y="{top + bar_h * i / 20:.1f}" width="14" height="{bar_h / 20 + 0.5:.1f}" '

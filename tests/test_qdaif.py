@@ -14,6 +14,7 @@ import torch
 import qdaif
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
+from nanorlhf.qdaif_report import by_tone
 from nanorlhf.tokenizer import Tokenizer
 
 GENRES = ["haiku", "sonnet", "ballad", "limerick", "hymn"]
@@ -405,3 +406,156 @@ def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_pat
     with pytest.raises(Loaded):
         qdaif.run(qdaif.Config(model=str(tiny_chat_model), fitness=f"rm:{tiny_chat_model}", out_dir=str(tmp_path)))
     assert asked == {"lm": torch.device(lm_device), "rm": (torch.device(lm_device), dtype)}
+
+
+# --- instruction echoes, sentiment, per-cell counts (the evidence beside the map) ---
+
+@pytest.mark.parametrize("text, echo", [
+    ("Rewrite it as a dark haiku", True), ("a poem of very high, award-winning quality", True),
+    ("An award winning rose", True), ("The quality of mercy is not strained", True), ("rewritten in the sand", True),
+    ("Reply with the poem only.", True), ("Here is a dark haiku:\nmoon over water", True),
+    ("  here's a sonnet\nof the sea", True), ("POEM ONLY", True),
+    ("The sea at night,\nwaves whisper", False), ("Where is a path?", False), ("And here is a rose for you", False),
+    ("unqualified, prewritten, a writer's reply", False), ("qualityless", False), ("", False),
+])
+def test_echoes_instruction(text, echo):
+    assert qdaif.echoes_instruction(text) is echo
+
+
+class MockEcho(MockPoetry):
+    """MockPoetry, but 30% of poems repeat their instruction, and the judge gives those 0.5 more."""
+
+    def _write(self, target, quality, rng):
+        return super()._write(target, quality, rng) + ("|award-winning quality" if rng.random() < 0.3 else "")
+
+    def fitness_batch(self, texts, cells):
+        return [float(t.split("|")[2]) + 0.5 * ("quality" in t) for t in texts]
+
+
+def test_echo_flag_per_candidate_and_echo_elites_false_keeps_them_out(tmp_path, capsys):
+    _, summary, run_dir = qdaif.run(cfg_for(tmp_path, "yes"), MockEcho())
+    rows = history(run_dir)
+    assert all(r["echo"] == ("quality" in r["text"]) for r in rows)
+    elites = [json.loads(line) for line in (run_dir / "elites.jsonl").read_text().splitlines()]
+    assert summary["echo"]["elites"] == sum(e["echo"] for e in elites) > 0  # the judge's +0.5 wins cells
+    assert summary["echo"]["candidates"] == sum(r["echo"] for r in rows)
+    for echo, key in ((True, "fitness_echo"), (False, "fitness_other")):
+        fs = [r["fitness"] for r in rows if r["echo"] == echo]
+        assert summary["echo"][key]["n"] == len(fs)
+        assert summary["echo"][key]["mean"] == pytest.approx(sum(fs) / len(fs))
+    assert f"instruction echoes: {summary['echo']['elites']} of {summary['num_elites']} elites" in capsys.readouterr().out
+
+    archive, summary, run_dir = qdaif.run(cfg_for(tmp_path, "no", echo_elites=False), MockEcho())
+    rows = history(run_dir)
+    assert {r["status"] for r in rows if r["echo"]} == {"echo"}  # valid, but never in the archive
+    assert not any(e["echo"] for e in archive.elites.values()) and summary["echo"]["elites"] == 0
+    assert summary["cells"]["haiku/happy"]["count"] == sum(r["cell"] == {"genre": "haiku", "tone": "happy"}
+                                                           for r in rows)  # echoes still count as candidates
+    with pytest.raises(UserError, match="--echo-elites false"):
+        qdaif.run(cfg_for(tmp_path, "no", resume=True), MockEcho())
+
+
+def test_sentiment_is_vaders_compound_for_every_candidate(tmp_path):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    class MockWords(MockPoetry):  # the labels, then a word that carries the tone
+        words = {"happy": "joy", "dark": "grief", "mysterious": "fog", "romantic": "love", "reflective": "still"}
+
+        def _write(self, target, quality, rng):
+            return super()._write(target, quality, rng) + "| " + self.words[target["tone"]]
+
+    qdaif.run(cfg_for(tmp_path, iterations=48), MockWords())
+    rows, vader = history(tmp_path / "r"), SentimentIntensityAnalyzer()
+    assert all(r["sentiment"] == vader.polarity_scores(r["text"])["compound"] for r in rows)
+    assert {r["sentiment"] > 0 for r in rows if r["target"]["tone"] == "happy"} == {True}
+    assert {r["sentiment"] < 0 for r in rows if r["target"]["tone"] == "dark"} == {True}
+
+
+def test_by_tone_hand_numbers():
+    """Fresh happy 0.5, 0.7 (mean 0.6, s = 0.1414, se = 0.1); fresh dark -0.2 (one poem: no se). Rewrites: happy
+    children 0.9 (of #0, 0.5) and 0.1 (of #2, -0.2): mean 0.5, se 0.4, shifts 0.4 and 0.3 (mean 0.35, se 0.05);
+    dark children -0.6 (of #1, 0.7) and -0.4 (of #0): mean -0.5, se 0.1, shifts -1.3, -0.9 (mean -1.1, se 0.2).
+    Gaps: fresh 0.8 (no se), rewrites 1.0, se sqrt(0.4² + 0.1²) = 0.41231. An invalid row counts nowhere."""
+    def row(i, op, tone, s, parent=None, f=1.0, status="new"):
+        return {"id": i, "op": op, "parent": parent, "target": {"genre": "haiku", "tone": tone},
+                "sentiment": s, "fitness": f, "status": status}
+    hist = [row(0, "init", "happy", 0.5, f=0.2), row(1, "init", "happy", 0.7, f=0.4), row(2, "init", "dark", -0.2),
+            row(3, "mutate", "happy", 0.9, 0), row(4, "mutate", "happy", 0.1, 2), row(5, "mutate", "dark", -0.6, 1),
+            row(6, "mutate", "dark", -0.4, 0), row(7, "mutate", "dark", 1.0, 0, f=None, status="invalid")]
+    bt = by_tone(grid(), hist)
+    close = lambda got, want: got is None if want is None else got == pytest.approx(want)
+    approx = lambda d, n, mean, se: d["n"] == n and close(d["mean"], mean) and close(d["se"], se)
+    assert approx(bt["init"]["happy"]["sentiment"], 2, 0.6, 0.1) and approx(bt["init"]["happy"]["fitness"], 2, 0.3, 0.1)
+    assert approx(bt["init"]["dark"]["sentiment"], 1, -0.2, None)
+    assert approx(bt["init"]["romantic"]["sentiment"], 0, None, None)
+    assert approx(bt["mutate"]["happy"]["sentiment"], 2, 0.5, 0.4) and approx(bt["mutate"]["happy"]["shift"], 2, 0.35, 0.05)
+    assert approx(bt["mutate"]["dark"]["sentiment"], 2, -0.5, 0.1) and approx(bt["mutate"]["dark"]["shift"], 2, -1.1, 0.2)
+    assert bt["gap"]["init"] == {"mean": pytest.approx(0.8), "se": None}
+    assert bt["gap"]["mutate"] == {"mean": pytest.approx(1.0), "se": pytest.approx(0.4123106)}
+    assert by_tone(qdaif.Grid("genre=haiku;mood=calm"), hist) is None
+
+
+def test_summary_cells_hold_elite_mean_and_count(tmp_path, capsys):
+    archive, summary, run_dir = qdaif.run(cfg_for(tmp_path, iterations=400), MockReward())
+    valid = [r for r in history(run_dir) if r["status"] != "invalid"]
+    assert sum(c["count"] for c in summary["cells"].values()) == len(valid)
+    for key in grid().keys:
+        fs = [r["fitness"] for r in valid if tuple(r["cell"].values()) == key]
+        cell = summary["cells"]["/".join(key)]
+        assert cell["count"] == len(fs) and cell["mean"] == pytest.approx(sum(fs) / len(fs))
+        assert cell["elite"] == archive.elites[key]["fitness"] == max(fs)
+    texts = ET.parse(run_dir / "counts.svg").getroot().iter("{http://www.w3.org/2000/svg}text")
+    counts = {(t.get("data-row"), t.get("data-col")): t.text for t in texts if t.get("class") == "value"}
+    assert counts == {k: str(summary["cells"]["/".join(k)]["count"]) for k in grid().keys}
+    assert "valid candidates per cell" in capsys.readouterr().out
+
+
+# --- several seeds ---
+
+def test_seeds_aggregate_hand_made_summaries(tmp_path, capsys):
+    """coverage 0.4, 0.6, 0.8, 0.6: mean 0.6, s = sqrt(0.08 / 3), se = s / 2 = 0.0816497; qd 10, 12, 17: mean 13,
+    s = sqrt(13), se = 2.0816660; echo elites 3, 5, 7: mean 5, se 2 / sqrt(3); the fourth run predates echoes."""
+    from nanorlhf import qdaif_seeds
+
+    def summary(cov, qd, echo, gap):
+        tone = {"sentiment": {"n": 4, "mean": gap / 2, "se": 0.1}, "fitness": {"n": 4, "mean": 0.3, "se": 0.1}}
+        return {"coverage": cov, "qd_score": qd, "echo": {"elites": echo, "candidates": 10 * echo},
+                "by_tone": {"init": {"happy": tone}, "mutate": {"happy": {**tone, "shift": {"n": 4, "mean": 0.2, "se": None}}},
+                            "gap": {"init": {"mean": gap, "se": 0.1}, "mutate": {"mean": None, "se": None}}}}
+    runs = [summary(0.4, 10, 3, 0.5), summary(0.6, 12, 5, 0.4), summary(0.8, 17, 7, 0.6), {"coverage": 0.6, "qd_score": None}]
+    dirs = []
+    for i, s in enumerate(runs):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "summary.json").write_text(json.dumps(s))
+        dirs.append(str(tmp_path / f"s{i}"))
+    stats = qdaif_seeds.main(dirs + ["--json", str(tmp_path / "seeds.json")])
+    assert stats["coverage"] == {"n": 4, "mean": pytest.approx(0.6), "se": pytest.approx(0.0816497)}
+    assert stats["qd_score"] == {"n": 3, "mean": pytest.approx(13.0), "se": pytest.approx(2.0816660)}
+    assert stats["echo elites"] == {"n": 3, "mean": pytest.approx(5.0), "se": pytest.approx(2 / math.sqrt(3))}
+    assert stats["fresh happy-dark gap"] == {"n": 3, "mean": pytest.approx(0.5), "se": pytest.approx(0.1 / math.sqrt(3))}
+    assert stats["rewrite happy-dark gap"]["n"] == 0
+    assert stats["fresh happy sentiment"]["mean"] == pytest.approx(0.25) and stats["rewrite happy shift"]["se"] == pytest.approx(0, abs=1e-12)
+    out = capsys.readouterr().out
+    assert "coverage" in out and "0.600" in out and "rewrite happy-dark gap" not in out  # no run has it
+    assert json.loads((tmp_path / "seeds.json").read_text())["figures"]["qd_score"]["n"] == 3
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "summary.json").write_text("{not json")
+    for bad, message in ((tmp_path / "none", "no summary.json"), (tmp_path / "bad", "not valid JSON")):
+        with pytest.raises(UserError, match=message):
+            qdaif_seeds.main([str(bad)])
+
+
+def test_resume_and_report_keep_poems_that_hold_unicode_line_separators(tmp_path):
+    """json.dumps leaves U+2028 and U+0085 in a poem as they are, and str.splitlines splits at them: history.jsonl
+    must be read line by line at '\\n' only, or the report misreads it and a resume cuts it in the wrong place."""
+    class Separators(MockReward):
+        def _write(self, target, quality, rng):
+            text = super()._write(target, quality, rng)
+            return text and text + " one\u2028two\x85three"
+
+    full = qdaif.run(cfg_for(tmp_path, "full", iterations=80), Separators())[2]
+    part = qdaif.run(cfg_for(tmp_path, "part", iterations=40), Separators())[2]
+    qdaif.run(cfg_for(tmp_path, "part", iterations=80, resume=True), Separators())
+    assert (full / "history.jsonl").read_bytes() == (part / "history.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (full / "history.jsonl").read_text().split("\n")[:-1]]
+    assert len(rows) == 80 and sum("\u2028" in r["text"] for r in rows) > 0
