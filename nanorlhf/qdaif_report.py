@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 
+from nanorlhf import stats
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.qdaif_map import write_map
 from nanorlhf.svg import heatmap, line_plots_svg
@@ -20,11 +21,11 @@ TONE_AXIS, HIGH, LOW = "tone", "happy", "dark"  # the sentiment gap: HIGH minus 
 
 
 def mean_se(xs: list[float]) -> dict:
-    """{n, mean, se}: se = s / sqrt(n), s the sample standard deviation (n - 1); None where undefined."""
-    n = len(xs)
-    mean = sum(xs) / n if n else None
-    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
-    return {"n": n, "mean": mean, "se": se}
+    """{n, mean, se} (stats.mean_se) as JSON can hold it: None where undefined (no value, or one)."""
+    if not xs:
+        return {"n": 0, "mean": None, "se": None}
+    mean, se = stats.mean_se(xs)
+    return {"n": len(xs), "mean": mean, "se": None if math.isnan(se) else se}
 
 
 def difference(a: dict, b: dict) -> dict:
