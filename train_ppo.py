@@ -12,11 +12,11 @@ RLHF with PPO as in Ziegler et al. 2019 and Stiennon et al. 2020, with the detai
   rollout   --batch-size responses from the policy (temperature sampling only: no top-k / top-p, whose
             truncated distribution the trainer would not see - trl#417's negative-KL explosions).
             A response ends at its first EOS; what follows is padding. No EOS within --max-new-tokens:
-            --missing-eos-penalty is added to its score (N+ §4.1: the model learns to finish).
+            --missing-eos-penalty is added to its score (N+: the model learns to finish).
   score     --reward vader (VADER compound of the response), rm:PATH (a reward model) or pink (-1 when the
             response mentions the entity it was told to avoid, else 0); the score sits on the last real token.
   forward   π_old, V_old and π_ref on every token, with the *same* forward (layout, padding, minibatches)
-            the training step uses, so the ratio π/π_old is exactly 1 on the first minibatch (N+ §3.3).
+            the training step uses, so the ratio π/π_old is exactly 1 on the first minibatch (N+).
   rewards   r_t = -β·KL_t (k1 = log π_old - log π_ref, or --kl-estimator k3) + score at the last token;
             --whiten-rewards rescales them over the batch (mean kept). GAE(γ, λ) -> advantages, whitened
             over the batch's real tokens; returns = advantages + values.
@@ -46,6 +46,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     max_new_tokens: int = flag(40, "response length cap", min=1)
     temperature: float = flag(1.0, "sampling temperature; the trainer's log-probs use the same", gt=0)
     missing_eos_penalty: float = flag(0.0, "added to the score of a response with no EOS within "
-                                           "--max-new-tokens (N+ uses -1; 0 = off)", max=0)
+                                           "--max-new-tokens (N+ sets such scores to -1; 0 = off)", max=0)
     lr: float = flag(1e-5, "AdamW peak learning rate (policy and critic)", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     warmup_steps: int = flag(4, "optimizer steps of linear warmup, then linear decay to 0", min=0)
@@ -129,7 +130,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
 
 # --- the task: prompts and a reward ---
 
-def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], callable]:
+def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], Callable[[list[dict], list[str]], list[float]]]:
     """-> (train rows, held-out rows, score(rows, texts) -> [float]). A row has the chat `messages`."""
     if cfg.reward == "pink":
         # the pink-elephant judge: -1 when the response mentions what it was told to avoid (aliases count)
@@ -193,7 +194,7 @@ class ActorCritic(nn.Module):
 
 def token_logps(lm, hidden: Tensor, ids: Tensor, P: int, temperature: float) -> tuple[Tensor, Tensor]:
     """hidden (B, P+L, H) -> log-probs (B, L) of the response tokens ids[:, P:] and the logits (B, L, V), fp32,
-    divided by the temperature the sampler used (N+ §3.3: otherwise π_old is not the sampling policy)."""
+    divided by the temperature the sampler used (N+: otherwise π_old is not the sampling policy)."""
     logits = lm.lm_head(hidden[:, P - 1:-1]).float() / temperature
     return logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1), logits
 
@@ -231,7 +232,7 @@ def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score, seed: 
                                                  desc="rollout")
     ended = torch.tensor([r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
     raw = torch.tensor(score([r for r in rows for _ in range(cfg.group_size)], texts), dtype=torch.float32)
-    scores = raw + cfg.missing_eos_penalty * (1 - ended)  # N+ §4.1: a response cut by the cap is penalised
+    scores = raw + cfg.missing_eos_penalty * (1 - ended)  # N+: a response cut by the cap is penalised
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in rollout_batch(prompts, responses, tok.pad_id).items()}
     return {**batch, "scores": scores.to(dev), "raw_scores": raw, "ended": ended, "texts": texts}
 
@@ -320,7 +321,7 @@ def update(cfg: Config, net, ac: ActorCritic, optimizer, batch: dict, old: dict,
             if values is not None:
                 vf, vf_clipped = ppo.value_loss(values, old["values"][rows], returns[rows], cfg.value_clip)
                 loss, named["loss/value"], named["vf_clipfrac"] = loss + cfg.vf_coef * vf, vf.detach(), vf_clipped
-            if update_index == first:  # N+ §3.3: π_old came from this very forward, so ρ = 1 here, exactly
+            if update_index == first:  # N+: π_old came from this very forward, so ρ = 1 here, exactly
                 named["ratio_dev_first"] = (named["ratio"] - 1).abs().amax().expand_as(mask)
             (loss * w).sum().backward()
             grad_norm = distributed.clip_grad_norm(scale.trainable(ac), cfg.grad_clip)
@@ -394,7 +395,7 @@ def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], s
                  for e in range(cfg.ppo_epochs)]
         old = old_forward(cfg, ac, ref, batch, parts[0])
         advantages, returns, stats = advantages_of(cfg, batch, old)
-        ac.train()  # no dropout in the model: train() changes nothing numerically (N+ §3.2)
+        ac.train()  # no dropout in the model: train() changes nothing numerically (N+)
         stats.update(update(cfg, net, ac, optimizer, batch, old, advantages, returns, parts, step * per_step,
                             cfg.steps * per_step))
         ac.eval()
