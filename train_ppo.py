@@ -80,17 +80,17 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
     algo: str = flag("ppo", "ppo (critic + GAE) | grpo (group-relative, KL in the loss) | rloo (leave-one-out)",
                      choices=("ppo", "grpo", "rloo"))
-    steps: int = flag(24, "rollout + update rounds", min=1)
+    steps: int = flag(12, "rollout + update rounds (CPU default: ~15 min with both evaluations)", min=1)
     batch_size: int = flag(16, "responses sampled per step (prompts x --group-size), over all torchrun ranks",
                            min=1)
     group_size: int = flag(1, "samples per prompt (grpo and rloo need >= 2)", min=1)
     minibatch_size: int = flag(8, "responses per optimizer step", min=1)
     ppo_epochs: int = flag(2, "passes over each batch of rollouts", min=1)
-    max_new_tokens: int = flag(40, "response length cap", min=1)
+    max_new_tokens: int = flag(32, "response length cap", min=1)
     temperature: float = flag(1.0, "sampling temperature; the trainer's log-probs use the same", gt=0)
     missing_eos_penalty: float = flag(0.0, "added to the score of a response with no EOS within "
                                            "--max-new-tokens (N+ sets such scores to -1; 0 = off)", max=0)
-    lr: float = flag(1e-5, "AdamW peak learning rate (policy and critic)", gt=0)
+    lr: float = flag(3e-5, "AdamW peak learning rate (policy and critic)", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     warmup_steps: int = flag(4, "optimizer steps of linear warmup, then linear decay to 0", min=0)
     grad_clip: float = flag(1.0, "max gradient norm", gt=0)
