@@ -26,14 +26,17 @@ def _get(summary: dict, *path):
 
 
 def figures(summary: dict) -> dict[str, float | None]:
-    """One run's figures, by name: coverage, QD score, echo elites, the happy - dark sentiment gaps, and per
-    requested tone the fresh and rewritten poems' mean sentiment and the rewrites' child - parent shift."""
+    """One run's figures, by name: coverage, QD score, echo elites and the fitness of echoes against the rest,
+    the happy - dark sentiment gaps, and per requested tone the fresh poems' mean sentiment and fitness (what
+    the fitness rewards, on poems that carry the tone), the rewrites' sentiment and child - parent shift."""
     out = {"coverage": summary.get("coverage"), "qd_score": summary.get("qd_score"),
            "echo elites": _get(summary, "echo", "elites"), "echo candidates": _get(summary, "echo", "candidates"),
            f"fresh {HIGH}-{LOW} gap": _get(summary, "by_tone", "gap", "init", "mean"),
-           f"rewrite {HIGH}-{LOW} gap": _get(summary, "by_tone", "gap", "mutate", "mean")}
-    for op, name, stat in (("init", "fresh", "sentiment"), ("mutate", "rewrite", "sentiment"),
-                           ("mutate", "rewrite", "shift")):
+           f"rewrite {HIGH}-{LOW} gap": _get(summary, "by_tone", "gap", "mutate", "mean"),
+           "echo fitness": _get(summary, "echo", "fitness_echo", "mean"),
+           "non-echo fitness": _get(summary, "echo", "fitness_other", "mean")}
+    for op, name, stat in (("init", "fresh", "sentiment"), ("init", "fresh", "fitness"),
+                           ("mutate", "rewrite", "sentiment"), ("mutate", "rewrite", "shift")):
         for tone in _get(summary, "by_tone", op) or {}:
             out[f"{name} {tone} {stat}"] = _get(summary, "by_tone", op, tone, stat, "mean")
     return out

@@ -534,6 +534,8 @@ def test_seeds_aggregate_hand_made_summaries(tmp_path, capsys):
     assert stats["echo elites"] == {"n": 3, "mean": pytest.approx(5.0), "se": pytest.approx(2 / math.sqrt(3))}
     assert stats["fresh happy-dark gap"] == {"n": 3, "mean": pytest.approx(0.5), "se": pytest.approx(0.1 / math.sqrt(3))}
     assert stats["rewrite happy-dark gap"]["n"] == 0
+    assert stats["fresh happy fitness"] == {"n": 3, "mean": pytest.approx(0.3), "se": pytest.approx(0, abs=1e-12)}
+    assert "rewrite happy fitness" not in stats and stats["echo fitness"]["n"] == 0  # not in these summaries
     assert stats["fresh happy sentiment"]["mean"] == pytest.approx(0.25) and stats["rewrite happy shift"]["se"] == pytest.approx(0, abs=1e-12)
     out = capsys.readouterr().out
     assert "coverage" in out and "0.600" in out and "rewrite happy-dark gap" not in out  # no run has it
