@@ -74,6 +74,8 @@ from train_dpo import dpo_loss
 
 @dataclass
 class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing (no --fsdp)
+    fsdp_refused = ("rest_loop samples from the policy between training steps, which needs the whole model on "
+                    "every rank")
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
     prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"),
                         "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out")
@@ -107,9 +109,6 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
 
     def check(self) -> None:
         """The rules between flags, before any work (parse_config calls this)."""
-        if self.fsdp:  # before scale.check, whose --fsdp message ("launch with torchrun") does not apply here
-            raise UserError("--fsdp: rest_loop samples from the policy between training steps, which needs the "
-                            "whole model on every rank (use DDP: torchrun without --fsdp)")
         scale.check(self)
         if self.gold != "vader" and not (self.gold.startswith("rm:") and len(self.gold) > 3):
             raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH (a reward-model checkpoint)")

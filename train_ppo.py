@@ -71,6 +71,7 @@ from nanorlhf.tokenizer import Tokenizer
 
 @dataclass
 class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing (no --fsdp)
+    fsdp_refused = "train_ppo samples from the policy between steps, which needs the whole model on every rank"
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
     reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH (a reward model) | pink (-1 per pink mention)")
     prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}, the last "
@@ -114,9 +115,6 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
 
     def check(self) -> None:
         """The rules between flags, before any work (parse_config calls this)."""
-        if self.fsdp:  # before scale.check, whose --fsdp message ("launch with torchrun") does not apply here
-            raise UserError("--fsdp: train_ppo samples from the policy between steps, which needs the whole "
-                            "model on every rank (use DDP: torchrun without --fsdp)")
         scale.check(self)
         if self.reward not in ("vader", "pink") and not (self.reward.startswith("rm:") and len(self.reward) > 3):
             raise UserError(f"--reward {self.reward!r}: choose vader, pink or rm:PATH (a reward-model checkpoint)")

@@ -62,6 +62,7 @@ EVAL_SPLITS = {"test": "in-domain test", "heldout_source": "held-out source (NYT
 
 @dataclass
 class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-checkpointing)
+    fsdp_refused = "train_rm.py evaluates and saves the whole RM on rank 0"
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
     out_dir: str = flag("out/train_rm", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (default: a timestamp)")
@@ -88,11 +89,6 @@ class Config(scale.ScaleConfig):  # + the scale flags (--lora-rank, --grad-check
     eval_batch_size: int = flag(32, "texts per scoring forward", min=1)
     eval_base: bool = flag(True, "also evaluate the untrained RM (the baseline row; costs one more evaluation)")
     seed: int = flag(0, "seed of the split, the pairs, the head's init and the shuffling")
-
-    def check(self) -> None:
-        super().check()
-        if self.fsdp:
-            raise UserError("--fsdp: train_rm.py evaluates and saves the whole RM on rank 0; use DDP")
 
 
 # --- evaluation (the statistics are nanorlhf/stats.py) ---

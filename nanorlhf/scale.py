@@ -1,7 +1,7 @@
 """The flags that let a training script outgrow one small model on one device, checked and applied.
 
 Each training script's Config inherits ScaleConfig, so every script has the same five --flags (listed
-after its own; rest_loop.py refuses --fsdp, as it samples from the policy between steps):
+after its own; a script that cannot shard says why in its Config's fsdp_refused, and --fsdp is refused):
 
     --lora-rank 16 [--lora-alpha 32 --lora-targets q_proj,v_proj]   train adapters only (nanorlhf/lora.py)
     --grad-checkpointing true                                        recompute block activations in backward
@@ -13,6 +13,7 @@ gradients and AdamW state stay fp32, and log-softmaxes run in fp32.
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -29,6 +30,7 @@ class ScaleConfig:
     grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, "
                                            "~1/3 more compute")
     fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    fsdp_refused: ClassVar[str] = ""  # a script that cannot run sharded: why (not a flag)
 
     def check(self) -> None:
         """Cross-flag rules, called by cli.parse_config; a script's Config.check calls super().check()."""
@@ -42,6 +44,8 @@ def check(cfg: ScaleConfig) -> tuple[str, ...]:
     if unknown:
         raise UserError(f"--lora-targets {cfg.lora_targets!r}: unknown projection {unknown[0]!r}; "
                         f"choose from {','.join(lora.TARGETS)}")
+    if cfg.fsdp and cfg.fsdp_refused:  # before the torchrun rule below: that advice would not help here
+        raise UserError(f"--fsdp: {cfg.fsdp_refused} (use DDP: torchrun without --fsdp)")
     if cfg.fsdp and not distributed.launched():
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
     return targets

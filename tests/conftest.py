@@ -94,3 +94,21 @@ def randomise_adapters(model, seed: int = 1) -> None:
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
+
+
+def crash_at_step(monkeypatch, step: int, run_script) -> None:
+    """Run `run_script()` with cli.Run.log raising when it logs `step`: a crash after step - 1 finished steps,
+    before that step's checkpoint (the resume tests then continue from the last one written)."""
+    from nanorlhf.cli import Run
+
+    original = Run.log
+
+    def crashing(self, **values):
+        if values.get("step") == step:
+            raise RuntimeError("simulated crash")
+        original(self, **values)
+
+    monkeypatch.setattr(Run, "log", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script()
+    monkeypatch.setattr(Run, "log", original)

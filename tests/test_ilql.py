@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import train_ilql
+from conftest import crash_at_step
 from nanorlhf.checkpoint import load_model
 from nanorlhf.cli import Run
 from nanorlhf.data import read_preferences
@@ -450,17 +451,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
               "--alpha", "0.3", "--reward", "shaped", "--train-lm", train_lm, "--epochs", "1"]
     cli(monkeypatch, *common, "--run", "straight")
 
-    original = Run.log
-
-    def crash_at_step_5(self, **values):
-        if values.get("step") == 5:
-            raise RuntimeError("simulated crash")
-        original(self, **values)
-
-    monkeypatch.setattr(Run, "log", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        cli(monkeypatch, *common, "--run", "broken")
-    monkeypatch.setattr(Run, "log", original)
+    crash_at_step(monkeypatch, 5, lambda: cli(monkeypatch, *common, "--run", "broken"))
     broken = tmp_path / "out" / "broken"
     assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
     assert not (broken / "model").exists()

@@ -9,9 +9,9 @@ import transformers
 from safetensors.torch import load_file
 
 import train_ppo
-from nanorlhf import distributed, ppo
+from conftest import crash_at_step
+from nanorlhf import ppo
 from nanorlhf.checkpoint import load_model
-from nanorlhf.cli import Run
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
 from nanorlhf.tokenizer import Tokenizer
 from test_distributed import assert_same_weights, launch, metrics
@@ -181,17 +181,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_
     args = common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--steps", 4, "--save-every", 2,
                   "--critic", "separate")
     run_cli(monkeypatch, *args, "--run", "straight")
-    original = Run.log
-
-    def crash_at_step_4(self, **values):
-        if values.get("step") == 4:
-            raise RuntimeError("simulated crash")
-        original(self, **values)
-
-    monkeypatch.setattr(Run, "log", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(monkeypatch, *args, "--run", "broken")
-    monkeypatch.setattr(Run, "log", original)
+    crash_at_step(monkeypatch, 4, lambda: run_cli(monkeypatch, *args, "--run", "broken"))
     broken = tmp_path / "out" / "broken"
     assert json.loads((broken / "state" / "state.json").read_text())["step"] == 2 and not (broken / "model").exists()
     run_cli(monkeypatch, "--resume", broken, "--lr", 5)  # flags other than --resume are ignored

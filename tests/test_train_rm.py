@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import train_rm
+from conftest import crash_at_step
 from nanorlhf import stats
 from nanorlhf import human_ratings as hr
 from nanorlhf.checkpoint import load_model
@@ -184,22 +185,11 @@ def test_saved_rm_scores_texts_alone_whatever_the_prompt(ratings, tiny_chat_mode
 def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_model, tmp_path, monkeypatch):
     """A crash at step 5 of 12 (resume/ written every 2 steps) and a resume give the same metrics, the same
     evaluation and the same RM, bit for bit, as a run that never stopped; flags beside --resume are ignored."""
-    from nanorlhf.cli import Run
     from safetensors.torch import load_file
 
     common = ("--epochs", "2", "--save-every", "2")
     straight = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common).rename(tmp_path / "out" / "straight")
-    original = Run.log
-
-    def crash_at_step_5(self, **values):
-        if values.get("step") == 5:
-            raise RuntimeError("simulated crash")
-        original(self, **values)
-
-    monkeypatch.setattr(Run, "log", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common)
-    monkeypatch.setattr(Run, "log", original)
+    crash_at_step(monkeypatch, 5, lambda: run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common))
     broken = tmp_path / "out" / "r"
     assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
     assert not (broken / "rm").exists()
