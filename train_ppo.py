@@ -33,9 +33,10 @@ head, so the value loss never moves the policy; `shared` puts the head on the po
 state, one backbone for both (about half the training compute: the default here, where 2 CPU cores are the
 budget). Either head starts at zero, so V = 0 at first and the first advantages are the plain returns.
 
-Evaluation, before and after training: --eval-n samples at temperature 1 for each held-out prompt (the last
---eval-prompts rows of --prompts; for pink, the held-out entity pairs), the mean reward ± its standard error
-and KL(π‖π₀) ≈ mean log π(y|x) - log π₀(y|x) over those samples (Monte Carlo, y ~ π, as rest_loop.py).
+Evaluation, before and after training (and every --eval-every steps): --eval-n samples at temperature 1 for each
+held-out prompt (the last --eval-prompts rows of --prompts; for pink, the held-out entity pairs), the mean reward
+(and --gold's, when the reward is a proxy) ± its standard error and KL(π‖π₀) ≈ mean log π(y|x) - log π₀(y|x)
+over those samples (Monte Carlo, y ~ π; nanorlhf/policy_eval.py, the protocol frontier.py compares with).
 Outputs in RUN/: config.json, metrics.jsonl (one line per step), eval.json, training.svg, model/ (HF layout);
 RUN/state/ (trainable weights, AdamW, RNG), swapped in atomically every --save-every steps, until the end.
 """
@@ -56,12 +57,13 @@ from torch import Tensor, nn
 from nanorlhf import distributed, lora, ppo, scale
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
-from nanorlhf.data import read_prompts, response_logps_batched
+from nanorlhf.data import read_prompts
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import left_pad
 from nanorlhf.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows, load_pairs
 from nanorlhf.pink_eval import avoid_messages, sample_responses
+from nanorlhf.policy_eval import evaluate_policy
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.schedule import lr_at
@@ -76,6 +78,8 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH (a reward model) | pink (-1 per pink mention)")
     prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}, the last "
                         "--eval-prompts held out; pink: the train pairs of data/pink_elephant_pairs.json are used")
+    gold: str = flag("", "also score the evaluations with this gold scorer (vader | rm:PATH), e.g. the RM the "
+                              "--reward proxy learned from (frontier.py); default: none")
     out_dir: str = flag("out/train_ppo", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (default: a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
@@ -109,6 +113,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     dr_grpo: bool = flag(False, "grpo: no std scaling, tokens summed over a constant (Dr.GRPO)")
     eval_prompts: int = flag(24, "vader/rm: held-out prompts (the last rows of --prompts)", min=1)
     eval_n: int = flag(2, "samples per held-out prompt", min=1)
+    eval_every: int = flag(0, "also evaluate after every N steps (0 = before and after training only)", min=0)
     gen_batch_size: int = flag(48, "sampling batch size (evaluation)", min=1)
     save_every: int = flag(8, "write RUN/state every N steps (0 = never: a crash loses the run)", min=0)
     seed: int = flag(0, "seed for prompts, sampling, minibatch order and init")
@@ -118,6 +123,8 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
         scale.check(self)
         if self.reward not in ("vader", "pink") and not (self.reward.startswith("rm:") and len(self.reward) > 3):
             raise UserError(f"--reward {self.reward!r}: choose vader, pink or rm:PATH (a reward-model checkpoint)")
+        if self.gold and self.gold != "vader" and not (self.gold.startswith("rm:") and len(self.gold) > 3):
+            raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH (a reward-model checkpoint)")
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
             raise UserError(f"--algo {self.algo} compares samples of one prompt: --group-size must be >= 2")
         if self.batch_size % self.group_size:
@@ -128,21 +135,28 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
 
 # --- the task: prompts and a reward ---
 
-def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], Callable[[list[dict], list[str]], list[float]]]:
-    """-> (train rows, held-out rows, score(rows, texts) -> [float]). A row has the chat `messages`."""
+def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Callable[[list[dict], list[str]], list[float]]]]:
+    """-> (train rows, held-out rows, {"reward": score(rows, texts) -> [float], "gold": the same for --gold}).
+    A row has the chat `messages`."""
+    gold = {"gold": prompt_scorer(cfg.gold, dev)} if cfg.gold else {}
     if cfg.reward == "pink":
         # the pink-elephant judge: -1 when the response mentions what it was told to avoid (aliases count)
         train = [{**r, "messages": avoid_messages(r)} for r in eval_rows_from_pairs(load_pairs(), "train")]
         held = [{**r, "messages": avoid_messages(r)} for r in load_eval_rows(HELDOUT_PATH)]
-        return train, held, lambda rows, texts: [-float(judge(t, r)["pink"]) for r, t in zip(rows, texts)]
+        return train, held, {"reward": lambda rows, texts: [-float(judge(t, r)["pink"]) for r, t in zip(rows, texts)],
+                             **gold}
     prompts = read_prompts(cfg.prompts)
     if len(prompts) <= cfg.eval_prompts:
         raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts {cfg.eval_prompts} holds out "
                         "that many")
     rows = [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in prompts]
-    gold = make_gold_scorer(cfg.reward, device=dev)
-    return rows[:-cfg.eval_prompts], rows[-cfg.eval_prompts:], lambda rs, texts: gold.score(
-        [r["prompt"] for r in rs], texts)
+    return rows[:-cfg.eval_prompts], rows[-cfg.eval_prompts:], {"reward": prompt_scorer(cfg.reward, dev), **gold}
+
+
+def prompt_scorer(spec: str, dev) -> Callable[[list[dict], list[str]], list[float]]:
+    """vader | rm:PATH -> score(rows, texts), each response scored with its row's prompt."""
+    scorer = make_gold_scorer(spec, device=dev)
+    return lambda rows, texts: scorer.score([r["prompt"] for r in rows], texts)
 
 
 def step_rows(pool: list[dict], step: int, n: int, seed: int) -> list[dict]:
@@ -339,21 +353,11 @@ def update(cfg: Config, net, ac: ActorCritic, optimizer, batch: dict, old: dict,
 
 # --- evaluation ---
 
-@torch.no_grad()
-def evaluate(cfg: Config, policy, ref, tok: Tokenizer, rows: list[dict], score, desc: str) -> dict:
-    """Held-out reward (± standard error) and KL(π‖π₀) on --eval-n samples per row at temperature 1."""
-    prompts, responses, texts = sample_responses(policy, tok, [r["messages"] for r in rows], cfg.eval_n, 1.0,
-                                                 cfg.seed + 7, cfg.max_new_tokens, cfg.gen_batch_size, desc=desc)
-    scores = torch.tensor(score([r for r in rows for _ in range(cfg.eval_n)], texts), dtype=torch.float64)
-    logps = lambda model: torch.tensor(response_logps_batched(model, prompts, responses, tok.pad_id),
-                                       dtype=torch.float64)
-    kl = logps(policy) - logps(ref)  # log π(y|x) - log π₀(y|x), y ~ π: its mean estimates KL(π‖π₀)
-    se = lambda x: float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
-    return {"reward": float(scores.mean()), "reward_se": se(scores), "kl": float(kl.mean()), "kl_se": se(kl),
-            "eos_rate": sum(bool(r) and r[-1] in tok.stop_ids for r in responses) / len(responses),
-            "mean_tokens": sum(map(len, responses)) / len(responses), "samples": len(texts),
-            "examples": [{"prompt": r["messages"][-1]["content"], "response": t}
-                         for r, t in zip((r for r in rows for _ in range(cfg.eval_n)), texts)][:8]}
+def evaluate(cfg: Config, policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict, desc: str) -> dict:
+    """Held-out reward (and --gold) ± standard error and KL(π‖π₀) on --eval-n samples per row at temperature 1
+    (nanorlhf/policy_eval.py: the protocol frontier.py compares every method with)."""
+    return evaluate_policy(policy, ref, tok, rows, scorers, cfg.eval_n, cfg.seed + 7, cfg.max_new_tokens,
+                           cfg.gen_batch_size, desc)
 
 
 # --- resumable state: the trainable tensors, AdamW and the RNG (nanorlhf/resume.py) ---
@@ -372,7 +376,7 @@ def trainable_tensors(ac: ActorCritic) -> dict[str, Tensor]:
 # --- the run ---
 
 def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], score, run: Run, dev,
-          history: list[dict]) -> list[dict]:
+          history: list[dict], evaluate_at: Callable[[int], None]) -> list[dict]:
     net = distributed.wrap(ac)  # DDP under torchrun (every rank samples the same rollouts), else ac itself
     optimizer = torch.optim.AdamW(scale.trainable(ac), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_step = cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.minibatch_size)
@@ -407,6 +411,8 @@ def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], s
         bar.set_postfix(score=f"{metrics['score']:+.3f}", kl=f"{metrics['kl']:.3f}",
                         clip=f"{metrics['clipfrac']:.2f}")
         bar.update()
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and distributed.is_main():
+            evaluate_at(step + 1)  # before the state is saved: a resume from here never repeats it
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and distributed.is_main():
             save_train_state(run.dir / "state", step + 1, trainable_tensors(ac), optimizer)
     bar.close()
@@ -423,7 +429,8 @@ def main() -> None:
         print0(f"resuming {cfg.resume} after step {step}")
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
-    pool, held_out, score = make_task(cfg, dev)  # every input validated before any work
+    pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
+    score = scorers["reward"]
     model_dir = resolve_model(cfg.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
     critic = None if cfg.algo != "ppo" else Critic(policy.model if cfg.critic == "separate" else None,
@@ -446,18 +453,23 @@ def main() -> None:
            f"reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x {cfg.eval_n}; "
            f"{sum(p.numel() for p in scale.trainable(ac)):,} trainable parameters")
 
-    saved = run.dir / "eval.json"  # a resumed run keeps the evaluation of π₀ it already made
+    saved = run.dir / "eval.json"  # a resumed run keeps the evaluations it already made
     results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
-    if distributed.is_main() and "before" not in results:
-        results["before"] = evaluate(cfg, policy, ref_view, tok, held_out, score, "eval before")
+
+    def evaluate_at(step: int, name: str = "") -> None:  # rank 0 only: the others wait at their next collective
+        results.setdefault("steps", {})[str(step)] = evaluate(cfg, policy, ref_view, tok, held_out, scorers,
+                                                              f"eval step {step}")
+        results.update({name: results["steps"][str(step)]} if name else {})
         run.write_json("eval.json", results)
-    history = train(cfg, ac, ref, tok, pool, score, run, dev, history)
+
+    if distributed.is_main() and "before" not in results:
+        evaluate_at(0, "before")
+    history = train(cfg, ac, ref, tok, pool, score, run, dev, history, evaluate_at)
     save_model(policy, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes (merged)
     if not distributed.is_main():
         return
     shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
-    results["after"] = evaluate(cfg, policy, ref_view, tok, held_out, score, "eval after")
-    run.write_json("eval.json", results)
+    evaluate_at(cfg.steps, "after")
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history if k in m] for k in keys}
     line_plots([("training reward (raw score, mean)", series("score")),
                 ("KL to the reference (per response)", series("kl")),
@@ -466,9 +478,11 @@ def main() -> None:
                run.dir / "training.svg")
     b, a = results["before"], results["after"]
     print(f"\nheld-out: {b['samples']} samples (temperature 1, seed {cfg.seed + 7}), reward {cfg.reward}")
-    print("| policy | reward ± SE | KL(π‖π₀) ± SE | EOS rate | tokens |\n|---|---|---|---|---|")
+    gold_col = f" gold ({cfg.gold}) ± SE |" if cfg.gold else ""
+    print(f"| policy | reward ± SE |{gold_col} KL(π‖π₀) ± SE | EOS rate | tokens |\n|---|---|---|---|---|{'---|' * bool(cfg.gold)}")
     for name, r in (("π₀", b), (cfg.algo, a)):
-        print(f"| {name} | {r['reward']:+.3f} ± {r['reward_se']:.3f} | {r['kl']:.3f} ± {r['kl_se']:.3f} | "
+        gold = f" {r['gold']:+.3f} ± {r['gold_se']:.3f} |" if cfg.gold else ""
+        print(f"| {name} | {r['reward']:+.3f} ± {r['reward_se']:.3f} |{gold} {r['kl']:.3f} ± {r['kl_se']:.3f} | "
               f"{r['eos_rate']:.2f} | {r['mean_tokens']:.1f} |")
     gain, se = a["reward"] - b["reward"], math.hypot(a["reward_se"], b["reward_se"])
     print(f"gain {gain:+.3f} ± {se:.3f} (combined SE; the samples are not paired)")

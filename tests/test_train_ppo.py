@@ -96,10 +96,10 @@ def test_one_update_moves_the_policy_but_never_the_reference(tiny_chat_model, go
     policy_before = [p.detach().clone() for p in ac.policy.parameters()]
     cfg = train_ppo.Config(reward=f"rm:{gold_rm}", batch_size=4, minibatch_size=2, max_new_tokens=6, lr=1e-2,
                            warmup_steps=0)
-    pool, _, score = train_ppo.make_task(train_ppo.Config(**{**cfg.__dict__, "prompts": str(
+    pool, _, scorers = train_ppo.make_task(train_ppo.Config(**{**cfg.__dict__, "prompts": str(
         write_prompts(tmp_path / "p.jsonl")), "eval_prompts": 2}), CPU)
     run = type("NoRun", (), {"log": lambda self, **kw: None, "dir": tmp_path})()
-    history = train_ppo.train(cfg, ac, ref, tok, pool, score, run, CPU, [])
+    history = train_ppo.train(cfg, ac, ref, tok, pool, scorers["reward"], run, CPU, [], lambda step: None)
     assert history[0]["ratio_dev_first"] == 0.0  # the first minibatch of the step saw ρ = 1 exactly
     assert all(p.grad is None for p in ref.parameters())  # no gradient reached the reference
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
@@ -169,7 +169,8 @@ def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypat
     assert ("loss/value" in lines[0]) == (algo == "ppo") and ("loss/kl" in lines[0]) == (algo == "grpo")
     assert lines[1]["kl"] != 0.0  # the first step moved the policy
     results = json.loads((run / "eval.json").read_text())
-    assert set(results) == {"before", "after"} and results["before"]["kl"] == 0.0
+    assert set(results) == {"before", "after", "steps"} and results["before"]["kl"] == 0.0
+    assert results["steps"] == {"0": results["before"], "2": results["after"]}
     assert results["after"]["samples"] == 4 and results["after"]["kl"] != 0.0
     assert (run / "training.svg").read_text().startswith("<svg") and not (run / "state").exists()
     transformers.AutoModelForCausalLM.from_pretrained(run / "model")  # HF layout (LoRA merged)
@@ -179,7 +180,7 @@ def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypat
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
     prompts = write_prompts(tmp_path / "p.jsonl")
     args = common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--steps", 4, "--save-every", 2,
-                  "--critic", "separate")
+                  "--critic", "separate", "--eval-every", 1)
     run_cli(monkeypatch, *args, "--run", "straight")
     crash_at_step(monkeypatch, 4, lambda: run_cli(monkeypatch, *args, "--run", "broken"))
     broken = tmp_path / "out" / "broken"
@@ -192,12 +193,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_
     assert strip(broken) == strip(straight)
     a, b = (load_file(run / "model" / "model.safetensors") for run in (straight, broken))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    after = [json.loads((run / "eval.json").read_text())["after"] for run in (straight, broken)]
-    assert after[0] == after[1]
+    evals = [json.loads((run / "eval.json").read_text()) for run in (straight, broken)]
+    assert evals[0] == evals[1] and sorted(evals[0]["steps"], key=int) == ["0", "1", "2", "3", "4"]
+
+
+def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
+    """--gold scores the evaluation samples a second way: with the training RM itself as gold the two columns
+    are equal to the bit; with VADER they are VADER's compound of those very samples."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    for gold in (f"rm:{gold_rm}", "vader"):
+        run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", gold[:2],
+                                     "--steps", 3, "--eval-every", 2, "--gold", gold))
+    same, vader = (json.loads((tmp_path / "out" / name / "eval.json").read_text()) for name in ("rm", "va"))
+    assert sorted(same["steps"], key=int) == ["0", "2", "3"]  # every 2 steps, and the end (not twice)
+    assert all(r["gold"] == r["reward"] and r["gold_se"] == r["reward_se"] for r in same["steps"].values())
+    analyzer = SentimentIntensityAnalyzer()
+    # examples hold the first 8 samples: all 4 here (2 prompts x --eval-n 2)
+    compound = [analyzer.polarity_scores(e["response"])["compound"] for e in vader["after"]["examples"]]
+    assert vader["after"]["gold"] == pytest.approx(sum(compound) / len(compound), abs=1e-12)
+    assert vader["after"]["reward"] == same["after"]["reward"]  # the gold does not change training
 
 
 @pytest.mark.parametrize("args, message", [
     (["--reward", "gpt4"], "--reward 'gpt4': choose vader, pink or rm:PATH"),
+    (["--gold", "gpt4"], "--gold 'gpt4': choose vader or rm:PATH"),
+    (["--gold", "rm:/no/such/rm"], "/no/such/rm"),
     (["--algo", "grpo"], "--algo grpo compares samples of one prompt: --group-size must be >= 2"),
     (["--algo", "rloo", "--group-size", "3"], "--batch-size 4: must be a multiple of --group-size 3"),
     (["--dr-grpo", "true"], "--dr-grpo applies to --algo grpo only"),
