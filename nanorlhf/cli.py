@@ -59,7 +59,7 @@ def parse_config(cls, description: str, argv: list[str] | None = None):
                             help=f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%"))
     cfg = cls(**vars(parser.parse_args(argv)))
     check_flags(cfg)
-    if hasattr(cfg, "out_dir") and not getattr(cfg, "resume", ""):
+    if hasattr(cfg, "out_dir") and hasattr(cfg, "run") and not getattr(cfg, "resume", ""):
         run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     return cfg
 
