@@ -30,8 +30,9 @@ rewards as baseline, the KL (k1) in the reward. Both use the same rollouts, forw
 
 The critic (--critic): `separate` is N+'s default, a copy of the policy's backbone with its own scalar
 head, so the value loss never moves the policy; `shared` puts the head on the policy's own last hidden
-state, one backbone for both (about half the training compute: the default here, where 2 CPU cores are the
-budget). Either head starts at zero, so V = 0 at first and the first advantages are the plain returns.
+state, detached: one backbone for both (about half the training compute: the default here, where 2 CPU cores
+are the budget), and still the value loss trains only the head. Either head starts at zero, so V = 0 at first
+and the first advantages are the plain returns.
 
 Evaluation, before and after training (and every --eval-every steps): --eval-n samples at temperature 1 for each
 held-out prompt (the last --eval-prompts rows of --prompts; for pink, the held-out entity pairs), the mean reward
@@ -63,7 +64,7 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import left_pad
 from nanorlhf.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows, load_pairs
 from nanorlhf.pink_eval import avoid_messages, sample_responses
-from nanorlhf.policy_eval import evaluate_policy
+from nanorlhf.policy_eval import evaluate_policy, paired_gain
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.schedule import lr_at
@@ -108,7 +109,8 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     clip: float = flag(0.2, "PPO ratio clip ε", gt=0)
     value_clip: float = flag(0.2, "value clip ε_v", gt=0)
     vf_coef: float = flag(0.1, "weight of the value loss", min=0)
-    critic: str = flag("shared", "separate (a backbone copy, N+'s default) | shared (a head on the policy)",
+    critic: str = flag("shared", "separate (a backbone copy, N+'s default) | shared (a head on the policy's "
+                                           "features, detached)",
                        choices=("separate", "shared"))
     dr_grpo: bool = flag(False, "grpo: no std scaling, tokens summed over a constant (Dr.GRPO)")
     eval_prompts: int = flag(24, "vader/rm: held-out prompts (the last rows of --prompts)", min=1)
@@ -200,7 +202,9 @@ class ActorCritic(nn.Module):
         logp, logits = token_logps(self.policy, hidden, ids, P, temperature)
         if self.critic is None:
             return logp, None, logits
-        h = hidden if self.critic.model is None else self.critic.model(ids, attn)
+        # shared: the head reads the policy's features, detached, so the value loss trains the head alone and
+        # cannot pull the policy where the reward does not (the interference N+ avoids with a separate critic)
+        h = hidden.detach() if self.critic.model is None else self.critic.model(ids, attn)
         return logp, self.critic.head(h[:, P - 1:-1]).squeeze(-1).float(), logits  # (B, L)
 
 
@@ -484,8 +488,9 @@ def main() -> None:
         gold = f" {r['gold']:+.3f} ± {r['gold_se']:.3f} |" if cfg.gold else ""
         print(f"| {name} | {r['reward']:+.3f} ± {r['reward_se']:.3f} |{gold} {r['kl']:.3f} ± {r['kl_se']:.3f} | "
               f"{r['eos_rate']:.2f} | {r['mean_tokens']:.1f} |")
-    gain, se = a["reward"] - b["reward"], math.hypot(a["reward_se"], b["reward_se"])
-    print(f"gain {gain:+.3f} ± {se:.3f} (combined SE; the samples are not paired)")
+    for name in ("reward", "gold") if cfg.gold else ("reward",):
+        gain, se = paired_gain(b[f"{name}_by_prompt"], a[f"{name}_by_prompt"])
+        print(f"{name} gain {gain:+.3f} ± {se:.3f} (SE over the {len(held_out)} prompts, paired by prompt)")
     print(f"policy, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 

@@ -23,8 +23,8 @@ Scorer = Callable[[list[dict], list[str]], list[float]]
 @torch.no_grad()
 def evaluate_policy(policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict[str, Scorer], n: int, seed: int,
                     max_new_tokens: int, batch_size: int, desc: str = "eval") -> dict:
-    """rows: held-out prompts, each with its chat "messages". -> {name: mean, name_se: SE for each scorer,
-    kl, kl_se, eos_rate, mean_tokens, samples, examples}.
+    """rows: held-out prompts, each with its chat "messages". -> {name: mean, name_se: SE, name_by_prompt: the
+    mean of each row's n samples, for each scorer; kl, kl_se, eos_rate, mean_tokens, samples, examples}.
 
     `ref` is π₀ (a model or a LoRA BaseView); the SEs are over the len(rows)·n samples."""
     prompts, responses, texts = sample_responses(policy, tok, [r["messages"] for r in rows], n, 1.0, seed,
@@ -34,8 +34,18 @@ def evaluate_policy(policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict
                                 response_logps_batched(ref, prompts, responses, tok.pad_id))]
     out = {}
     for name, score in scorers.items():
-        out[name], out[f"{name}_se"] = mean_se(score(asked, texts))
+        scores = score(asked, texts)
+        out[name], out[f"{name}_se"] = mean_se(scores)
+        # per-prompt means: two evaluations of the same prompts compare prompt by prompt (paired_gain)
+        out[f"{name}_by_prompt"] = [sum(scores[i:i + n]) / n for i in range(0, len(scores), n)]
     out["kl"], out["kl_se"] = mean_se(kl)
     return {**out, "eos_rate": sum(bool(r) and r[-1] in tok.stop_ids for r in responses) / len(responses),
             "mean_tokens": sum(map(len, responses)) / len(responses), "samples": len(texts),
             "examples": [{"prompt": r["messages"][-1]["content"], "response": t} for r, t in zip(asked, texts)][:8]}
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Per-prompt means of two evaluations on the same prompts -> (mean gain, its SE over prompts). Pairing by
+    prompt removes the spread between prompts (some invite happier answers than others) from the gain's
+    noise; the samples themselves are independent draws of the two policies."""
+    return mean_se([a - b for a, b in zip(after, before, strict=True)])

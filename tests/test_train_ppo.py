@@ -2,6 +2,7 @@
 resume and whole runs (PPO, GRPO, RLOO), and 2 gloo ranks against 1 process."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import train_ppo
 from conftest import crash_at_step
 from nanorlhf import ppo
 from nanorlhf.checkpoint import load_model
+from nanorlhf.policy_eval import paired_gain
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
 from nanorlhf.tokenizer import Tokenizer
 from test_distributed import assert_same_weights, launch, metrics
@@ -76,6 +78,26 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(tiny_chat_model, critic, al
     ac.train()
     logp, values, _ = ac(batch["ids"][parts[0]], batch["attn"][parts[0]], batch["P"], cfg.temperature)
     assert logp.requires_grad and logp.equal(old["logp"][parts[0]])  # bit for bit: ρ = 1 exactly
+
+
+def test_the_shared_value_loss_trains_the_head_alone(tiny_chat_model):
+    """--critic shared reads the policy's features detached: a value loss reaches the head, never the policy
+    (with a random head; the zero-initialised one would pass this without the detach)."""
+    tok = Tokenizer(tiny_chat_model)
+    batch, _, _ = toy_batch(tok)
+    ac, _ = networks(tiny_chat_model, "shared")
+    torch.nn.init.normal_(ac.critic.head.weight)
+    _, values, _ = ac(batch["ids"], batch["attn"], batch["P"], 1.0)
+    (values ** 2).sum().backward()
+    assert ac.critic.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ac.policy.parameters())
+
+
+def test_paired_gain_by_hand():
+    """Prompt means before (1, 2, 3) and after (2, 2, 5): gains (1, 0, 2), mean 1, SE = sd/√3 = 1/√3."""
+    assert paired_gain([1.0, 2.0, 3.0], [2.0, 2.0, 5.0]) == pytest.approx((1.0, 1 / math.sqrt(3)), abs=1e-15)
+    with pytest.raises(ValueError):
+        paired_gain([1.0], [1.0, 2.0])  # not the same prompts
 
 
 def run_cli(monkeypatch, *args):
