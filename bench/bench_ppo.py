@@ -15,6 +15,7 @@ import time
 import torch
 
 import train_ppo
+from nanorlhf import actor_critic
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.cli import device
 from nanorlhf.tokenizer import Tokenizer
@@ -33,9 +34,9 @@ def main() -> None:
     dev = device()
     model_dir = resolve_model(args.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
-    critic = None if cfg.algo != "ppo" else train_ppo.Critic(policy.model if cfg.critic == "separate" else None,
+    critic = None if cfg.algo != "ppo" else actor_critic.Critic(policy.model if cfg.critic == "separate" else None,
                                                              policy.cfg.hidden_size).to(dev)
-    ac, ref = train_ppo.ActorCritic(policy, critic), load_model(model_dir, device=dev).eval().requires_grad_(False)
+    ac, ref = actor_critic.ActorCritic(policy, critic), load_model(model_dir, device=dev).eval().requires_grad_(False)
     pool, _, score = train_ppo.make_task(cfg, dev)
     optimizer = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-7)
     per_step = cfg.ppo_epochs * -(-cfg.batch_size // cfg.minibatch_size)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import crash_at_step
-from nanorlhf import ppo
+from nanorlhf import actor_critic, ppo
 from nanorlhf.checkpoint import load_model
 from nanorlhf.policy_eval import paired_gain
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
@@ -35,16 +35,16 @@ def gold_rm(tiny_chat_model, tmp_path_factory):
 
 def networks(model_dir, critic="shared", algo="ppo"):
     policy = load_model(model_dir).eval()
-    critic_net = None if algo != "ppo" else train_ppo.Critic(policy.model if critic == "separate" else None,
+    critic_net = None if algo != "ppo" else actor_critic.Critic(policy.model if critic == "separate" else None,
                                                              policy.cfg.hidden_size)
     ref = load_model(model_dir).eval().requires_grad_(False)
-    return train_ppo.ActorCritic(policy, critic_net), ref
+    return actor_critic.ActorCritic(policy, critic_net), ref
 
 
 def toy_batch(tok):
     prompts = [tok.chat_prompt("Hi"), tok.chat_prompt("A longer question about the pink elephant?")] * 2
     responses = [[5, 6, tok.eos_id], [7], [8, 9, 10, 11], [12, tok.eos_id]]
-    return train_ppo.rollout_batch(prompts, responses, tok.pad_id), prompts, responses
+    return actor_critic.rollout_batch(prompts, responses, tok.pad_id), prompts, responses
 
 
 def test_rollout_layout_aligns_responses_and_masks_padding(tiny_chat_model):
@@ -147,7 +147,7 @@ def test_missing_eos_is_penalised_and_scores_are_raw_otherwise(tiny_chat_model):
     assert ((lengths == 3) | out["ended"].bool()).all()  # no EOS means the cap was reached
 
     # the EOS ends a response: whatever was sampled after it is padding (mask 0), and it is the last real token
-    batch = train_ppo.rollout_batch([[1, 2]], [[5, tok.eos_id]], tok.pad_id)
+    batch = actor_critic.rollout_batch([[1, 2]], [[5, tok.eos_id]], tok.pad_id)
     rewards = ppo.per_token_rewards(torch.tensor([1.0]), torch.zeros(1, 2), batch["mask"], 0.1)
     assert rewards.tolist() == [[0.0, 1.0]]
 
