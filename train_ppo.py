@@ -114,7 +114,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
                        choices=("separate", "shared"))
     dr_grpo: bool = flag(False, "grpo: no std scaling, tokens summed over a constant (Dr.GRPO)")
     eval_prompts: int = flag(24, "vader/rm: held-out prompts (the last rows of --prompts)", min=1)
-    eval_n: int = flag(2, "samples per held-out prompt", min=1)
+    eval_n: int = flag(4, "samples per held-out prompt (4: half the variance of 2 for the before/after gain)", min=1)
     eval_every: int = flag(0, "also evaluate after every N steps (0 = before and after training only)", min=0)
     gen_batch_size: int = flag(48, "sampling batch size (evaluation)", min=1)
     save_every: int = flag(8, "write RUN/state every N steps (0 = never: a crash loses the run)", min=0)
