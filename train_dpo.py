@@ -2,6 +2,7 @@
 
     python train_dpo.py --model llama            # the embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
     torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA (nanorlhf/scale.py)
+    torchrun --nproc_per_node 8 train_dpo.py -- --model BIG --fsdp true        # FSDP2, loaded straight into shards
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to preference
 pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward model, no

@@ -16,7 +16,8 @@ no process group, the model unwrapped, sums over one rank. Under it, the rules a
 
 DDP keeps a whole model, its gradients and optimizer state on every device. FSDP (torch's
 fully_shard, one unit per transformer block plus the root) keeps 1/N of each and gathers a block's
-weights just before it runs: for a model whose training state does not fit one device.
+weights just before it runs: for a model whose training state does not fit one device. Such a model
+is loaded straight into its shards (checkpoint.load_model_sharded, using shard_model and local_rows).
 """
 
 import os
@@ -83,6 +84,15 @@ def all_reduce_sum(x: Tensor | float) -> Tensor | float:
     y = x.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
     dist.all_reduce(y)
     return y.to(x.device)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest n of any rank (n itself without torchrun): e.g. how many forwards all ranks must run."""
+    if not dist.is_initialized():
+        return n
+    x = torch.tensor(n, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x)
 
 
 def mean_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:

@@ -61,7 +61,9 @@ def loaded(tmp_path_factory):
 
 
 def rank_output(out: Path, i: int, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    return json.loads((out / str(i) / f"rank{rank}.json").read_text()), load_file(out / str(i) / f"rank{rank}.safetensors")
+    """What rank `rank` recorded for model `i`, and its local shards."""
+    where = out / str(i)
+    return json.loads((where / f"rank{rank}.json").read_text()), load_file(where / f"rank{rank}.safetensors")
 
 
 @pytest.mark.slow
@@ -124,3 +126,15 @@ def test_a_missing_tensor_is_one_line_on_every_rank(loaded):
         assert not (out / "2" / f"rank{rank}.json").exists()
         message = (out / "2" / f"error{rank}.txt").read_text()
         assert message == f"{dirs[2]}: missing tensor model.norm.weight"
+
+
+def test_train_ilql_shards_only_a_frozen_lm(monkeypatch):
+    """--fsdp loads ILQL's frozen LM sharded; a trained one would change the output matrix the heads read."""
+    import train_ilql
+    from nanorlhf.errors import UserError
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train_ilql.Config(fsdp=True).check()  # the default: frozen LM
+    with pytest.raises(UserError, match="--fsdp shards a frozen LM only"):
+        train_ilql.Config(fsdp=True, train_lm=True).check()
