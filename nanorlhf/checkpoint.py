@@ -201,6 +201,8 @@ def load_model_sharded(model: str | Path, device: str | torch.device = "cpu",
     (safetensors' get_slice reads just those bytes) into its shard. Peak memory per rank: its shards plus
     one tensor's rows. Every rank calls it. fp32, like load_model's default.
     """
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("load_model_sharded needs torchrun's process group: call distributed.init() first")
     model_dir = resolve_model(str(model))
     files = tensor_files(model_dir)
     cfg = config_from_hf(read_config(model_dir), set(files), where=str(model_dir / "config.json"))
