@@ -2,6 +2,7 @@
 
     python train_dpo.py --model llama            # the embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
     torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA (nanorlhf/scale.py)
+    torchrun --nproc_per_node 8 train_dpo.py -- --model BIG --fsdp true        # FSDP2, loaded straight into shards
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to preference
 pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward model, no
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanorlhf import distributed, lora, scale
-from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.checkpoint import load_model, load_model_sharded, resolve_model, save_model
 from nanorlhf.cli import Run, device, flag, parse_config, seed_everything
 from nanorlhf.data import (batch_logps, check_vocab, epoch_batches, fit_to_length, pair_batch, read_preferences,
                            reference_logps)
@@ -248,9 +249,11 @@ def main() -> None:
                            "on the saved model")
     eval_rows = [] if cfg.fsdp or not distributed.is_main() else eval_rows  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
-    # FSDP: load on the CPU; fully_shard moves one block's shard at a time to the GPU
-    tok, model = Tokenizer(model_dir), load_model(model_dir, device="cpu" if cfg.fsdp else dev).eval()
-    scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
+    tok, prepare = Tokenizer(model_dir), lambda m: scale.prepare(m, cfg, cfg.seed)  # LoRA adapters, grad checkpointing
+    if cfg.fsdp:  # every rank reads only its shard of each tensor: the model is never whole on one device
+        model = load_model_sharded(model_dir, dev, prepare).eval()
+    else:
+        model = prepare(load_model(model_dir, device=dev).eval())
     pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
     distributed.print0(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
                        f"(response cut at the right first, then prompt from the left)")

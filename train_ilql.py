@@ -2,6 +2,7 @@
 
     python train_ilql.py --model llama                   # the embedded SmolLM2-135M-Instruct, CPU
     python train_ilql.py --resume out/train_ilql/RUN     # continue an interrupted run
+    torchrun --nproc_per_node 8 train_ilql.py -- --model BIG --fsdp true   # the frozen LM sharded (FSDP2)
     python -m nanorlhf.pink_eval --model llama --ilql-heads out/train_ilql/RUN --beta 8   # evaluate it
 
 Implicit Language Q-Learning (Snell et al. 2022, arXiv 2206.11871): every token is an action, the prefix
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from nanorlhf import distributed, scale
-from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.checkpoint import load_model, load_model_sharded, resolve_model, save_model
 from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
 from nanorlhf.data import check_vocab, collate, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.errors import UserError, run_cli
@@ -93,8 +94,9 @@ class Config(EvalConfig, scale.ScaleConfig):  # + --eval-*, --lora-*, --grad-che
         if (self.lora_rank or self.grad_checkpointing) and not self.train_lm:
             raise UserError("--lora-rank / --grad-checkpointing train the LM, which is frozen: "
                             "add --train-lm true")
-        if self.fsdp:  # the heads read lm_head.weight directly, which FSDP would shard underneath them
-            raise UserError("--fsdp: train_ilql.py runs under torchrun with DDP only; drop --fsdp")
+        if self.fsdp and self.train_lm:  # the heads read lm_head.weight directly, which FSDP shards
+            raise UserError("--fsdp shards a frozen LM only (the heads read the LM's output matrix, which a "
+                            "trained, sharded LM would change underneath them): drop --train-lm or --fsdp")
 
 
 def parse_betas(text: str) -> list[float]:
@@ -249,15 +251,21 @@ def state_hidden(model, batch: dict[str, Tensor]) -> Tensor:
     """(B, A+1, H): the LM's last hidden state at every state of every row (cached ones if the batch has)."""
     if "h_states" in batch:
         return batch["h_states"]
-    hidden = model.model(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    # through the LM's own forward (logits at no position), so FSDP's hooks on it gather the root's weights
+    no_logits = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    _, hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True, logits_at=no_logits)  # (B, T, H)
     return hidden.gather(1, batch["states_ixs"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
 @torch.no_grad()
-def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev) -> None:
-    """A frozen LM's last hidden states at each sample's states, computed once: s["h_states"] (A+1, H)."""
-    for i in distributed.bar(range(0, len(samples), batch_size), desc="features", unit="batch"):
-        chunk = samples[i:i + batch_size]
+def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev, lockstep: bool = False) -> None:
+    """A frozen LM's last hidden states at each sample's states, computed once: s["h_states"] (A+1, H).
+    `lockstep` (FSDP): every rank runs as many forwards as the busiest one, the extra ones on a dummy chunk."""
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    n_forwards = distributed.max_over_ranks(len(chunks)) if lockstep else len(chunks)
+    for i in distributed.bar(range(n_forwards), desc="features", unit="batch"):
+        # past its own chunks a rank forwards a copy of one sample (without its cached features) and drops it
+        chunk = chunks[i] if i < len(chunks) else [{k: v for k, v in samples[0].items() if k != "h_states"}]
         batch = {k: v.to(dev) for k, v in ilql_batch(chunk, pad_id).items()}
         with autocast(dev):
             h_states = state_hidden(model, batch).float()
@@ -266,7 +274,8 @@ def cache_features(model, samples: list[dict], pad_id: int, batch_size: int, dev
 
 
 class ILQLNet(nn.Module):
-    """The LM and its heads as one module: what DDP wraps, so it sees every parameter the loss reaches."""
+    """The LM and its heads as one module: what DDP wraps, so it sees every parameter the loss reaches.
+    `model` None: a frozen LM whose features every batch carries (cache_features)."""
 
     def __init__(self, model, heads: ILQLHeads):
         super().__init__()
@@ -323,8 +332,10 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
     if not cfg.train_lm:  # the LM never changes: its features once, then only the small heads run
         model.requires_grad_(False)
         mine = list({id(s): s for b, _ in shards for s in b}.values())
-        cache_features(model, mine, pad_id, cfg.batch_size * cfg.grad_accum, dev)
-    net = distributed.wrap(ILQLNet(model, heads))  # DDP under torchrun, else itself
+        cache_features(model, mine, pad_id, cfg.batch_size * cfg.grad_accum, dev, lockstep=cfg.fsdp)
+    # DDP under torchrun, else itself; a frozen LM stays out of it (its features are cached; under FSDP DDP
+    # would broadcast rank 0's shards over the other ranks' own)
+    net = distributed.wrap(ILQLNet(model if cfg.train_lm else None, heads))
     head_params = [p for p in heads.parameters() if p.requires_grad]  # not the targets: Polyak moves them
     groups = [{"params": head_params, "lr": cfg.head_lr, "peak_lr": cfg.head_lr}]
     if cfg.train_lm:  # with LoRA: the adapters
@@ -410,13 +421,19 @@ def main() -> None:
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
-    eval_rows = eval_rows if distributed.is_main() else []  # rank 0 evaluates
+    if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved heads instead
+        print0("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval --ilql-heads RUN_DIR")
+    eval_rows = eval_rows if distributed.is_main() and not cfg.fsdp else []  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
-    tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    tok = Tokenizer(model_dir)
+    # --fsdp (a frozen LM): every rank reads only its shard of each tensor, the model is never whole on a device
+    model = (load_model_sharded(model_dir, dev) if cfg.fsdp else load_model(model_dir, device=dev)).eval()
     if cfg.train_lm:
         scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
     samples, truncated = make_samples(rows, tok, cfg, model.cfg.vocab_size)
-    heads = ILQLHeads(model.cfg.hidden_size, model.lm_head.weight, cfg.head_rank, cfg.two_qs).to(dev)
+    # the heads project into the LM's output matrix: FSDP's shards gathered once (the LM is frozen then)
+    unembed = model.lm_head.weight.full_tensor() if cfg.fsdp else model.lm_head.weight
+    heads = ILQLHeads(model.cfg.hidden_size, unembed, cfg.head_rank, cfg.two_qs).to(dev)
     n_heads = sum(p.numel() for p in heads.parameters() if p.requires_grad)
     print0(f"{len(samples)} samples ({len(rows)} pairs) from {cfg.data}; {truncated} truncated to "
            f"{cfg.max_len} tokens; heads: {n_heads:,} trainable parameters; "

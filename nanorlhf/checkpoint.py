@@ -10,9 +10,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from nanorlhf import distributed, lora
 from nanorlhf.errors import UserError
@@ -101,8 +104,9 @@ def config_from_hf(hf: dict, tensor_names: set[str], where: str = "config.json")
     )
 
 
-def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file or sharded safetensors checkpoint. Refuses pickle files."""
+def safetensors_files(model_dir: Path) -> list[str]:
+    """The safetensors file(s) of a checkpoint directory: one file, or the shards its index lists.
+    Refuses pickle files."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -117,12 +121,43 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles. "
                             "Convert to safetensors first (transformers: save_pretrained(safe_serialization=True))")
         raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
     for shard in shards:
         if not (model_dir / shard).is_file():
             raise UserError(f"{model_dir}: shard {shard} listed in model.safetensors.index.json is missing")
-        tensors.update(load_file(model_dir / shard))
+    return shards
+
+
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded safetensors checkpoint. Refuses pickle files."""
+    tensors = {}
+    for shard in safetensors_files(model_dir):
+        tensors.update(load_file(Path(model_dir) / shard))
     return tensors
+
+
+def tensor_files(model_dir: Path) -> dict[str, str]:
+    """{tensor name: the file holding it}, from the files' headers only (no tensor data is read)."""
+    files = {}
+    for shard in safetensors_files(model_dir):
+        with safe_open(Path(model_dir) / shard, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), shard))
+    return files
+
+
+def check_names(expected, found, where: str) -> None:
+    """One UserError line if the checkpoint's tensor names `found` are not exactly the model's `expected`."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{where}: missing tensor {missing[0]}{more}")
+    if unexpected:
+        more = f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise UserError(f"{where}: unexpected tensor {unexpected[0]}{more}")
+
+
+def wrong_shape(name: str, shape, expected, where: str) -> UserError:
+    return UserError(f"{where}: tensor {name} has shape {list(shape)}, config.json implies {list(expected)}")
 
 
 def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
@@ -130,18 +165,10 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], w
     """Check names and shapes, then assign `tensors` into a meta-device `module` (no second copy)."""
     expected = module.state_dict()
     tensors = {k: v for k, v in tensors.items() if not k.endswith(ignore + ("rotary_emb.inv_freq",))}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing:
-        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{where}: missing tensor {missing[0]}{more}")
-    if unexpected:
-        more = f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise UserError(f"{where}: unexpected tensor {unexpected[0]}{more}")
+    check_names(expected, tensors, where)
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
-            raise UserError(f"{where}: tensor {name} has shape {list(t.shape)}, "
-                            f"config.json implies {list(expected[name].shape)}")
+            raise wrong_shape(name, t.shape, expected[name].shape, where)
     module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
 
 
@@ -162,6 +189,61 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     net.tie_weights()
     net.model_dir = model_dir
     return net.to(device)
+
+
+def load_model_sharded(model: str | Path, device: str | torch.device = "cpu",
+                       prepare: Callable[[Transformer], object] | None = None) -> Transformer:
+    """Under torchrun with FSDP: a causal LM straight into FSDP2 shards, never whole on any rank.
+
+    The model is built on the meta device (no memory); `prepare` runs on it (LoRA adapters must exist
+    before sharding; they are not in the checkpoint and get real values); distributed.shard_model shards
+    it as distributed.wrap would; then every rank reads, file by file, only its own rows of each tensor
+    (safetensors' get_slice reads just those bytes) into its shard. Peak memory per rank: its shards plus
+    one tensor's rows. Every rank calls it. fp32, like load_model's default.
+    """
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("load_model_sharded needs torchrun's process group: call distributed.init() first")
+    model_dir = resolve_model(str(model))
+    files = tensor_files(model_dir)
+    cfg = config_from_hf(read_config(model_dir), set(files), where=str(model_dir / "config.json"))
+    with torch.device("meta"):
+        net = Transformer(cfg)  # tied: lm_head.weight *is* the embedding, which FSDP then shards once
+    if prepare is not None:
+        prepare(net)
+    distributed.shard_model(net)
+    fill_shards(net, model_dir, files, device)
+    net.model_dir = model_dir
+    return net
+
+
+@torch.no_grad()
+def fill_shards(net: torch.nn.Module, model_dir: Path, files: dict[str, str], device) -> None:
+    """Replace each meta-device parameter of the FSDP-sharded `net` by a DTensor holding this rank's rows
+    of the checkpoint's tensor, read with get_slice, one file open at a time."""
+    where = str(model_dir)
+    todo = {k: p for k, p in net.named_parameters() if p.is_meta}  # a tied head is listed once, as the embedding
+    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")}
+    if net.cfg.tie_word_embeddings:
+        found.discard("lm_head.weight")  # some tied checkpoints store a redundant copy
+    check_names(todo, found, where)
+    holders = {}  # id(parameter) -> every (module, attribute) holding it: both ends of a tied pair
+    for module in net.modules():
+        for attr, p in module._parameters.items():
+            holders.setdefault(id(p), []).append((module, attr))
+    for shard in sorted({files[k] for k in todo}):
+        with safe_open(model_dir / shard, "pt") as f:
+            for name in [k for k in todo if files[k] == shard]:
+                p, source = todo[name], f.get_slice(name)
+                if list(source.get_shape()) != list(p.shape):
+                    raise wrong_shape(name, source.get_shape(), p.shape, where)
+                rows = distributed.local_rows(p)
+                local = source[rows.start:rows.stop].to(device=device, dtype=p.dtype)
+                # the same layout as FSDP's meta shard; FSDP pads it (if dim 0 is uneven) at its first forward
+                shard_param = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                                 shape=p.shape, stride=p.stride())
+                new = torch.nn.Parameter(shard_param, requires_grad=p.requires_grad)
+                for module, attr in holders[id(p)]:
+                    setattr(module, attr, new)
 
 
 def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:

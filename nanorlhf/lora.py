@@ -31,8 +31,11 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
         a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
-        self.lora_A = nn.Parameter(a.to(base.weight.device, base.weight.dtype))
-        zeros = torch.zeros(self.out_features, rank, device=base.weight.device, dtype=base.weight.dtype)
+        # a meta-device base (checkpoint.load_model_sharded fills it in after sharding) still gets real
+        # adapters on the CPU: they are not in any checkpoint, and FSDP moves them to the device when it shards
+        device = torch.device("cpu") if base.weight.is_meta else base.weight.device
+        self.lora_A = nn.Parameter(a.to(device, base.weight.dtype))
+        zeros = torch.zeros(self.out_features, rank, device=device, dtype=base.weight.dtype)
         self.lora_B = nn.Parameter(zeros)
         self.scale, self.enabled = alpha / rank, True
 

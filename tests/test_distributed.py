@@ -133,15 +133,17 @@ def test_rest_loop_two_ranks_reproduce_one(tiny_chat_model, tmp_path, flags):
     assert update_ratio(proxy_start, *proxies) <= UPDATE_RTOL
 
 
-@pytest.mark.parametrize("flags", [[], ["--train-lm", "true", "--lora-rank", 4, "--grad-checkpointing", "true"]],
-                         ids=["frozen-lm", "lm-lora-ckpt"])
-def test_train_ilql_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path, flags):
-    """22 samples in micro-batches of 3: the last holds one sample, so one rank runs a dummy with weight 0."""
+@pytest.mark.parametrize("fsdp, flags", [(False, []), (True, []),
+                                         (False, ["--train-lm", "true", "--lora-rank", 4, "--grad-checkpointing", "true"])],
+                         ids=["frozen-lm", "frozen-lm-fsdp", "lm-lora-ckpt"])
+def test_train_ilql_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path, fsdp, flags):
+    """22 samples in micro-batches of 3: the last holds one sample, so one rank runs a dummy with weight 0.
+    With --fsdp the frozen LM is sharded (checkpoint.load_model_sharded) and only computes the features."""
     args = ["--model", tiny_chat_model, "--data", dpo_pairs, "--eval-data", "", "--out-dir", tmp_path, "--batch-size", 3,
             "--grad-accum", 2, "--lr", 1e-3, "--head-lr", 1e-2, "--alpha", 0.3, "--warmup-steps", 1, "--reward", "terminal", "--epochs", 1,
             *flags]
     launch("train_ilql.py", [*args, "--run", "one"])
-    launch("train_ilql.py", [*args, "--run", "two"], ranks=2)
+    launch("train_ilql.py", [*args, "--run", "two", "--fsdp", str(fsdp)], ranks=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
