@@ -18,7 +18,7 @@ and errors name the checkpoint's tensors. Dropout is left out: this module only 
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from nanorlhf.checkpoint import read_safetensors
 from nanorlhf.cli import autocast
-from nanorlhf.data import check_vocab, fit_to_length
+from nanorlhf.data import check_vocab, collate, fit_to_length
 from nanorlhf.errors import UserError
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -36,13 +36,13 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh
 
 
 @dataclass
-class DebertaConfig:
+class DebertaConfig:  # the config.json keys of DebertaV2Config that change what is computed, its defaults
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    embedding_size: int  # != hidden_size: the embeddings are projected up (embed_proj)
+    embedding_size: int = 0  # 0: hidden_size; else the embeddings are projected up to hidden_size
     max_position_embeddings: int = 512
     type_vocab_size: int = 0  # 0: token_type_ids are ignored (v3)
     layer_norm_eps: float = 1e-7
@@ -50,15 +50,14 @@ class DebertaConfig:
     pooler_hidden_act: str = "gelu"
     position_biased_input: bool = True  # absolute position embeddings added to the input (v3: False)
     relative_attention: bool = False
-    pos_att_type: tuple[str, ...] = ()  # subset of ("c2p", "p2c")
+    pos_att_type: tuple[str, ...] = ()  # subset of ("c2p", "p2c"); config.json may say "p2c|c2p" or a list
     position_buckets: int = -1  # > 0: log-bucketed distances, and span = position_buckets
-    max_relative_positions: int = 512
+    max_relative_positions: int = -1  # < 1: max_position_embeddings
     share_att_key: bool = False  # relative embeddings go through query_proj/key_proj, not their own
-    norm_rel_ebd: bool = False  # LayerNorm over the relative embedding table
+    norm_rel_ebd: str = "none"  # holds "layer_norm": a LayerNorm over the relative embedding table
     conv_kernel_size: int = 0  # > 0: a Conv1d branch after the first layer (DeBERTa-v2 xlarge/xxlarge)
     conv_groups: int = 1
     conv_act: str = "tanh"
-    hf_config: dict = field(default_factory=dict, repr=False)
 
     @property
     def span(self) -> int:
@@ -68,38 +67,22 @@ class DebertaConfig:
 
 def deberta_config_from_hf(hf: dict, where: str) -> DebertaConfig:
     """DebertaConfig from a config.json with model_type deberta-v2; refuses what we cannot compute."""
-    pos_att_type = hf.get("pos_att_type") or []
-    if isinstance(pos_att_type, str):  # "p2c|c2p", as DebertaV2Config accepts
-        pos_att_type = pos_att_type.lower().split("|")
+    names = {f.name for f in fields(DebertaConfig)}
+    cfg = DebertaConfig(**{k: v for k, v in hf.items() if k in names and v is not None})
+    types = cfg.pos_att_type.lower().split("|") if isinstance(cfg.pos_att_type, str) else cfg.pos_att_type
     # like transformers, only c2p and p2c have an effect (v1's p2p does nothing in v2)
-    pos_att_type = tuple(t.strip() for t in pos_att_type if t.strip() in ("c2p", "p2c"))
+    cfg.pos_att_type = tuple(t.strip() for t in types if t.strip() in ("c2p", "p2c"))
+    cfg.embedding_size = cfg.embedding_size or cfg.hidden_size
+    if cfg.max_relative_positions < 1:
+        cfg.max_relative_positions = cfg.max_position_embeddings
     for key in ("hidden_act", "pooler_hidden_act", "conv_act"):
-        if hf.get(key, "gelu") not in ACTIVATIONS:
-            raise UserError(f"{where}: {key} {hf[key]!r} is not supported ({', '.join(ACTIVATIONS)})")
-    h, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if h % heads:
-        raise UserError(f"{where}: hidden_size {h} is not a multiple of num_attention_heads {heads}")
-    if hf.get("pooler_hidden_size", h) != h:
-        raise UserError(f"{where}: pooler_hidden_size {hf['pooler_hidden_size']} != hidden_size {h}")
-    kernel = hf.get("conv_kernel_size", 0)
-    if kernel > 0 and kernel % 2 == 0:
-        raise UserError(f"{where}: conv_kernel_size {kernel} is even; the conv keeps length only for odd sizes")
-    max_rel = hf.get("max_relative_positions", -1)
-    norm_rel = [x.strip() for x in str(hf.get("norm_rel_ebd", "none")).lower().split("|")]
-    return DebertaConfig(
-        vocab_size=hf["vocab_size"], hidden_size=h, intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-        embedding_size=hf.get("embedding_size") or h,
-        max_position_embeddings=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 0), layer_norm_eps=hf.get("layer_norm_eps", 1e-7),
-        hidden_act=hf.get("hidden_act", "gelu"), pooler_hidden_act=hf.get("pooler_hidden_act", "gelu"),
-        position_biased_input=hf.get("position_biased_input", True),
-        relative_attention=hf.get("relative_attention", False), pos_att_type=pos_att_type,
-        position_buckets=hf.get("position_buckets", -1),
-        max_relative_positions=max_rel if max_rel >= 1 else hf.get("max_position_embeddings", 512),
-        share_att_key=hf.get("share_att_key", False), norm_rel_ebd="layer_norm" in norm_rel,
-        conv_kernel_size=kernel, conv_groups=hf.get("conv_groups", 1), conv_act=hf.get("conv_act", "tanh"),
-        hf_config=hf)
+        if getattr(cfg, key) not in ACTIVATIONS:
+            raise UserError(f"{where}: {key} {getattr(cfg, key)!r} is not supported ({', '.join(ACTIVATIONS)})")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(f"{where}: hidden_size is not a multiple of num_attention_heads")
+    if cfg.conv_kernel_size > 0 and cfg.conv_kernel_size % 2 == 0:
+        raise UserError(f"{where}: conv_kernel_size {cfg.conv_kernel_size} is even (the conv keeps length if odd)")
+    return cfg
 
 
 def log_bucket_position(rel: Tensor, buckets: int, max_position: int) -> Tensor:
@@ -111,14 +94,6 @@ def log_bucket_position(rel: Tensor, buckets: int, max_position: int) -> Tensor:
     log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid))
                          * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, rel.float(), log_pos * torch.sign(rel)).long()
-
-
-def relative_positions(T: int, cfg: DebertaConfig, device) -> Tensor:
-    """(T, T) long: entry (i, j) is the (bucketed) distance i - j from query i to key j."""
-    pos = torch.arange(T, device=device)
-    rel = pos[:, None] - pos[None, :]
-    return log_bucket_position(rel, cfg.position_buckets, cfg.max_relative_positions) \
-        if cfg.position_buckets > 0 else rel
 
 
 class Layer(nn.Module):
@@ -190,7 +165,7 @@ class DebertaRewardModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         if cfg.relative_attention:
             self.rel_embeddings = nn.Embedding(2 * cfg.span, h)
-            self.rel_norm = nn.LayerNorm(h, eps) if cfg.norm_rel_ebd else None
+            self.rel_norm = nn.LayerNorm(h, eps) if "layer_norm" in cfg.norm_rel_ebd.lower() else None
         if cfg.conv_kernel_size > 0:
             k = cfg.conv_kernel_size
             self.conv = nn.Conv1d(h, h, k, padding=(k - 1) // 2, groups=cfg.conv_groups)
@@ -221,7 +196,10 @@ class DebertaRewardModel(nn.Module):
         if self.cfg.relative_attention:
             rel_emb = self.rel_embeddings.weight  # (2·span, H), shared by every layer
             rel_emb = self.rel_norm(rel_emb) if self.rel_norm is not None else rel_emb
-            rel_pos = relative_positions(input_ids.shape[1], self.cfg, input_ids.device)
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            rel_pos = pos[:, None] - pos[None, :]  # (T, T): the distance i - j from query i to key j
+            if self.cfg.position_buckets > 0:
+                rel_pos = log_bucket_position(rel_pos, self.cfg.position_buckets, self.cfg.max_relative_positions)
         x = embedded = self.embed(input_ids, token_type_ids, keep)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, rel_emb, rel_pos)
@@ -268,20 +246,17 @@ def load_deberta_reward_model(model_dir: Path, hf: dict, dtype: torch.dtype = to
     # a buffer transformers saves, and absolute positions a v3 model has but does not use (transformers drops them)
     ignored = {"deberta.embeddings.position_ids"} | (set() if cfg.position_biased_input
                                                      else {"deberta.embeddings.position_embeddings.weight"})
-    missing = [n for n in ours if n not in tensors]
-    unexpected = [n for n in tensors if n not in ours and n not in ignored]
-    for problem, names in (("missing", missing), ("unexpected", unexpected)):
-        if names:
-            more = f" (+{len(names) - 1} more)" if len(names) > 1 else ""
-            raise UserError(f"{model_dir}: {problem} tensor {names[0]}{more} for a DeBERTa-v2 reward model")
-    if tensors["classifier.weight"].shape[0] != 1:
+    if tensors.get("classifier.weight", torch.empty(1)).shape[0] != 1:
         raise UserError(f"{model_dir}: classifier.weight has {tensors['classifier.weight'].shape[0]} rows; "
                         "a reward model has one output (num_labels = 1)")
     expected = rm.state_dict()
-    for name, ours_name in ours.items():
-        if tensors[name].shape != expected[ours_name].shape:
-            raise UserError(f"{model_dir}: tensor {name} has shape {list(tensors[name].shape)}, "
-                            f"config.json implies {list(expected[ours_name].shape)}")
+    problems = ([f"missing tensor {n}" for n in ours if n not in tensors]
+                + [f"unexpected tensor {n}" for n in tensors if n not in ours and n not in ignored]
+                + [f"tensor {n} has shape {list(tensors[n].shape)}, config.json implies {list(expected[o].shape)}"
+                   for n, o in ours.items() if n in tensors and tensors[n].shape != expected[o].shape])
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{model_dir}: {problems[0]}{more}: not a DeBERTa-v2 reward model as config.json describes")
     rm.load_state_dict({o: tensors[n].to(dtype) for n, o in ours.items()}, strict=True, assign=True)
     rm.model_dir = Path(model_dir)
     return rm.to(device)
@@ -304,15 +279,9 @@ def encode_pairs(tok, questions: list[str], answers: list[str], max_len: int,
         ea.truncate(len(a_ids))
         pair = tok.tok.post_process(eq, ea, add_special_tokens=True)
         rows.append((pair.ids, pair.type_ids))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    token_type_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (ids, types) in enumerate(rows):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        token_type_ids[row, :len(ids)] = torch.tensor(types)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids, token_type_ids, attention_mask
+    padded = collate([ids for ids, _ in rows], [[]] * len(rows), pad_id)  # right-padded, mask 1 on tokens
+    token_type_ids = collate([types for _, types in rows], [[]] * len(rows), 0)["input_ids"]
+    return padded["input_ids"], token_type_ids, padded["attention_mask"]
 
 
 @torch.no_grad()

@@ -203,7 +203,7 @@ def rewrite(src, dst, drop: str | None = None, add: dict | None = None, config: 
 
 @pytest.mark.parametrize("change, message", [
     (dict(drop="deberta.encoder.layer.1.attention.self.query_proj.weight"),
-     "missing tensor deberta.encoder.layer.1.attention.self.query_proj.weight for a DeBERTa-v2 reward model"),
+     "missing tensor deberta.encoder.layer.1.attention.self.query_proj.weight: not a DeBERTa-v2 reward model"),
     (dict(drop="deberta.encoder.rel_embeddings.weight"), "missing tensor deberta.encoder.rel_embeddings.weight"),
     (dict(add={"lm_predictions.lm_head.bias": torch.zeros(VOCAB)}), "unexpected tensor lm_predictions.lm_head.bias"),
     (dict(add={"classifier.weight": torch.zeros(2, 32), "classifier.bias": torch.zeros(2)}), "num_labels = 1"),
