@@ -90,7 +90,7 @@ def log_bucket_position(rel: Tensor, buckets: int, max_position: int) -> Tensor:
     are log-spaced so that max_position maps near buckets. The sign is kept. Arithmetic in fp32, as transformers'."""
     mid = buckets // 2
     near = (rel < mid) & (rel > -mid)
-    abs_pos = torch.where(near, torch.full_like(rel, mid - 1), rel.abs())  # mid - 1 keeps log() finite
+    abs_pos = torch.where(near, torch.full_like(rel, mid - 1), rel.abs())  # placeholder: avoids log(0), kept below
     log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid))
                          * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, rel.float(), log_pos * torch.sign(rel)).long()

@@ -97,6 +97,19 @@ def test_padded_rows_equal_rows_alone(rm_dirs, name):
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
 
 
+def test_bf16_weights_under_autocast_stay_close(rm_dirs):
+    """RMScorer on CUDA: bf16 weights, bf16 autocast (run here on the CPU's autocast). bf16 keeps 8 bits, so each
+    rounding is ~4e-3 relative; two layers of them move O(1) scores by ~1e-2 (measured 5e-3..1.3e-2). 0.05 is
+    well under the 0.2+ spread between rows, so a broken dtype path (say, a mask in the wrong dtype) still shows."""
+    ids, types, mask = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = load_reward_model(rm_dirs["v3"], dtype=torch.bfloat16)(ids, types, mask)
+    with torch.no_grad():
+        expected = load_reward_model(rm_dirs["v3"])(ids, types, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
+
+
 def test_log_bucket_positions_by_hand():
     # buckets 8 (mid 4), max_position 64: |d| <= 4 exact; else ceil(ln(|d|/4) / ln(63/4) · 3) + 4, signed.
     # d=5: ln 1.25 / ln 15.75 · 3 = 0.243 -> 5;  d=10: 0.997 -> 5;  d=11: 1.101 -> 6;  d=30: 2.193 -> 7
