@@ -270,7 +270,10 @@ def encode_pairs(tok, questions: list[str], answers: list[str], max_len: int,
     `transformers' tokenizer(q, a)` does. Too long a pair is cut by fit_to_length (the answer's end first,
     then the question's start). -> input_ids, token_type_ids, attention_mask, each (B, T) long.
     """
-    budget = max_len - tok.tok.num_special_tokens_to_add(True)
+    specials = tok.tok.num_special_tokens_to_add(True)
+    if specials == 0:  # the pooler reads token 0: without [CLS] it would read the question's first word
+        raise UserError("the reward model's tokenizer.json has no pair post-processor ([CLS] q [SEP] a [SEP])")
+    budget = max_len - specials
     rows = []
     for q, a in zip(questions, answers):
         eq, ea = tok.tok.encode(q, add_special_tokens=False), tok.tok.encode(a, add_special_tokens=False)

@@ -168,6 +168,14 @@ def test_long_pair_is_cut_to_max_len(tmp_path):
     assert types[0].tolist() == [0] * 13 + [1] * 17 and mask.sum() == 30
 
 
+def test_tokenizer_without_pair_template_is_refused(tmp_path):
+    write_spm_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**config, "post_processor": None}))
+    with pytest.raises(UserError, match="no pair post-processor"):
+        encode_pairs(Tokenizer(tmp_path), QUESTIONS, ANSWERS, max_len=512)
+
+
 @pytest.fixture(scope="module")
 def scorer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm-with-tokenizer")
