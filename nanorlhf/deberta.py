@@ -8,9 +8,10 @@ embeddings,
 
     A_ij = (q_i·k_j + q_i·kr_δ(i,j) [c2p] + k_j·qr_δ(i,j) [p2c]) / sqrt(d · (1 + number of terms)),
 
-δ(i,j) = clamp(bucket(i - j) + span, 0, 2·span - 1). (The paper prints δ(j,i) in the p2c term; the released
-code and transformers gather i - j on the key's row, and we follow them.) v3 buckets distances
-log-spaced beyond position_buckets/2, so 2·position_buckets embeddings cover any length.
+δ(i,j) = clamp(bucket(i - j) + span, 0, 2·span - 1). (The paper writes δ(j,i) in the p2c term; transformers'
+code, ported from Microsoft's, reads the row of distance i - j in both terms, and we follow the code: the
+tests check that δ(j,i) would move the scores.) v3 buckets distances log-spaced beyond position_buckets/2,
+so 2·position_buckets embeddings cover any length.
 
 Our module names are short; HF_NAMES maps them to the checkpoint's names (deberta.encoder.layer.0...),
 and errors name the checkpoint's tensors. Dropout is left out: this module only scores.
