@@ -9,8 +9,8 @@ embeddings,
     A_ij = (q_i·k_j + q_i·kr_δ(i,j) [c2p] + k_j·qr_δ(i,j) [p2c]) / sqrt(d · (1 + number of terms)),
 
 δ(i,j) = clamp(bucket(i - j) + span, 0, 2·span - 1). (The paper writes δ(j,i) in the p2c term; transformers'
-code, ported from Microsoft's, reads the row of distance i - j in both terms, and we follow the code: the
-tests check that δ(j,i) would move the scores.) v3 buckets distances log-spaced beyond position_buckets/2,
+code, ported from Microsoft's, reads the row of distance i - j in both terms, and we follow the code: δ(j,i)
+moves the tiny test models' scores by ~5e-2, far outside the tests' 1e-4.) v3 buckets distances log-spaced beyond position_buckets/2,
 so 2·position_buckets embeddings cover any length.
 
 Our module names are short; HF_NAMES maps them to the checkpoint's names (deberta.encoder.layer.0...),
