@@ -10,8 +10,8 @@ embeddings,
 
 δ(i,j) = clamp(bucket(i - j) + span, 0, 2·span - 1). (The paper writes δ(j,i) in the p2c term; transformers'
 code, ported from Microsoft's, reads the row of distance i - j in both terms, and we follow the code: δ(j,i)
-moves the tiny test models' scores by ~5e-2, far outside the tests' 1e-4.) v3 buckets distances log-spaced beyond position_buckets/2,
-so 2·position_buckets embeddings cover any length.
+moves the tiny test models' scores by ~5e-2, far outside the tests' 1e-4.) v3 buckets distances log-spaced
+beyond position_buckets/2, so 2·position_buckets embeddings cover any length.
 
 Our module names are short; HF_NAMES maps them to the checkpoint's names (deberta.encoder.layer.0...),
 and errors name the checkpoint's tensors. Dropout is left out: this module only scores.
