@@ -28,6 +28,7 @@ from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, 
                                  read_safetensors, resolve_model, write_checkpoint_dir)
 from nanorlhf.cli import autocast
 from nanorlhf.data import collate, fit_to_length
+from nanorlhf.deberta import DebertaRewardModel, load_deberta_reward_model, score_pairs
 from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer
 
@@ -64,10 +65,13 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> RewardModel:
-    """Load either layout (detected from the head's tensor name) from a directory or local HF cache id."""
+                      device: str | torch.device = "cpu") -> RewardModel | DebertaRewardModel:
+    """Load either layout (detected from the head's tensor name) from a directory or local HF cache id;
+    a config.json with model_type deberta-v2 (OpenAssistant's RMs) loads the DeBERTa encoder RM instead."""
     model_dir = resolve_model(str(path))
     hf = read_config(model_dir)
+    if hf.get("model_type") == "deberta-v2":
+        return load_deberta_reward_model(model_dir, hf, dtype, device)
     tensors = read_safetensors(model_dir)
     found = [h for h in HEAD_NAMES if f"{h}.weight" in tensors]
     if not found:
@@ -160,6 +164,8 @@ def pair_ids(tok, prompt: str | list[dict], response: str, head_name: str = "sco
 def score_texts(rm: RewardModel, tok, prompts: list, responses: list[str], batch_size: int = 8,
                 max_len: int | None = None) -> list[float]:
     """Score (prompt, response) pairs in right-padded batches; prompts are strings or message lists."""
+    if isinstance(rm, DebertaRewardModel):  # an encoder RM reads its tokenizer's (question, answer) pair encoding
+        return score_pairs(rm, tok, prompts, responses, batch_size, max_len)
     rm.eval()
     device = next(rm.parameters()).device
     max_len = max_len or rm.cfg.max_position_embeddings
