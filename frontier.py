@@ -310,20 +310,26 @@ def report(cfg: Config, points: list[dict], out: Path) -> str:
         fits[method] = {"form": form, "alpha": alpha, "beta": beta, "points": len(mine)}
         means = sorted((r["d"], r["gain"]) for r in rows if r["method"] == method)
         series[method] = [(0.0, 0.0), *means]
-        if not math.isnan(alpha):
-            grid = np.linspace(0, max(d for d, _ in means), 24)
+        if not math.isnan(alpha):  # drawn over the measured range only: outside it the form is a guess
+            measured = [d for d, _ in means if d > 0]
+            grid = np.linspace(min(measured), max(measured), 24)
             series[f"{method} fit"] = list(zip(grid.tolist(), gao_curve(alpha, beta, form, grid).tolist()))
     lines += ["", "Gao et al. fits of the gain R(d), d = √KL (every seed's points): best-of-n R = d(α - βd), "
               "the others R = d(α - β log d)", "", "| method | form | α | β | peak d* | peak R* |", "|---|---|---|---|---|---|"]
     for method, fit in fits.items():
         a, b = fit["alpha"], fit["beta"]
-        peak = (a / (2 * b), a * a / (4 * b)) if fit["form"] == "bon" and b > 0 else \
-            ((math.exp(a / b - 1), b * math.exp(a / b - 1)) if b > 0 and a / b < 20 else (math.nan, math.nan))
-        lines.append(f"| {method} | {fit['form']} | {a:+.3f} | {b:+.3f} | {peak[0]:.2f} | {peak[1]:+.3f} |")
+        if not b > 0:  # no overoptimisation within the measured range: the curve still rises
+            peak = "none (β ≤ 0) | –"
+        elif fit["form"] == "bon":  # dR/dd = α - 2βd = 0
+            peak = f"{a / (2 * b):.2f} | {a * a / (4 * b):+.3f}"
+        else:  # dR/dd = α - β log d - β = 0
+            peak = f"{math.exp(a / b - 1):.2f} | {b * math.exp(a / b - 1):+.3f}" if a / b < 20 else "beyond e^19 | –"
+        lines.append(f"| {method} | {fit['form']} | {a:+.3f} | {b:+.3f} | {peak} |")
     table = "\n".join(lines) + "\n"
     (out / "frontier.md").write_text(table)
     (out / "frontier.json").write_text(json.dumps({"points": points, "rows": rows, "fits": fits}, indent=1) + "\n")
-    line_plots([(f"gold gain over π₀ vs √KL(π‖π₀), gold {cfg.gold}", series)], out / "frontier.svg", xlabel="√KL")
+    line_plots([(f"gold gain over π₀ vs √KL(π‖π₀) (dashed: Gao et al.'s fit), gold {cfg.gold}", series)],
+               out / "frontier.svg", xlabel="√KL(π‖π₀)", width=720, panel_height=360, markers=True)
     return table
 
 

@@ -5,13 +5,15 @@ from pathlib import Path
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 Series = dict[str, list[tuple[float, float]]]  # legend name -> [(x, y), ...]
+FIT = " fit"  # a series named "X fit" is a fitted curve of series X: drawn dashed in X's colour
 
 
 def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return [lo + (hi - lo) * i / n for i in range(n + 1)]
 
 
-def _panel(title: str, series: Series, top: float, width: int, height: int, xlabel: str) -> list[str]:
+def _panel(title: str, series: Series, top: float, width: int, height: int, xlabel: str,
+           markers: bool = False) -> list[str]:
     left, right, pad = 60, 20, 28
     points = [p for pts in series.values() for p in pts]
     if not points:
@@ -35,21 +37,29 @@ def _panel(title: str, series: Series, top: float, width: int, height: int, xlab
     for x in _ticks(x0, x1):
         out.append(f'<text x="{sx(x):.1f}" y="{top + pad + plot_h + 14}" text-anchor="middle">{x:.3g}</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{top + height}" text-anchor="middle">{escape(xlabel)}</text>')
-    for i, (name, pts) in enumerate(series.items()):
+    named = [n for n in series if not (n.endswith(FIT) and n[:-len(FIT)] in series)]
+    for name, pts in series.items():
+        fit = name not in named  # "X fit": dashed, in X's colour, no legend line of its own
+        i = named.index(name[:-len(FIT)] if fit else name)
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        out.append(f'<text x="{left + plot_w - 4}" y="{top + pad + 14 + 14 * i}" text-anchor="end" '
-                   f'fill="{color}">{escape(name)}</text>')
+        dash = ' stroke-dasharray="5 3"' if fit else ""
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
+        if markers and not fit:
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
+        if not fit:
+            out.append(f'<text x="{left + plot_w - 4}" y="{top + pad + 14 + 14 * i}" text-anchor="end" '
+                       f'fill="{color}">{escape(name)}</text>')
     return out
 
 
 def line_plots_svg(panels: list[tuple[str, Series]], xlabel: str = "step", width: int = 640,
-                   panel_height: int = 220) -> str:
-    """One SVG document with the panels stacked vertically; each panel is (title, {name: [(x, y)]})."""
+                   panel_height: int = 220, markers: bool = False) -> str:
+    """One SVG document with the panels stacked vertically; each panel is (title, {name: [(x, y)]});
+    `markers`: a dot on every measured point."""
     body = []
     for i, (title, series) in enumerate(panels):
-        body += _panel(title, series, i * (panel_height + 10), width, panel_height, xlabel)
+        body += _panel(title, series, i * (panel_height + 10), width, panel_height, xlabel, markers)
     height = len(panels) * (panel_height + 10) + 10
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
@@ -57,9 +67,9 @@ def line_plots_svg(panels: list[tuple[str, Series]], xlabel: str = "step", width
 
 
 def line_plots(panels: list[tuple[str, Series]], path: str | Path, xlabel: str = "step",
-               width: int = 640, panel_height: int = 220) -> Path:
+               width: int = 640, panel_height: int = 220, markers: bool = False) -> Path:
     """Write line_plots_svg(...) to `path`."""
-    Path(path).write_text(line_plots_svg(panels, xlabel, width, panel_height))
+    Path(path).write_text(line_plots_svg(panels, xlabel, width, panel_height, markers))
     return Path(path)
 
 

@@ -103,3 +103,16 @@ def test_every_method_end_to_end_on_the_tiny_model(tiny_chat_model, tmp_path):
     table = (out / "frontier.md").read_text()
     rerun = subprocess.run(list(map(str, args)), check=True, cwd=tmp_path, capture_output=True, text=True)
     assert "$ " not in rerun.stdout and (out / "frontier.md").read_text() == table
+
+
+def test_a_fit_series_is_dashed_in_its_data_colour_without_a_legend_line():
+    from nanorlhf.svg import line_plots_svg
+
+    svg = line_plots_svg([("t", {"bon": [(0, 0), (1, 1)], "ppo": [(0, 0), (1, 2)], "bon fit": [(0, 0), (1, 0.9)]})],
+                         markers=True)
+    lines = [l for l in svg.splitlines() if l.startswith("<polyline")]
+    colour = lambda line: line.split('stroke="')[1].split('"')[0]
+    assert len(lines) == 3 and colour(lines[2]) == colour(lines[0]) != colour(lines[1])
+    assert "stroke-dasharray" in lines[2] and "stroke-dasharray" not in lines[0]
+    assert ">bon<" in svg and ">ppo<" in svg and ">bon fit<" not in svg
+    assert svg.count("<circle") == 4  # measured points only, not the fit's
