@@ -69,7 +69,7 @@ class Config:
     gold_pairs: int = flag(96, "gold labels per seed, the budget of every method", min=2)
     bon_n: str = flag("1,2,4,8,16", "best-of-n: the n to evaluate")
     bon_samples: int = flag(16, "best-of-n: samples per held-out prompt (a multiple of every n)", min=1)
-    dpo_betas: str = flag("0.5,0.1,0.02", "DPO: one run per β (smaller β: further from π₀)")
+    dpo_betas: str = flag("0.5,0.1", "DPO: one run per β (smaller β: further from π₀)")
     dpo_epochs: int = flag(2, "DPO: passes over the pairs", min=1)
     rl_steps: int = flag(12, "PPO and GRPO steps", min=1)
     eval_every: int = flag(4, "PPO and GRPO: evaluate every N steps (the points of their curves)", min=1)
