@@ -86,7 +86,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
     algo: str = flag("ppo", "ppo (critic + GAE) | grpo (group-relative, KL in the loss) | rloo (leave-one-out)",
                      choices=("ppo", "grpo", "rloo"))
-    steps: int = flag(12, "rollout + update rounds (CPU default: ~15 min with both evaluations)", min=1)
+    steps: int = flag(12, "rollout + update rounds (CPU default: ~14 min on 2 cores with both evaluations)", min=1)
     batch_size: int = flag(16, "responses sampled per step (prompts x --group-size), over all torchrun ranks",
                            min=1)
     group_size: int = flag(1, "samples per prompt (grpo and rloo need >= 2)", min=1)
