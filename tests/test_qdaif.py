@@ -398,7 +398,7 @@ def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_pat
     load_lm = lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module()
     monkeypatch.setattr(qdaif, "load_model", load_lm)
 
-    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+    def load_reward_model(path, dtype=torch.float32, device="cpu", template=None):
         asked["rm"] = (torch.device(device), dtype)
         raise Loaded
 
