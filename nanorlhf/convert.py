@@ -45,9 +45,9 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"
 NOT_COPIED = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".onnx", ".gguf")  # weights: converted or useless
 SPM_FILES = ("tokenizer.model", "spm.model")  # Llama's and DeBERTa-v3's sentencepiece file names
-# digits, accents, CJK, runs of spaces and tabs, newlines, emoji (byte fallback): what the converted tokenizer
-# must encode exactly like sentencepiece before it is written
-PROBE_TEXT = "Human: What is 12345 + 6.78?\n\nAssistant:   three spaces,\ttab\t\ttabs, naïve café, 東京, 🦄🎉 ☃ end  "
+# a leading space, digits, accents, CJK, runs of spaces and tabs, newlines, emoji (byte fallback): the converted tokenizer
+# must encode it exactly like sentencepiece before it is written
+PROBE_TEXT = " Human: What is 12345 + 6.78?\n\nAssistant:   three spaces,\ttab\t\ttabs, naïve café, 東京, 🦄🎉 ☃ end  "
 
 
 def weight_shards(src: Path) -> tuple[list[str], dict[str, str] | None, bool]:
@@ -73,8 +73,8 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's message is a page long; its 'WeightsUnpickler error:' line says what was refused
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(e))
-        reason = reason.group(1).strip() if reason else str(e).splitlines()[0]
+        reason = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        reason = " ".join(reason.split()).partition(" Please use")[0] or str(e).splitlines()[0]
         raise UserError(f"{path}: refused: it holds more than tensors ({reason}); a checkpoint file may "
                         "not name code to run") from None
     except Exception as e:  # not a pickle at all, truncated, ...
@@ -190,12 +190,19 @@ def convert_tokenizer(src: Path, tmp: Path) -> list[str]:
     specials = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()
                 if k.endswith("_token") and isinstance(v, (str, dict))}
     if kind == "llama":
+        from tokenizers import normalizers
         from transformers.tokenization_utils_base import generate_merges
 
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
         defaults = {"unk_token": sp.id_to_piece(sp.unk_id()), "bos_token": sp.id_to_piece(sp.bos_id()),
                     "eos_token": sp.id_to_piece(sp.eos_id())}
         tok = transformers.LlamaTokenizerFast(vocab=vocab, merges=generate_merges(vocab), **{**defaults, **specials})
+        # sentencepiece prepends its dummy "▁" even to a text that starts with a space; the Metaspace pre-tokenizer
+        # above does not (it sees "▁" already there). The legacy normalizer, transformers' LlamaConverter for
+        # legacy=True (the slow LlamaTokenizer's default) and Llama-2's own tokenizer.json, does.
+        tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                                 normalizers.Replace(" ", "▁")])
+        tok.backend_tokenizer.pre_tokenizer = None
     else:
         tok = transformers.DebertaV2TokenizerFast(vocab=pieces, do_lower_case=config.get("do_lower_case", False),
                                                   **specials)
