@@ -168,9 +168,9 @@ def convert_tokenizer(src: Path, tmp: Path) -> list[str]:
     """tokenizer.json from SRC's sentencepiece model, built by transformers' own classes, then checked.
 
     Why transformers (the optional [convert] extra): its LlamaTokenizerFast / DebertaV2TokenizerFast
-    constructors are the reference conversion of these sentencepiece models to `tokenizers` (the
-    normalizer, Metaspace pre-tokenizer, byte fallback, the [CLS] q [SEP] a [SEP] pair template), the same
-    ones AutoTokenizer uses; re-deriving them here would be a second, untested copy. transformers 5 reads
+    constructors are the reference conversion of these sentencepiece models to `tokenizers` (vocabulary and
+    merges, byte fallback, normalizer, decoder, the [CLS] q [SEP] a [SEP] pair template), the same ones
+    AutoTokenizer uses; re-deriving them here would be a second, untested copy. transformers 5 reads
     the .model file through protobuf; sentencepiece's own processor gives the same pieces and scores, and is
     also the oracle: the result must encode PROBE_TEXT exactly as sentencepiece does, or nothing is written.
     """
@@ -182,8 +182,10 @@ def convert_tokenizer(src: Path, tmp: Path) -> list[str]:
         import sentencepiece
         import transformers
     except ImportError:
-        raise UserError(f"{src / spm_file}: converting a sentencepiece tokenizer needs transformers and "
-                        "sentencepiece: pip install 'nanorlhf[convert]'") from None
+        transformers = None
+    if transformers is None or int(transformers.__version__.split(".")[0]) < 5:
+        raise UserError(f"{src / spm_file}: converting a sentencepiece tokenizer needs transformers >= 5 and "
+                        "sentencepiece: pip install 'nanorlhf[convert]'")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(src / spm_file))
     pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     config = read_json(src / "tokenizer_config.json")
