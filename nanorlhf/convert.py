@@ -40,6 +40,7 @@ from tqdm import tqdm
 from nanorlhf.atomic import atomic_dir
 from nanorlhf.checkpoint import PICKLE_SUFFIXES, read_index
 from nanorlhf.errors import UserError, run_cli
+from nanorlhf.tokenizer import _read_json, _token_text
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -143,19 +144,10 @@ def convert_weights(src: Path, tmp: Path) -> list[str]:
     return written
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
 def tokenizer_kind(src: Path, spm_file: str) -> str:
     """'llama' or 'deberta': tokenizer_config.json's tokenizer_class, else config.json's model_type."""
-    cls = str(read_json(src / "tokenizer_config.json").get("tokenizer_class") or "").removesuffix("Fast")
-    model_type = read_json(src / "config.json").get("model_type")
+    cls = str(_read_json(src / "tokenizer_config.json").get("tokenizer_class") or "").removesuffix("Fast")
+    model_type = _read_json(src / "config.json").get("model_type")
     if cls in ("LlamaTokenizer", "CodeLlamaTokenizer") or (not cls and model_type in ("llama", "mistral")):
         return "llama"
     if cls == "DebertaV2Tokenizer" or (not cls and model_type == "deberta-v2"):
@@ -188,9 +180,8 @@ def convert_tokenizer(src: Path, tmp: Path) -> list[str]:
                         "sentencepiece: pip install 'nanorlhf[convert]'")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(src / spm_file))
     pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    config = read_json(src / "tokenizer_config.json")
-    specials = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()
-                if k.endswith("_token") and isinstance(v, (str, dict))}
+    config = _read_json(src / "tokenizer_config.json")
+    specials = {k: _token_text(v) for k, v in config.items() if k.endswith("_token") and isinstance(v, (str, dict))}
     if kind == "llama":
         from tokenizers import normalizers
         from transformers.tokenization_utils_base import generate_merges
