@@ -245,7 +245,7 @@ def convert(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     with atomic_dir(dst) as tmp:
         written = convert_weights(src, tmp) + convert_tokenizer(src, tmp)
         for p in sorted(src.iterdir()):  # config.json, tokenizer files, generation config, README, ...
-            if p.is_file() and not p.name.startswith(".") and p.name not in written and p.name != BIN_INDEX \
+            if p.is_file() and not p.name.startswith(".") and p.name not in written + [BIN_INDEX, "CHECKSUMS"] \
                     and not p.name.endswith(NOT_COPIED):
                 shutil.copyfile(p, tmp / p.name)
                 written.append(p.name)

@@ -224,6 +224,30 @@ def test_shared_and_non_contiguous_tensors_are_written_whole(tmp_path):
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
 
 
+def test_legacy_torch_save_format_converts(tmp_path):
+    """Files from torch < 1.6 are not zip archives: they cannot be mmap'd and are read whole, still restricted."""
+    (tmp_path / "src").mkdir()
+    state = {"w": torch.randn(3, 2), "b": torch.arange(4)}
+    torch.save(state, tmp_path / "src" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "src" / "config.json").write_text("{}")
+    convert.convert(tmp_path / "src", tmp_path / "dst")
+    loaded = load_file(tmp_path / "dst" / "model.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()) and set(loaded) == set(state)
+
+
+def test_tokenizer_that_does_not_encode_like_sentencepiece_is_not_written(sharded_src, capsys):
+    """A sentencepiece model that collapses runs of spaces (nmt_nfkc, remove_extra_whitespaces: the trainer's
+    defaults, not Llama's): the Llama conversion keeps them, the check against sentencepiece catches it."""
+    (sharded_src / "corpus.txt").write_text("\n".join(f"the quick brown fox {i} jumps" for i in range(100)))
+    sentencepiece.SentencePieceTrainer.train(input=str(sharded_src / "corpus.txt"),
+                                             model_prefix=str(sharded_src / "tokenizer"), vocab_size=60,
+                                             model_type="bpe", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (sharded_src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    err = cli_error([sharded_src, sharded_src.parent / "dst"], capsys)
+    assert "tokenizer.model: the converted tokenizer encodes a test text differently from sentencepiece" in err
+    assert nothing_written(sharded_src.parent / "dst")
+
+
 # ---- pickle is opened by the converter only, and only through the restricted unpickler --------------
 
 class MarkerOnUnpickle:
