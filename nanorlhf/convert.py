@@ -46,9 +46,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_INDEX = "model.safetensors.index.json"
 NOT_COPIED = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".onnx", ".gguf")  # weights: converted or useless
 SPM_FILES = ("tokenizer.model", "spm.model")  # Llama's and DeBERTa-v3's sentencepiece file names
-# a leading space, digits, accents, CJK, runs of spaces and tabs, newlines, emoji (byte fallback): the converted tokenizer
-# must encode it exactly like sentencepiece before it is written
-PROBE_TEXT = " Human: What is 12345 + 6.78?\n\nAssistant:   three spaces,\ttab\t\ttabs, naïve café, 東京, 🦄🎉 ☃ end  "
+# a leading space, digits, accents, CJK, runs of spaces and tabs, newlines, emoji (byte fallback): the
+# converted tokenizer must encode it exactly like sentencepiece before it is written
+PROBE_TEXT = (" Human: What is 12345 + 6.78?\n\nAssistant:   three spaces,\ttab\t\ttabs, naïve café, 東京, "
+              "🦄🎉 ☃ end  ")
 
 
 def weight_shards(src: Path) -> tuple[list[str], dict[str, str] | None, bool]:

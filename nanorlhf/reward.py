@@ -194,8 +194,8 @@ def pair_ids(tok, prompt: str | list[dict], response: str, template: str = "chat
 
     chat:    tok.chat_prompt(prompt) and tok.encode(response), encoded apart (no merge across the boundary).
     ultrarm: BOS + ULTRARM_TEMPLATE as one string, as the card's `tokenizer(text)` encodes it; returned as
-             prompt ids only, so a long pair is cut from its start, BOS and all (fit_to_length). A message list is scored by
-             its last message, the instruction the response answers.
+             prompt ids only, so a long pair is cut from its start, BOS and all (fit_to_length). A message
+             list is scored by its last message, the instruction the response answers.
     """
     if template == "ultrarm":
         question = prompt if isinstance(prompt, str) else prompt[-1]["content"]

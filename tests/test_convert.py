@@ -321,7 +321,7 @@ def test_load_paths_never_unpickle(ultrarm, tmp_path, monkeypatch):
 def test_only_the_converter_calls_torch_load():
     """A grep over the package and the scripts: torch.load and pickle's loaders appear in nanorlhf/convert.py only."""
     pattern = re.compile(r"torch\.load\b|\bpickle\.(load|loads|Unpickler)\b|\bload\(.*weights_only|\bmmap=True")
-    sources = sorted(REPO.glob("*.py")) + sorted((REPO / "nanorlhf").glob("*.py")) + sorted((REPO / "bench").glob("*.py"))
+    sources = [p for folder in (REPO, REPO / "nanorlhf", REPO / "bench") for p in sorted(folder.glob("*.py"))]
     users = {str(p.relative_to(REPO)) for p in sources if pattern.search(p.read_text())}
     assert users == {"nanorlhf/convert.py"}
 
