@@ -52,7 +52,7 @@ from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config,
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import generate, left_pad, prefill
 from nanorlhf.qdaif_report import report
-from nanorlhf.reward import VaderScorer
+from nanorlhf.reward import VaderScorer, parse_rm_spec
 from nanorlhf.tokenizer import Tokenizer
 
 POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
@@ -127,12 +127,13 @@ def check_fitness(spec: str) -> None:
         return
     if not spec.startswith("rm:"):
         raise UserError(f"--fitness {spec!r}: choose ai, vader or rm:PATH")
+    name, _ = parse_rm_spec(spec)
     try:
-        path = resolve_model(spec[3:])
+        path = resolve_model(name)
     except UserError:
         path = None
     if path is None or not (path / "config.json").is_file():
-        raise UserError(f"--fitness {spec}: {spec[3:]!r} is not a readable reward-model checkpoint directory "
+        raise UserError(f"--fitness {spec}: {name!r} is not a readable reward-model checkpoint directory "
                         "(no config.json)")
 
 

@@ -104,13 +104,29 @@ def config_from_hf(hf: dict, tensor_names: set[str], where: str = "config.json")
     )
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """An index file's weight_map {tensor name: shard file name}; one line if malformed."""
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise UserError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file name")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise UserError(f"{path}: shard {shard!r} is not a file name inside the checkpoint directory")
+    return weight_map
+
+
 def safetensors_files(model_dir: Path) -> list[str]:
     """The safetensors file(s) of a checkpoint directory: one file, or the shards its index lists.
     Refuses pickle files."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_index(index).values()))
     elif (model_dir / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -118,8 +134,8 @@ def safetensors_files(model_dir: Path) -> list[str]:
     if not shards:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
-            raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles. "
-                            "Convert to safetensors first (transformers: save_pretrained(safe_serialization=True))")
+            raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles "
+                            f"when loading. Convert them once: python -m nanorlhf.convert {model_dir} DST")
         raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     for shard in shards:
         if not (model_dir / shard).is_file():

@@ -4,7 +4,12 @@ An RM maps (prompt, response) to one number: the head applied to the last hidden
 real token. Two checkpoint layouts load and save, told apart by the head's tensor name:
 
   score.weight            (1, H)  transformers' *ForSequenceClassification with num_labels=1
-  regression_head.weight  (1, H)  UltraRM-13b (openbmb), scored on "Human: {q}\nAssistant: {a}"
+  regression_head.weight  (1, H)  UltraRM-13b (openbmb)
+
+How (prompt, response) becomes the tokens an RM reads is its *template* (TEMPLATES): a message list or a
+prompt string in, ids out. Each RM scores best on the format it was trained on, so the template comes with
+the checkpoint: config.json's "nanorlhf_template" if set, else by layout (regression_head: ultrarm; a
+DeBERTa encoder: pair; else chat). `rm:PATH@TEMPLATE` overrides it (make_gold_scorer).
 
 Which token is "last" comes from the attention mask, never from the pad id: with pad == eos (SmolLM2)
 transformers' rightmost-non-pad rule reads the token before a final EOS. We append no EOS (as UltraRM's
@@ -33,6 +38,14 @@ from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer
 
 HEAD_NAMES = ("score", "regression_head")  # transformers' SequenceClassification, UltraRM
+# the RM templates; pair_ids documents the causal ones, deberta.encode_pairs the pair encoding
+TEMPLATES = {"chat": "the tokenizer's chat format for the prompt, then the response (RMs trained in nanorlhf)",
+             "ultrarm": "BOS + 'Human: {prompt}\\n\\nAssistant: {response}' (UltraRM-13b's card)",
+             "pair": "the tokenizer's (question, answer) pair encoding, [CLS] q [SEP] a [SEP] (DeBERTa RMs)"}
+# openbmb/UltraRM-13b's model card (README.md, "Usage"): `ultrarm_template = """Human: {instruction}\n\nAssistant:
+# {completion}"""`, scored as `tokenizer(text)`: LlamaTokenizer adds BOS, no EOS. (The card's two WebGPT
+# examples are written with a single newline; the template it declares has a blank line, and we follow that.)
+ULTRARM_TEMPLATE = "Human: {instruction}\n\nAssistant: {completion}"
 ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
@@ -50,6 +63,7 @@ class RewardModel(nn.Module):
         super().__init__()
         assert head_name in HEAD_NAMES, head_name
         self.cfg, self.head_name = cfg, head_name  # head_name: the tensor name save_reward_model writes
+        self.template = default_template(head_name)  # how (prompt, response) is turned into ids: pair_ids
         self.fixed_prompt: str | None = None  # set: the RM was trained on (this prompt, text) only
         self.model = Backbone(cfg)
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -64,14 +78,33 @@ class RewardModel(nn.Module):
         return self.score(pooled).squeeze(-1).float()  # (B,)
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> RewardModel | DebertaRewardModel:
+def default_template(head_name: str) -> str:
+    """The template of a causal RM whose config.json names none: UltraRM's for its layout, else chat."""
+    return "ultrarm" if head_name == "regression_head" else "chat"
+
+
+def check_template(template: str, deberta: bool, where: str) -> str:
+    """`template` if it is one the RM can read: pair for an encoder, chat or ultrarm for a causal LM."""
+    if template not in TEMPLATES:
+        raise UserError(f"{where}: unknown reward-model template {template!r} (one of {', '.join(TEMPLATES)})")
+    if (template == "pair") != deberta:
+        kind = "a DeBERTa encoder RM reads only 'pair'" if deberta else "'pair' is for DeBERTa encoder RMs"
+        raise UserError(f"{where}: template {template!r} does not fit this reward model: {kind}")
+    return template
+
+
+def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      template: str | None = None) -> RewardModel | DebertaRewardModel:
     """Load either layout (detected from the head's tensor name) from a directory or local HF cache id;
-    a config.json with model_type deberta-v2 (OpenAssistant's RMs) loads the DeBERTa encoder RM instead."""
+    a config.json with model_type deberta-v2 (OpenAssistant's RMs) loads the DeBERTa encoder RM instead.
+    `template` (a TEMPLATES key) overrides the checkpoint's own (the module docstring says how it is chosen)."""
     model_dir = resolve_model(str(path))
     hf = read_config(model_dir)
+    where = str(model_dir / "config.json")
     if hf.get("model_type") == "deberta-v2":
-        return load_deberta_reward_model(model_dir, hf, dtype, device)
+        rm = load_deberta_reward_model(model_dir, hf, dtype, device)
+        rm.template = check_template(template or hf.get("nanorlhf_template") or "pair", True, where)
+        return rm
     tensors = read_safetensors(model_dir)
     found = [h for h in HEAD_NAMES if f"{h}.weight" in tensors]
     if not found:
@@ -90,6 +123,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32,
     load_state_into(rm, tensors, str(model_dir), dtype, ignore=("lm_head.weight",))
     rm.model_dir = model_dir
     rm.fixed_prompt = hf.get("nanorlhf_fixed_prompt")
+    rm.template = check_template(template or hf.get("nanorlhf_template") or rm.template, False, where)
     return rm.to(device)
 
 
@@ -107,6 +141,9 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, copy_from: str | Pat
     config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if getattr(rm, "fixed_prompt", None) is not None:
         config["nanorlhf_fixed_prompt"] = rm.fixed_prompt  # transformers keeps unknown keys as attributes
+    config.pop("nanorlhf_template", None)
+    if rm.template != default_template(rm.head_name):  # recorded only where the layout would not imply it
+        config["nanorlhf_template"] = rm.template
     if config.get("pad_token_id") is None:
         eos = config.get("eos_token_id")
         config["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
@@ -151,12 +188,21 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: T
     return losses, (chosen_scores > rejected_scores).to(chosen_scores.dtype)
 
 
-def pair_ids(tok, prompt: str | list[dict], response: str, head_name: str = "score") -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) an RM scores. No EOS: the score is read on the response's last token."""
-    if head_name == "regression_head":  # UltraRM's card: BOS + one string, single newline, no EOS
+def pair_ids(tok, prompt: str | list[dict], response: str, template: str = "chat") -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) a causal RM scores, in its template. No EOS: the score is read on the
+    response's last token (UltraRM's card gathers at attention_mask.cumsum(1).argmax(1): the last real token).
+
+    chat:    tok.chat_prompt(prompt) and tok.encode(response), encoded apart (no merge across the boundary).
+    ultrarm: BOS + ULTRARM_TEMPLATE as one string, as the card's `tokenizer(text)` encodes it; returned as
+             prompt ids only, so a long pair is cut from its start, BOS and all (fit_to_length). A message
+             list is scored by its last message, the instruction the response answers.
+    """
+    if template == "ultrarm":
         question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         bos = [tok.bos_id] if tok.bos_id is not None else []
-        return bos + tok.encode(f"Human: {question}\nAssistant: {response}"), []
+        return bos + tok.encode(ULTRARM_TEMPLATE.format(instruction=question, completion=response)), []
+    if template != "chat":
+        raise ValueError(f"pair_ids: template {template!r} is not a causal RM's (chat, ultrarm)")
     return tok.chat_prompt(prompt), tok.encode(response)
 
 
@@ -169,7 +215,7 @@ def score_texts(rm: RewardModel, tok, prompts: list, responses: list[str], batch
     rm.eval()
     device = next(rm.parameters()).device
     max_len = max_len or rm.cfg.max_position_embeddings
-    pairs = [fit_to_length(*pair_ids(tok, p, r, rm.head_name), max_len)[:2] for p, r in zip(prompts, responses)]
+    pairs = [fit_to_length(*pair_ids(tok, p, r, rm.template), max_len)[:2] for p, r in zip(prompts, responses)]
     scores = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
@@ -190,10 +236,10 @@ class RMScorer:
     on texts alone (its fixed_prompt) scores every response under that prompt: the given ones are ignored."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 8):
+                 batch_size: int = 8, template: str | None = None):
         from nanorlhf.tokenizer import Tokenizer
 
-        self.rm = load_reward_model(path, dtype or scorer_dtype(device), device).eval()
+        self.rm = load_reward_model(path, dtype or scorer_dtype(device), device, template=template).eval()
         self.tok = Tokenizer(self.rm.model_dir)
         self.batch_size = batch_size
 
@@ -224,13 +270,27 @@ def scorer_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def parse_rm_spec(spec: str) -> tuple[str, str | None]:
+    """'rm:PATH' or 'rm:PATH@TEMPLATE' -> (PATH, TEMPLATE or None). A PATH that itself holds '@' and exists
+    is taken whole; an unknown '@word' is an error rather than a missing directory."""
+    path = spec.removeprefix("rm:")
+    head, at, tail = path.rpartition("@")
+    if not at or not head or Path(path).expanduser().exists():
+        return path, None
+    if tail not in TEMPLATES:
+        raise UserError(f"{spec}: unknown reward-model template {tail!r} after '@' (one of {', '.join(TEMPLATES)})")
+    return head, tail
+
+
 def make_gold_scorer(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                      batch_size: int = 8) -> GoldScorer:
-    """'rm:PATH' (a reward-model checkpoint directory or local HF cache id; loaded on `device`, in `dtype`,
-    default scorer_dtype(device)) or 'vader'."""
+    """'rm:PATH' or 'rm:PATH@TEMPLATE' (a reward-model checkpoint directory or local HF cache id, scored in
+    its own template or TEMPLATE; loaded on `device`, in `dtype`, default scorer_dtype(device)) or 'vader'."""
     if spec.startswith("rm:") and len(spec) > 3:
-        return RMScorer(spec[3:], dtype, device, batch_size)
+        path, template = parse_rm_spec(spec)
+        return RMScorer(path, dtype, device, batch_size, template)
     if spec == "vader":
         return VaderScorer()
-    raise UserError(f"gold scorer {spec!r}: expected 'rm:PATH' (a reward-model checkpoint directory) "
+    raise UserError(f"gold scorer {spec!r}: expected 'rm:PATH' (a reward-model checkpoint directory; "
+                    f"rm:PATH@TEMPLATE picks its template: {' | '.join(TEMPLATES)}) "
                     "or 'vader' (VADER sentiment of the response)")

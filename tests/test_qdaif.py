@@ -252,6 +252,8 @@ def test_empty_cells_are_grey_and_the_scale_is_fixed(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--fitness", "rm:/no/such/rm"], "--fitness rm:/no/such/rm: '/no/such/rm' is not a readable reward-model"),
     (["--fitness", "gpt4"], "--fitness 'gpt4': choose ai, vader or rm:PATH"),
+    (["--fitness", "rm:/no/such/rm@pair"], "--fitness rm:/no/such/rm@pair: '/no/such/rm' is not a readable"),
+    (["--fitness", "rm:/no/such/rm@human"], "unknown reward-model template 'human' after '@'"),
     (["--grid", "genre=;tone=happy"], "axis 'genre' has no labels"),
     (["--grid", "colour=red,blue"], "--init-prompt 'Write a {tone} {genre}"),
     (["--labels", "guessed"], "--labels 'guessed': choose one of judged, requested"),
@@ -270,6 +272,10 @@ def test_unreadable_rm_directory(tmp_path):
     (tmp_path / "rm").mkdir()  # a directory, but no checkpoint in it
     with pytest.raises(UserError, match="no config.json"):
         qdaif.check_fitness(f"rm:{tmp_path / 'rm'}")
+
+
+def test_rm_fitness_with_a_template(tiny_chat_model):
+    qdaif.check_fitness(f"rm:{tiny_chat_model}@ultrarm")  # the path before '@' is checked, not the whole spec
 
 
 # --- the LM-facing code, on a tiny random model ---
@@ -398,7 +404,7 @@ def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_pat
     load_lm = lambda path, device: asked.update(lm=torch.device(device)) or torch.nn.Module()
     monkeypatch.setattr(qdaif, "load_model", load_lm)
 
-    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+    def load_reward_model(path, dtype=torch.float32, device="cpu", template=None):
         asked["rm"] = (torch.device(device), dtype)
         raise Loaded
 

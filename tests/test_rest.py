@@ -246,7 +246,7 @@ def test_gold_rm_loads_on_the_run_device_bf16_on_cuda(tiny_chat_model, tmp_path,
     asked = []
     monkeypatch.setattr(rest_loop, "device", lambda: torch.device(lm_device))
 
-    def load_reward_model(path, dtype=torch.float32, device="cpu"):
+    def load_reward_model(path, dtype=torch.float32, device="cpu", template=None):
         asked.append((torch.device(device), dtype))
         raise Loaded
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
-from nanorlhf.reward import (bradley_terry_loss, last_token_index, load_reward_model, make_gold_scorer,
-                             reward_model_from_lm, save_reward_model, score_texts)
+from nanorlhf.reward import (bradley_terry_loss, last_token_index, load_reward_model, make_gold_scorer, pair_ids,
+                             parse_rm_spec, reward_model_from_lm, save_reward_model, score_texts)
 from nanorlhf.tokenizer import Tokenizer
 from conftest import build_tiny_tokenizer
 
@@ -265,3 +265,82 @@ def test_rm_gold_scorer_matches_transformers_with_pad_equal_eos(tmp_path):
     assert max(abs(s - e) for s, e in zip(scores, expected.tolist())) <= 1e-4
     rm = load_reward_model(tmp_path)
     assert score_texts(rm, tok, prompts, responses, batch_size=1) == pytest.approx(scores, abs=1e-5)
+
+
+# ---- templates: how (prompt, response) becomes the ids an RM reads ---------------------------------------
+
+@pytest.fixture
+def ultra_with_tokenizer(rm_dirs, tmp_path):
+    """The regression_head (UltraRM) layout with the tiny tokenizer: BOS is <|im_start|> (id 1)."""
+    path = tmp_path / "ultra"
+    shutil.copytree(rm_dirs["regression_head"], path)
+    build_tiny_tokenizer(path)
+    return path
+
+
+def test_ultrarm_template_is_the_cards(ultra_with_tokenizer):
+    """BOS + "Human: {instruction}\\n\\nAssistant: {completion}" as one string (openbmb/UltraRM-13b's card), no EOS;
+    a message list is scored by its last message."""
+    tok = Tokenizer(ultra_with_tokenizer)
+    text = "Human: The capital of France?\n\nAssistant: Paris."
+    assert pair_ids(tok, "The capital of France?", "Paris.", "ultrarm") == ([1] + tok.encode(text), [])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"}]
+    assert pair_ids(tok, messages, "Paris.", "ultrarm")[0] == [1] + tok.encode(text)
+    assert pair_ids(tok, "The capital of France?", "Paris.", "chat") == (tok.chat_prompt("The capital of France?"),
+                                                                       tok.encode("Paris."))
+    with pytest.raises(ValueError, match="pair"):
+        pair_ids(tok, "q", "a", "pair")
+
+
+def test_template_comes_from_the_checkpoint_or_the_spec(rm_dirs, ultra_with_tokenizer):
+    """Scores equal transformers (the same weights as LlamaForSequenceClassification) on the ids of the template
+    chosen: by layout (regression_head: ultrarm), by config.json's nanorlhf_template, or by rm:PATH@TEMPLATE."""
+    hf, path = rm_dirs["hf"], ultra_with_tokenizer
+    tok = Tokenizer(path)
+    prompts, responses = ["The capital of France?", "Never mention the pink elephant."], ["Paris.", "The elephant."]
+    ultra_rows = [[1] + tok.encode(f"Human: {p}\n\nAssistant: {r}") for p, r in zip(prompts, responses)]
+    chat_rows = [tok.chat_prompt(p) + tok.encode(r) for p, r in zip(prompts, responses)]
+    with torch.no_grad():
+        expected = {name: hf(*right_padded(rows, pad=0)).logits.squeeze(-1).tolist()
+                    for name, rows in (("ultrarm", ultra_rows), ("chat", chat_rows))}
+    assert max(abs(a - b) for a, b in zip(expected["ultrarm"], expected["chat"])) > 1e-2  # the template matters
+    assert load_reward_model(path).template == "ultrarm" and load_reward_model(rm_dirs["score"]).template == "chat"
+    assert make_gold_scorer(f"rm:{path}").score(prompts, responses) == pytest.approx(expected["ultrarm"], abs=1e-4)
+    assert make_gold_scorer(f"rm:{path}@chat").score(prompts, responses) == pytest.approx(expected["chat"], abs=1e-4)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "nanorlhf_template": "chat"}))
+    assert load_reward_model(path).template == "chat"
+    assert make_gold_scorer(f"rm:{path}").score(prompts, responses) == pytest.approx(expected["chat"], abs=1e-4)
+    assert make_gold_scorer(f"rm:{path}@ultrarm").score(prompts, responses) == pytest.approx(
+        expected["ultrarm"], abs=1e-4)
+
+
+def test_bad_templates_are_one_line(rm_dirs, tmp_path):
+    with pytest.raises(UserError, match=r"unknown reward-model template 'chta' after '@' \(one of chat, ultrarm, pair\)"):
+        make_gold_scorer(f"rm:{rm_dirs['score']}@chta")
+    with pytest.raises(UserError, match="'pair' is for DeBERTa encoder RMs"):
+        make_gold_scorer(f"rm:{rm_dirs['score']}@pair")
+    path = tmp_path / "bad"
+    shutil.copytree(rm_dirs["score"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "nanorlhf_template": "human"}))
+    with pytest.raises(UserError, match=r"config.json: unknown reward-model template 'human'"):
+        load_reward_model(path)
+
+
+def test_a_path_with_an_at_sign_is_a_path(rm_dirs, tmp_path):
+    path = tmp_path / "rm@v2"
+    shutil.copytree(rm_dirs["score"], path)
+    assert parse_rm_spec(f"rm:{path}") == (str(path), None)
+    assert parse_rm_spec(f"rm:{path}@ultrarm") == (str(path), "ultrarm")
+    assert parse_rm_spec("rm:org/name") == ("org/name", None)
+
+
+def test_saved_template_travels_only_when_the_layout_does_not_imply_it(rm_dirs, tmp_path):
+    rm = load_reward_model(rm_dirs["regression_head"], template="chat")
+    out = save_reward_model(rm, tmp_path / "chat")
+    assert json.loads((out / "config.json").read_text())["nanorlhf_template"] == "chat"
+    assert load_reward_model(out).template == "chat"
+    out = save_reward_model(load_reward_model(rm_dirs["regression_head"]), tmp_path / "ultra")
+    assert "nanorlhf_template" not in json.loads((out / "config.json").read_text())
+    assert load_reward_model(out).template == "ultrarm"
