@@ -75,7 +75,7 @@ ECHO_MARKERS = re.compile(r"\brewrit\w*|\baward[- ]winning\b|\bquality\b|\breply
 @dataclass
 class Config:
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
-    fitness: str = flag("ai", "ai (LM's P(yes) 'high quality?') | vader | rm:PATH (reward model)")
+    fitness: str = flag("ai", "ai (LM's P(yes) 'high quality?') | vader | rm:PATH[@TEMPLATE] (reward model)")
     labels: str = flag("judged", "cell from the LM's judged labels (QDAIF) or the requested ones (hackathon)",
                        choices=("judged", "requested"))
     calibrate: bool = flag(True, "judged labels: divide out the judge's answer for content-free poems")

@@ -79,7 +79,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
     prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"),
                         "jsonl of {\"prompt\": str}; the last --eval-prompts rows are held out")
-    gold: str = flag("vader", "gold scorer: vader (VADER sentiment) | rm:PATH (a reward model)")
+    gold: str = flag("vader", "gold scorer: vader (VADER sentiment) | rm:PATH[@TEMPLATE] (a reward model)")
     out_dir: str = flag("out/rest_loop", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (default: a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")

@@ -76,7 +76,7 @@ from nanorlhf.tokenizer import Tokenizer
 class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--grad-checkpointing (no --fsdp)
     fsdp_refused = "train_ppo samples from the policy between steps, which needs the whole model on every rank"
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (the embedded SmolLM2-135M)")
-    reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH (a reward model) | pink (-1 per pink mention)")
+    reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH[@TEMPLATE] (a reward model) | pink (-1 per pink mention)")
     prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}, the last "
                         "--eval-prompts held out; pink: the train pairs of data/pink_elephant_pairs.json are used")
     gold: str = flag("", "also score the evaluations with this gold scorer (vader | rm:PATH), e.g. the RM the "
