@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from nanorlhf.checkpoint import load_model
 from nanorlhf.generate import left_pad, prefill
-from nanorlhf.model import Attention, MLP, RMSNorm, Transformer
+from nanorlhf.model import MLP, Attention, ModelConfig, RMSNorm, Transformer
 
 
 def median_time(fn, repeats: int) -> float:
@@ -101,8 +101,8 @@ def label_of(event) -> str:
     return "other"
 
 
-def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tuple[float, dict[str, float]]:
-    """ms per decode step (wall, no profiler) and ms of op self-time per label (profiler)."""
+def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tuple[float, float, dict[str, float]]:
+    """ms per decode step: wall without the profiler, wall with it, and op self-time per label (profiler)."""
     prompts = [[1 + (7 * i + j) % 500 for j in range(30 + i % 5)] for i in range(batch)]  # ~30-token prompts
     ids, mask = left_pad(prompts, 0)
     token = torch.full((batch, 1), 42)
@@ -127,15 +127,28 @@ def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tu
         wall = statistics.median(walls)
         labels = Labels(model)
         state = fresh()
+        start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(state)
+        profiled = (time.perf_counter() - start) / steps
         labels.remove()
     split: dict[str, float] = {}
     for e in prof.events():
         if e.name.startswith("#") or e.name.startswith("ProfilerStep"):
             continue
         split[label_of(e)] = split.get(label_of(e), 0.0) + e.self_cpu_time_total / 1e3 / steps  # us -> ms
-    return wall * 1e3, split
+    return wall * 1e3, profiled * 1e3, split
+
+
+def dispatch_only(cfg, batch: int, steps: int, repeats: int) -> float:
+    """ms per eager decode step of the same graph (layers, heads, ops) at width 36 and vocab 64: the
+    arithmetic is negligible, so this is what Python and torch's dispatcher cost per step."""
+    tiny = Transformer(ModelConfig(vocab_size=64, hidden_size=4 * cfg.num_attention_heads, intermediate_size=32,
+                                   num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                                   num_key_value_heads=cfg.num_key_value_heads, head_dim=4,
+                                   tie_word_embeddings=cfg.tie_word_embeddings)).eval()
+    wall, _, _ = decode_split(tiny, batch, steps, repeats)
+    return wall
 
 
 def main() -> None:
@@ -167,17 +180,20 @@ def main() -> None:
 
     order = ["proj matmul", "lm_head", "attention", "norm", "mlp elementwise", "other"]
     rows = {b: decode_split(model, b, args.steps, args.repeats) for b in (1, 16)}
-    print(f"\ndecode step split, ms (op self-time from torch.profiler; overhead = wall - ops)")
-    print(f"{'':22}" + "".join(f"{'batch ' + str(b):>16}" for b in rows))
-    for name in order:
-        print(f"{name:22}" + "".join(f"{split.get(name, 0):10.1f} {100 * split.get(name, 0) / wall:4.0f}%"
-                                     for wall, split in rows.values()))
-    print(f"{'python/dispatch':22}" + "".join(f"{wall - sum(split.values()):10.1f} "
-                                             f"{100 * (wall - sum(split.values())) / wall:4.0f}%"
-                                             for wall, split in rows.values()))
-    print(f"{'wall':22}" + "".join(f"{wall:10.1f}      " for wall, _ in rows.values()))
-    print(f"{'floor (bandwidth)':22}" + f"{floor_ms:10.1f}      " * len(rows))
+    dispatch = {b: dispatch_only(model.cfg, b, args.steps, args.repeats) for b in rows}
+    print("\ndecode step (eager), ms: op self-time from torch.profiler (which inflates small ops), overhead =")
+    print("profiled wall - summed op time; 'dispatch only' = the same step at width 36, where only overhead is left")
+    print(f"{'':26}" + "".join(f"{'batch ' + str(b):>16}" for b in rows))
 
+    def line(name, values):
+        print(f"{name:26}" + "".join(f"{v:10.1f} {100 * v / prof:4.0f}%" for v, (_, prof, _) in zip(values, rows.values())))
+    for name in order:
+        line(name, [split.get(name, 0.0) for _, _, split in rows.values()])
+    line("python/dispatch", [prof - sum(split.values()) for _, prof, split in rows.values()])
+    line("wall with profiler", [prof for _, prof, _ in rows.values()])
+    print(f"{'wall without profiler':26}" + "".join(f"{wall:10.1f}      " for wall, _, _ in rows.values()))
+    print(f"{'dispatch only (width 36)':26}" + "".join(f"{dispatch[b]:10.1f}      " for b in rows))
+    print(f"{'floor (bandwidth)':26}" + f"{floor_ms:10.1f}      " * len(rows))
 
 if __name__ == "__main__":
     main()

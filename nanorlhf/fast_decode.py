@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanorlhf.model import Attention, KVCache, Transformer, apply_rope
+from nanorlhf.model import Attention, Block, KVCache, Transformer, apply_rope
 
-_compiled = None  # one compiled step per process: dynamo's guards recompile it for new shapes
+_compiled = None  # one compiled block step per process: dynamo's guards recompile it for new shapes
 
 
 def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
@@ -37,8 +37,18 @@ def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tens
     return attn.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
 
+def block_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k: Tensor, v: Tensor,
+               at: Tensor) -> Tensor:
+    """One block for one token per row: x (B, 1, hidden) -> (B, 1, hidden). This is the unit that
+    torch.compile compiles: every block has the same structure, so (with dynamo's default of inlining
+    nn.Modules and treating their parameters as inputs) one compiled graph serves all layers, and
+    compiling costs one block, not the whole unrolled model."""
+    x = x + _attend(block.self_attn, block.input_layernorm(x), cos, sin, mask, k, v, at)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
 def decode_step(model: Transformer, token: Tensor, positions: Tensor, at: Tensor, key_mask: Tensor,
-                k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                k: Tensor, v: Tensor, step=block_step) -> tuple[Tensor, Tensor]:
     """One token per row through the whole model with fixed shapes.
 
     token (B,), positions (B,) its rotary positions, at (1,) the cache column it is written to,
@@ -51,8 +61,7 @@ def decode_step(model: Transformer, token: Tensor, positions: Tensor, at: Tensor
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     mask = key_mask[:, None, None, :]  # (B, 1, 1, L)
     for i, block in enumerate(bb.layers):
-        x = x + _attend(block.self_attn, block.input_layernorm(x), cos, sin, mask, k[i], v[i], at)
-        x = x + block.mlp(block.post_attention_layernorm(x))
+        x = step(block, x, cos, sin, mask, k[i], v[i], at)
     hidden = bb.norm(x)[:, -1]  # (B, hidden)
     return model.lm_head(hidden).float(), hidden
 
@@ -72,8 +81,8 @@ class StaticDecoder:
         # a token's position counts the real tokens before it (as Backbone's cumsum does)
         self.positions = mask.long().sum(-1)  # (B,)
         if compile and _compiled is None:
-            _compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
-        self.fn = _compiled if compile else decode_step
+            _compiled = torch.compile(block_step, fullgraph=True, dynamic=False)
+        self.block_step = _compiled if compile else block_step
 
     def step(self, token: Tensor) -> tuple[Tensor, Tensor]:
         if self.pos >= self.key_mask.shape[1]:
@@ -81,7 +90,8 @@ class StaticDecoder:
         # finished rows attend to their pad tokens too, as in the eager loop (their outputs are dropped)
         self.key_mask[:, self.pos] = True
         at = torch.tensor([self.pos], device=token.device)
-        logits, hidden = self.fn(self.model, token, self.positions, at, self.key_mask, self.cache.k, self.cache.v)
+        logits, hidden = decode_step(self.model, token, self.positions, at, self.key_mask, self.cache.k,
+                                     self.cache.v, self.block_step)
         self.pos += 1
         self.cache.pos = self.pos
         self.positions += 1

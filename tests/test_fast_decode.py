@@ -82,3 +82,23 @@ def test_compiled_equals_eager(tiny_dirs, name):
     model = load_model(tiny_dirs[name]).eval()
     for kw in (dict(stop_ids=[], temperature=0), dict(stop_ids=[3, 17, 40], temperature=1.0, seed=2)):
         assert_same(record(model, "eager", **kw), record(model, "compiled", **kw))
+
+
+def test_set_threads_defaults(monkeypatch):
+    # thread defaults are what fast decoding on a shared CPU most depends on (cli.set_threads)
+    from nanorlhf import cli
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cli.set_threads() == 3 and torch.get_num_threads() == 3  # 4 cores, 1 busy
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+        assert cli.set_threads() == 1  # never below one
+        assert cli.set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cli.set_threads() == 1 and torch.get_num_threads() == 1  # the environment is respected
+    finally:
+        torch.set_num_threads(before)
