@@ -9,8 +9,8 @@
    the compute floor where bandwidth is not the limit.
 3. torch.profiler over decode steps at batch 1 and 16 (nanorlhf's eager path): op self-time grouped by
    the module it ran in (projection matmuls, lm_head, attention = rope + cache writes + SDPA, norms,
-   MLP elementwise, other), and Python/dispatch overhead = wall (measured without the profiler)
-   minus the summed op self-time. Not a test.
+   MLP elementwise, other), the rest of the profiled wall time (Python, dispatch, profiler), and the
+   wall time of the same step at width 36 (only Python/dispatch overhead is left). Not a test.
 """
 
 import argparse
@@ -103,7 +103,8 @@ def label_of(event) -> str:
 
 def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tuple[float, float, dict[str, float]]:
     """ms per decode step: wall without the profiler, wall with it, and op self-time per label (profiler)."""
-    prompts = [[1 + (7 * i + j) % 500 for j in range(30 + i % 5)] for i in range(batch)]  # ~30-token prompts
+    vocab = model.cfg.vocab_size
+    prompts = [[1 + (7 * i + j) % (vocab - 1) for j in range(30 + i % 5)] for i in range(batch)]  # ~30-token prompts
     ids, mask = left_pad(prompts, 0)
     token = torch.full((batch, 1), 42)
 
@@ -181,19 +182,19 @@ def main() -> None:
     order = ["proj matmul", "lm_head", "attention", "norm", "mlp elementwise", "other"]
     rows = {b: decode_split(model, b, args.steps, args.repeats) for b in (1, 16)}
     dispatch = {b: dispatch_only(model.cfg, b, args.steps, args.repeats) for b in rows}
-    print("\ndecode step (eager), ms: op self-time from torch.profiler (which inflates small ops), overhead =")
-    print("profiled wall - summed op time; 'dispatch only' = the same step at width 36, where only overhead is left")
+    print("\ndecode step (eager), ms. Ops: self-time from torch.profiler, which roughly doubles the wall time")
+    print("(it inflates every small op), so read them as shares. 'dispatch only' = the same step at width 36:")
+    print("what Python and torch's dispatcher cost per step when the arithmetic is negligible")
     print(f"{'':26}" + "".join(f"{'batch ' + str(b):>16}" for b in rows))
-
-    def line(name, values):
-        print(f"{name:26}" + "".join(f"{v:10.1f} {100 * v / prof:4.0f}%" for v, (_, prof, _) in zip(values, rows.values())))
     for name in order:
-        line(name, [split.get(name, 0.0) for _, _, split in rows.values()])
-    line("python/dispatch", [prof - sum(split.values()) for _, prof, split in rows.values()])
-    line("wall with profiler", [prof for _, prof, _ in rows.values()])
-    print(f"{'wall without profiler':26}" + "".join(f"{wall:10.1f}      " for wall, _, _ in rows.values()))
-    print(f"{'dispatch only (width 36)':26}" + "".join(f"{dispatch[b]:10.1f}      " for b in rows))
-    print(f"{'floor (bandwidth)':26}" + f"{floor_ms:10.1f}      " * len(rows))
+        print(f"{name:26}" + "".join(f"{split.get(name, 0.0):10.1f} {100 * split.get(name, 0.0) / prof:4.0f}%"
+                                     for _, prof, split in rows.values()))
+    for name, values in (("other time in profiled run", [prof - sum(split.values()) for _, prof, split in rows.values()]),
+                         ("wall with profiler", [prof for _, prof, _ in rows.values()]),
+                         ("wall without profiler", [wall for wall, _, _ in rows.values()]),
+                         ("dispatch only (width 36)", list(dispatch.values())),
+                         ("floor (bandwidth)", [floor_ms] * len(rows))):
+        print(f"{name:26}" + "".join(f"{v:10.1f}      " for v in values))
 
 if __name__ == "__main__":
     main()
