@@ -1,10 +1,12 @@
 """nanorlhf's model vs transformers on the embedded SmolLM2-135M, side by side in one run.
 
-    python bench/bench_model.py [--model llama] [--repeats 5]
+    OMP_NUM_THREADS=1 python bench/bench_model.py [--model llama] [--repeats 5] [--decode eager,static,compiled] [--bf16]
 
 Prints load time, training forward+backward tokens/s (8 x 128), greedy generation tokens/s at batch
-1 and 16 (64 new tokens), the ratios nanorlhf/transformers (medians over repeats, alternating the
-two so machine noise hits both) and whether the greedy tokens are identical. Not a test.
+1 and 16 (64 new tokens) for each generate(decode=...) mode, the ratios nanorlhf/transformers
+(medians over repeats, every variant and transformers alternating so machine noise hits all alike),
+whether the greedy tokens are identical to transformers', the compile cost, and with --bf16 how long
+bf16 weights keep fp32's greedy tokens. Not a test.
 """
 
 import argparse
@@ -42,9 +44,16 @@ def main() -> None:
     parser.add_argument("--model", default="llama")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode", default="eager,static", help="generate(decode=...) modes, comma-separated "
+                        "(eager,static,compiled; compiled costs minutes of compiling per batch size)")
+    parser.add_argument("--bf16", action="store_true", help="also decode with a bf16 copy of the weights")
+    parser.add_argument("--skip-train", action="store_true", help="generation only")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, {model_dir}")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"{model_dir}, load average at the start {load}")
 
     load_s = {"nanorlhf": [], "transformers": []}
     for _ in range(3):
@@ -57,42 +66,72 @@ def main() -> None:
 
     ids = torch.randint(0, ours.cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     train = {"nanorlhf": [], "transformers": []}
-    train_step(ours, ids, False), train_step(hf, ids, True)  # warm-up
-    for _ in range(args.repeats):
+    if not args.skip_train:
+        train_step(ours, ids, False), train_step(hf, ids, True)  # warm-up
+    for _ in range(0 if args.skip_train else args.repeats):
         train["nanorlhf"].append(ids.numel() / timed(lambda: train_step(ours, ids, False)))
         train["transformers"].append(ids.numel() / timed(lambda: train_step(hf, ids, True)))
-    results["train tok/s (8x128)"] = {k: statistics.median(v) for k, v in train.items()}
+    if not args.skip_train:
+        results["train tok/s (8x128)"] = {k: statistics.median(v) for k, v in train.items()}
 
     ours.eval(), hf.eval()
-    same_tokens = True
+    modes = args.decode.split(",")
+    bf16 = load_model(model_dir, dtype=torch.bfloat16).eval() if args.bf16 else None
+    same_tokens = {m: True for m in modes}
+    agree = []  # bf16 vs fp32 eager: share of greedy tokens before the first difference
+    compile_s = {}
     for batch in (1, 16):
         prompts = [tok.chat_prompt(QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
         ids, mask = left_pad(prompts, tok.pad_id)
         n_new = args.new_tokens
-        runs = {"nanorlhf": [], "transformers": []}
 
         def no_stop(logits, hidden, step):  # transformers' min_new_tokens does the same: no early EOS
             logits[:, tok.stop_ids] = float("-inf")
             return logits
+
+        def ours_gen(model, mode, n=n_new):
+            return generate(model, prompts, n, [], tok.pad_id, temperature=0, logits_hook=no_stop, decode=mode)
+        if "compiled" in modes:  # the first call per shape compiles; its cost beyond an eager call
+            compile_s[batch] = timed(lambda: ours_gen(ours, "compiled", 4)) - timed(lambda: ours_gen(ours, "eager", 4))
+        variants = [(m, ours, m) for m in modes] + ([("bf16 " + modes[-1], bf16, modes[-1])] if bf16 else [])
+        runs = {name: [] for name, _, _ in variants} | {"transformers": []}
         for r in range(args.repeats + 1):  # the first round is a warm-up
-            ours_out = {}
-            t_ours = timed(lambda: ours_out.update(g=generate(ours, prompts, n_new, [], tok.pad_id, temperature=0, logits_hook=no_stop)))
+            outs = {}
+            for name, model, mode in variants:  # alternating, so machine noise hits every variant alike
+                t = timed(lambda: outs.update({name: ours_gen(model, mode).ids}))
+                if r:
+                    runs[name].append(batch * n_new / t)
             with torch.no_grad():
                 hf_out = {}
                 t_hf = timed(lambda: hf_out.update(g=hf.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
                     do_sample=False, pad_token_id=tok.pad_id)))
             if r:
-                runs["nanorlhf"].append(batch * n_new / t_ours)
                 runs["transformers"].append(batch * n_new / t_hf)
-            same_tokens &= ours_out["g"].ids == hf_out["g"][:, ids.shape[1]:].tolist()
-        results[f"greedy tok/s batch {batch}"] = {k: statistics.median(v) for k, v in runs.items()}
+            hf_ids = hf_out["g"][:, ids.shape[1]:].tolist()
+            for m in modes:
+                same_tokens[m] &= outs[m] == hf_ids
+            if bf16:
+                agree += [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), n_new) / n_new
+                          for x, y in zip(outs["bf16 " + modes[-1]], outs[modes[0]])]
+        for name in runs:
+            if name != "transformers":
+                results[f"greedy b{batch} {name}"] = {"nanorlhf": statistics.median(runs[name]),
+                                                      "transformers": statistics.median(runs["transformers"])}
 
-    print(f"{'':26}{'nanorlhf':>12}{'transformers':>14}{'ratio':>8}")
+    with open("/proc/loadavg") as f:
+        print(f"load average at the end: {' '.join(f.read().split()[:3])} (2 cores; other jobs share the machine)")
+    print(f"{'':30}{'nanorlhf':>12}{'transformers':>14}{'ratio':>8}")
     for name, r in results.items():
         ratio = r["transformers"] / r["nanorlhf"] if name.startswith("load") else r["nanorlhf"] / r["transformers"]
-        print(f"{name:26}{r['nanorlhf']:12.2f}{r['transformers']:14.2f}{ratio:8.2f}x")
-    print(f"identical greedy tokens: {same_tokens}")
+        print(f"{name:30}{r['nanorlhf']:12.2f}{r['transformers']:14.2f}{ratio:8.2f}x")
+    for m in modes:
+        print(f"identical greedy tokens to transformers, decode={m}: {same_tokens[m]}")
+    for batch, s in compile_s.items():
+        print(f"torch.compile cost at batch {batch}: {s:.0f} s (first call, beyond an eager call)")
+    if bf16:
+        print(f"bf16 weights: greedy tokens equal to fp32 until the first difference: {100 * statistics.mean(agree):.0f}% "
+              f"of {n_new} tokens (mean over rows and repeats)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from nanorlhf.cli import autocast
+from nanorlhf.fast_decode import StaticDecoder
 from nanorlhf.model import KVCache, Transformer
+
+DECODE_MODES = ("eager", "static", "compiled")
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits. ILQL adds beta*(Q - V) here.
 LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
@@ -96,9 +99,17 @@ def generate(
     seed: int | None = None,
     logits_hook: LogitsHook | None = None,
     tokenizer=None,
+    decode: str = "eager",
 ) -> Generation:
     """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
-    The same seed gives the same tokens: all randomness comes from one generator."""
+    The same seed gives the same tokens: all randomness comes from one generator.
+
+    decode: how the steps after the prefill run. "eager": model.forward with the growing KV cache (the
+    reference). "static": fast_decode's fixed-shape step (whole cache, one key mask, no per-step cat).
+    "compiled": the same step through torch.compile (compiles once per batch shape). Logits agree with
+    eager to float rounding (tests/test_fast_decode.py)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each
     B = ids.shape[0]
@@ -108,6 +119,7 @@ def generate(
     out_tokens = []
     with autocast(device):  # the hook's heads run under the same bf16 autocast as the model on GPU
         logits, hidden, cache = prefill(model, ids, mask, max_new_tokens)  # (B, V), (B, hidden)
+        fast = StaticDecoder(model, cache, mask, compile=decode == "compiled") if decode != "eager" else None
         for step in range(max_new_tokens):
             if logits_hook is not None:
                 logits = logits_hook(logits, hidden, step)
@@ -118,6 +130,9 @@ def generate(
             done |= torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
+            if fast is not None:
+                logits, hidden = fast.step(token)
+                continue
             # finished rows attend to their pad tokens too: harmless (their outputs are dropped) and it
             # keeps an unpadded batch mask-free, so SDPA takes its fast path
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)

@@ -1,0 +1,98 @@
+"""A decode step with fixed shapes, for generate(decode="static" | "compiled").
+
+The eager decode step (model.forward with a KVCache) attends over a key range that grows by one every
+step, builds its attention mask with torch.cat, and recomputes where a 4-D mask is needed. Here the
+step instead always attends over the whole pre-allocated cache (B, kv_heads, max_len, d) with one
+boolean key mask (B, max_len) that is switched on column by column, and writes the new key/value with
+index_copy_ at a position held in a tensor. Every tensor keeps its shape from the first step to the
+last, which is what torch.compile needs to compile the step once and run it as fused C++ kernels
+(gpt-fast's recipe: a static cache, a compiled step). Masked keys add exact zeros to the softmax, so
+the logits equal the eager ones up to the order of float sums (tests/test_fast_decode.py: 1e-5).
+
+The step calls the model's own submodules (projections, norms, MLPs, lm_head), so LoRA adapters and
+trained weights are what it sees; it reimplements only Attention.forward's cached path.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanorlhf.model import Attention, Block, KVCache, Transformer, apply_rope
+
+_compiled = None  # one compiled block step per process: dynamo's guards recompile it for new shapes
+
+
+def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
+            k_cache: Tensor, v_cache: Tensor, at: Tensor) -> Tensor:
+    """x (B, 1, hidden) -> (B, 1, hidden); writes this token's k/v into k_cache/v_cache (B, nkv, L, d) at `at` (1,)."""
+    B = x.shape[0]
+    q = attn.q_proj(x).view(B, 1, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, nh, 1, d)
+    k = attn.k_proj(x).view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)  # (B, nkv, 1, d)
+    v = attn.v_proj(x).view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache.index_copy_(2, at, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, at, v.to(v_cache.dtype))
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=key_mask,
+                                       enable_gqa=attn.n_kv != attn.n_head)  # (B, nh, 1, d)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+def block_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k: Tensor, v: Tensor,
+               at: Tensor) -> Tensor:
+    """One block for one token per row: x (B, 1, hidden) -> (B, 1, hidden). This is the unit that
+    torch.compile compiles: every block has the same structure, so (with dynamo's default of inlining
+    nn.Modules and treating their parameters as inputs) one compiled graph serves all layers, and
+    compiling costs one block, not the whole unrolled model."""
+    x = x + _attend(block.self_attn, block.input_layernorm(x), cos, sin, mask, k, v, at)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+def decode_step(model: Transformer, token: Tensor, positions: Tensor, at: Tensor, key_mask: Tensor,
+                k: Tensor, v: Tensor, step=block_step) -> tuple[Tensor, Tensor]:
+    """One token per row through the whole model with fixed shapes.
+
+    token (B,), positions (B,) its rotary positions, at (1,) the cache column it is written to,
+    key_mask (B, L) bool (True = may attend; column `at` already True), k/v the cache (layers, B, nkv, L, d)
+    -> next-token logits (B, V) fp32 and the last hidden state (B, hidden)."""
+    bb = model.model
+    x = bb.embed_tokens(token[:, None])  # (B, 1, hidden)
+    freqs = positions[:, None, None].float() * bb.inv_freq[None, None, :]  # (B, 1, d/2), fp32 as in Backbone
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, 1, d)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    mask = key_mask[:, None, None, :]  # (B, 1, 1, L)
+    for i, block in enumerate(bb.layers):
+        x = step(block, x, cos, sin, mask, k[i], v[i], at)
+    hidden = bb.norm(x)[:, -1]  # (B, hidden)
+    return model.lm_head(hidden).float(), hidden
+
+
+class StaticDecoder:
+    """Decodes after an eager prefill: `cache` holds the prompts (its pos = P) with room for the rest,
+    `mask` (B, P) is the prompts' padding mask. `step(token)` feeds one token per row and returns the
+    logits (B, V) fp32 and hidden state (B, hidden) for the next one. compile=True runs the step through
+    torch.compile (the first call per shape compiles: tens of seconds on CPU)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, mask: Tensor, compile: bool = False):
+        global _compiled
+        B, P = mask.shape
+        self.model, self.cache, self.pos = model, cache, cache.pos
+        self.key_mask = torch.zeros(B, cache.k.shape[3], dtype=torch.bool, device=mask.device)
+        self.key_mask[:, :P] = mask.bool()
+        # a token's position counts the real tokens before it (as Backbone's cumsum does)
+        self.positions = mask.long().sum(-1)  # (B,)
+        if compile and _compiled is None:
+            _compiled = torch.compile(block_step, fullgraph=True, dynamic=False)
+        self.block_step = _compiled if compile else block_step
+
+    def step(self, token: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pos >= self.key_mask.shape[1]:
+            raise RuntimeError(f"KV cache full: {self.key_mask.shape[1]} positions")
+        # finished rows attend to their pad tokens too, as in the eager loop (their outputs are dropped)
+        self.key_mask[:, self.pos] = True
+        at = torch.tensor([self.pos], device=token.device)
+        logits, hidden = decode_step(self.model, token, self.positions, at, self.key_mask, self.cache.k,
+                                     self.cache.v, self.block_step)
+        self.pos += 1
+        self.cache.pos = self.pos
+        self.positions += 1
+        return logits, hidden
