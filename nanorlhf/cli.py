@@ -62,9 +62,17 @@ def parse_config(cls, description: str, argv: list[str] | None = None):
                         "set, else the cores this process may use that are not already busy; see set_threads)")
     values = vars(parser.parse_args(argv))
     threads = values.pop("threads")
+    if threads < 0:
+        raise UserError(f"--threads {threads}: expected a positive count (0: chosen automatically)")
     cfg = cls(**values)
     check_flags(cfg)
-    set_threads(threads)
+    global _auto_threads
+    if threads > 0:
+        set_threads(threads)
+    elif _auto_threads is None:
+        _auto_threads = set_threads()
+    else:  # one automatic choice per process: runs in one process (tests, resume) keep the same reduction order
+        torch.set_num_threads(_auto_threads)
     if hasattr(cfg, "out_dir") and hasattr(cfg, "run") and not getattr(cfg, "resume", ""):
         run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     return cfg
@@ -79,6 +87,9 @@ def _parse_bool(text: str) -> bool:
 def _flag_type(annotation):
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
     return {"bool": _parse_bool, "int": int, "float": float}.get(name, str)
+
+
+_auto_threads: int | None = None  # set_threads()'s first automatic choice in this process
 
 
 def set_threads(threads: int = 0) -> int:

@@ -102,3 +102,34 @@ def test_set_threads_defaults(monkeypatch):
         assert cli.set_threads() == 1 and torch.get_num_threads() == 1  # the environment is respected
     finally:
         torch.set_num_threads(before)
+
+
+def test_parse_config_chooses_threads_once_per_process(monkeypatch):
+    # two runs in one process (a test, a crash and its resume) must not get different thread counts when
+    # the load changes between them: MKL's reduction order, and so bit-identity, can depend on it
+    from dataclasses import dataclass
+
+    from nanorlhf import cli
+    from nanorlhf.errors import UserError
+
+    @dataclass
+    class Tiny:
+        steps: int = cli.flag(1, "steps")
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(cli, "_auto_threads", None)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+        cli.parse_config(Tiny, "t", [])
+        assert torch.get_num_threads() == 3
+        cli.parse_config(Tiny, "t", ["--threads", "2"])
+        assert torch.get_num_threads() == 2  # an explicit count wins
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+        cli.parse_config(Tiny, "t", [])
+        assert torch.get_num_threads() == 3  # the first automatic choice, not 4 - 3 = 1
+        with pytest.raises(UserError, match="--threads -1"):
+            cli.parse_config(Tiny, "t", ["--threads", "-1"])
+    finally:
+        torch.set_num_threads(before)
