@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanorlhf.model import Attention, Block, KVCache, Transformer, apply_rope
+from nanorlhf.model import Attention, Block, KVCache, Transformer
 
 _compiled = None  # one compiled block step per process: dynamo's guards recompile it for new shapes
 
@@ -26,10 +26,7 @@ def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tens
             k_cache: Tensor, v_cache: Tensor, at: Tensor) -> Tensor:
     """x (B, 1, hidden) -> (B, 1, hidden); writes this token's k/v into k_cache/v_cache (B, nkv, L, d) at `at` (1,)."""
     B = x.shape[0]
-    q = attn.q_proj(x).view(B, 1, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, nh, 1, d)
-    k = attn.k_proj(x).view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)  # (B, nkv, 1, d)
-    v = attn.v_proj(x).view(B, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project(x, cos, sin)  # (B, nh, 1, d), (B, nkv, 1, d) x 2
     k_cache.index_copy_(2, at, k.to(k_cache.dtype))
     v_cache.index_copy_(2, at, v.to(v_cache.dtype))
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=key_mask,
@@ -56,9 +53,7 @@ def decode_step(model: Transformer, token: Tensor, positions: Tensor, at: Tensor
     -> next-token logits (B, V) fp32 and the last hidden state (B, hidden)."""
     bb = model.model
     x = bb.embed_tokens(token[:, None])  # (B, 1, hidden)
-    freqs = positions[:, None, None].float() * bb.inv_freq[None, None, :]  # (B, 1, d/2), fp32 as in Backbone
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, 1, d)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = bb.rope(positions[:, None], x.dtype)  # (B, 1, 1, d)
     mask = key_mask[:, None, None, :]  # (B, 1, 1, L)
     for i, block in enumerate(bb.layers):
         x = step(block, x, cos, sin, mask, k[i], v[i], at)

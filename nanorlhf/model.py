@@ -119,12 +119,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> rotated q (B, nh, T, d), rotated k and v (B, nkv, T, d)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, d), S = cached + T
         # no mask means "plain causal": upper-left aligned, right only when queries == keys
@@ -188,6 +193,12 @@ class Backbone(nn.Module):
         # drops from its intermediates to one (B, T, hidden) tensor, for about one more forward of compute
         self.grad_checkpointing = False
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32, then cast to dtype."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, d/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
@@ -207,10 +218,8 @@ class Backbone(nn.Module):
         has_pad = attention_mask is not None and not bool(attention_mask.all())
         mask = attention_mask_4d(attention_mask, T) if has_pad or (start > 0 and T > 1) else None
 
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, d/2), fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
         x = self.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
