@@ -4,10 +4,11 @@ The eager decode step (model.forward with a KVCache) attends over a key range th
 step, builds its attention mask with torch.cat, and recomputes where a 4-D mask is needed. Here the
 step instead always attends over the whole pre-allocated cache (B, kv_heads, max_len, d) with one
 boolean key mask (B, max_len) that is switched on column by column, and writes the new key/value with
-index_copy_ at a position held in a tensor. Every tensor keeps its shape from the first step to the
-last, which is what torch.compile needs to compile the step once and run it as fused C++ kernels
-(gpt-fast's recipe: a static cache, a compiled step). Masked keys add exact zeros to the softmax, so
-the logits equal the eager ones up to the order of float sums (tests/test_fast_decode.py: 1e-5).
+scatter_ at columns held in a tensor (one per row: stream.py's rows each have their own). Every tensor
+keeps its shape from the first step to the last, which is what torch.compile needs to compile the
+step once and run it as fused C++ kernels (gpt-fast's recipe: a static cache, a compiled step). Masked
+keys add exact zeros to the softmax, so the logits equal the eager ones up to the order of float sums
+(tests/test_fast_decode.py: 1e-5).
 
 The step calls the model's own submodules (projections, norms, MLPs, lm_head), so LoRA adapters and
 trained weights are what it sees; it reimplements only Attention.forward's cached path.
@@ -24,11 +25,13 @@ _compiled = None  # one compiled block step per process: dynamo's guards recompi
 
 def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
             k_cache: Tensor, v_cache: Tensor, at: Tensor) -> Tensor:
-    """x (B, 1, hidden) -> (B, 1, hidden); writes this token's k/v into k_cache/v_cache (B, nkv, L, d) at `at` (1,)."""
+    """x (B, 1, hidden) -> (B, 1, hidden); writes each row's k/v into k_cache/v_cache (B, nkv, L, d) at its
+    column `at` (B,)."""
     B = x.shape[0]
     q, k, v = attn.project(x, cos, sin)  # (B, nh, 1, d), (B, nkv, 1, d) x 2
-    k_cache.index_copy_(2, at, k.to(k_cache.dtype))
-    v_cache.index_copy_(2, at, v.to(v_cache.dtype))
+    column = at[:, None, None, None].expand(k.shape)  # (B, nkv, 1, d): row b writes column at[b]
+    k_cache.scatter_(2, column, k.to(k_cache.dtype))
+    v_cache.scatter_(2, column, v.to(v_cache.dtype))
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=key_mask,
                                        enable_gqa=attn.n_kv != attn.n_head)  # (B, nh, 1, d)
     return attn.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
@@ -48,8 +51,8 @@ def decode_step(model: Transformer, token: Tensor, positions: Tensor, at: Tensor
                 k: Tensor, v: Tensor, step=block_step) -> tuple[Tensor, Tensor]:
     """One token per row through the whole model with fixed shapes.
 
-    token (B,), positions (B,) its rotary positions, at (1,) the cache column it is written to,
-    key_mask (B, L) bool (True = may attend; column `at` already True), k/v the cache (layers, B, nkv, L, d)
+    token (B,), positions (B,) its rotary positions, at (B,) the cache column each row writes it to,
+    key_mask (B, L) bool (True = may attend; each row's column `at` already True), k/v the cache (layers, B, nkv, L, d)
     -> next-token logits (B, V) fp32 and the last hidden state (B, hidden)."""
     bb = model.model
     x = bb.embed_tokens(token[:, None])  # (B, 1, hidden)
@@ -84,7 +87,7 @@ class StaticDecoder:
             raise RuntimeError(f"KV cache full: {self.key_mask.shape[1]} positions")
         # finished rows attend to their pad tokens too, as in the eager loop (their outputs are dropped)
         self.key_mask[:, self.pos] = True
-        at = torch.tensor([self.pos], device=token.device)
+        at = torch.full_like(self.positions, self.pos)  # every row writes the same column
         logits, hidden = decode_step(self.model, token, self.positions, at, self.key_mask, self.cache.k,
                                      self.cache.v, self.block_step)
         self.pos += 1

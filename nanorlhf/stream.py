@@ -1,0 +1,206 @@
+"""Continuous batching: sample many prompts through a fixed pool of rows, refilling rows as they finish.
+
+generate() runs one batch until its longest row stops: a row that stops early keeps decoding pad tokens,
+and the next batch waits. Here `batch_size` rows decode together, and when enough of them have stopped
+the next prompts are prefilled into their slots while the others carry on (the scheduling of Orca and
+vLLM, without paging). Each row owns its cache columns: its prompt sits at columns 0..p-1 (no padding)
+and token t is written at column p + t, so rows of different ages decode in one fixed-shape step
+(fast_decode.decode_step with one write column per row). When no prompts are left, the pool shrinks to
+the rows still decoding.
+
+Randomness is per sample, not per batch: sample i draws from its own generator seeded seed·2²⁰ + i, one
+uniform per token (inverse-CDF sampling in float64), so its tokens do not depend on the batch size, the
+schedule or the other prompts (up to float rounding of the batched kernels). These are not the tokens
+generate() draws for the same seed: the two samplers consume randomness differently.
+"""
+
+from collections import deque
+
+import torch
+from torch import Tensor
+
+from nanorlhf.cli import autocast
+from nanorlhf.fast_decode import decode_step
+from nanorlhf.generate import Generation, LogitsHook, top_k_filter
+from nanorlhf.model import KVCache, Transformer
+
+SAMPLERS = ("batch", "stream")
+SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | stream: "
+                "continuous batching, one generator per sample (faster; other samples for the same seed)")
+
+
+def nucleus(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
+    """scores (B, V) -> the tokens that top-k then top-p keep, most likely first: ids (B, m) and their
+    probabilities (B, m) float64, renormalised over the top-k set, 0 past each row's nucleus.
+
+    Same sets as generate's filters, found without sorting the vocabulary: take the m most likely tokens
+    and grow m until they hold the nucleus. A token is kept when the mass of the tokens more likely than
+    it is < p (so at an exact tie the set stops, as in top_p_filter)."""
+    scores = top_k_filter(scores, top_k)  # ties at the k-th score stay, as in transformers
+    finite = int(torch.isfinite(scores).sum(-1).max())
+    # the normaliser in float64: at p = 0.999 the nucleus ends among tokens of mass ~1e-5, where a float32
+    # normaliser's error (~5e-7 of the mass) would move its edge. Shifted by the max, as softmax is, so n
+    # tied tokens get exactly 1/n and the tie rule holds to the bit
+    top = scores.max(-1, keepdim=True).values.double()  # (B, 1)
+    z = (scores.double() - top).exp().sum(-1, keepdim=True)  # (B, 1)
+    m = min(finite, 64)
+    while True:
+        values, ids = scores.topk(m, -1)  # (B, m), descending
+        probs = (values.double() - top).exp() / z  # (B, m)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        if m == finite or bool((probs.sum(-1) >= top_p).all()):  # every row's nucleus lies inside the m
+            return ids, probs * (before < top_p)
+        m = min(finite, 4 * m)
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
+    """probs (B, V) >= 0 (any scale), uniforms (B,) in [0, 1) -> (B,) the index where the cumulative mass
+    first exceeds u * total. A float64 cumsum of the whole vocabulary costs as much as a third of a decode
+    step, so it is done in two levels: float64 sums of blocks, then the cumsum inside the chosen block.
+    Tokens of zero mass are never chosen."""
+    B, V = probs.shape
+    padded = torch.nn.functional.pad(probs, (0, -V % block)).view(B, -1, block)  # (B, blocks, block)
+    block_cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
+    target = uniforms.to(block_cdf) * block_cdf[:, -1]  # (B,)
+    j = torch.searchsorted(block_cdf, target[:, None], right=True).clamp(max=block_cdf.shape[1] - 1)  # (B, 1)
+    # the chosen block's mass never exceeds its float64 sum by more than rounding; the clamp to its last
+    # token of nonzero mass keeps that rounding from landing on a token that cannot be drawn
+    inside = padded.gather(1, j[:, :, None].expand(B, 1, block)).squeeze(1)  # (B, block)
+    before = torch.where(j > 0, block_cdf.gather(1, (j - 1).clamp(min=0)), 0.0)  # (B, 1)
+    k = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), target[:, None] - before, right=True)
+    last_nonzero = (inside > 0).cumsum(-1).argmax(-1, keepdim=True)  # (B, 1)
+    return (j * block + torch.minimum(k, last_nonzero)).squeeze(-1)
+
+
+def sample_rows(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor) -> Tensor:
+    """logits (B, V), one uniform in [0, 1) per row (B,) float64 -> token ids (B,) by inverse CDF.
+    temperature 0 = greedy. Filters in generate's order: temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        return inverse_cdf(scores.softmax(-1), uniforms)
+    ids, probs = nucleus(scores, top_k, top_p)  # (B, m) each
+    return ids.gather(-1, inverse_cdf(probs, uniforms, block=probs.shape[1])[:, None]).squeeze(-1)
+
+
+class Pool:
+    """The rows' shared cache: keys/values (layers, B, kv_heads, width, d), a key mask (B, width) and the
+    next write column of every row. The last column is scratch: rows with nothing to decode write there."""
+
+    def __init__(self, model: Transformer, rows: int, width: int, device, dtype):
+        self.cache = KVCache(model.cfg, rows, width + 1, device, dtype)
+        self.scratch = width
+        self.key_mask = torch.zeros(rows, width + 1, dtype=torch.bool, device=device)
+        self.key_mask[:, self.scratch] = True  # an empty row attends to the scratch column alone (no NaN)
+        self.column = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def fill(self, model: Transformer, slots: list[int], prompts: list[list[int]],
+             pad_id: int) -> tuple[Tensor, Tensor]:
+        """Prefill `prompts` into rows `slots` -> their next-token logits (n, V) fp32 and hidden (n, h).
+        The prompts are right-padded, so each one's keys land at columns 0..p-1 as the row needs them."""
+        dev, n, width = self.column.device, len(prompts), max(map(len, prompts))
+        ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, device=dev), 1
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[torch.arange(n), mask.sum(-1) - 1] = True  # (n, width): each prompt's last token
+        fresh = KVCache(model.cfg, n, width, dev, self.cache.k.dtype)
+        logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)  # (n, V), (n, width, h)
+        rows = torch.tensor(slots, device=dev)
+        self.cache.k[:, rows, :, :width] = fresh.k
+        self.cache.v[:, rows, :, :width] = fresh.v
+        self.key_mask[rows] = False
+        self.key_mask[rows, :width] = mask.bool()
+        self.column[rows] = mask.sum(-1)
+        return logits.float(), hidden[last]
+
+    def step(self, model: Transformer, token: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed token (B,) to the rows where live (B,) bool; the others write the scratch column.
+        -> logits (B, V) fp32 and hidden (B, h); only live rows' are meaningful."""
+        at = torch.where(live, self.column, self.scratch)  # (B,)
+        self.key_mask[live, self.column[live]] = True
+        logits, hidden = decode_step(model, token, self.column, at, self.key_mask, self.cache.k, self.cache.v)
+        self.column += live.long()
+        return logits, hidden
+
+    def keep(self, rows: Tensor) -> None:
+        """Shrink the pool to `rows` (when no prompts are left to refill)."""
+        self.cache.k, self.cache.v = self.cache.k[:, rows], self.cache.v[:, rows]
+        self.key_mask, self.column = self.key_mask[rows], self.column[rows]
+
+
+@torch.no_grad()
+def generate_stream(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    logits_hook: LogitsHook | None = None,
+    tokenizer=None,
+    refill_at: int | None = None,
+    on_done=None,
+) -> Generation:
+    """Up to `max_new_tokens` after each prompt, a row ending at its first stop id (kept), as generate()
+    does, through `batch_size` rows with continuous batching. Prompts are refilled once `refill_at`
+    rows (default batch_size // 8, at least 1) are free: each refill is a prefill forward, which
+    reads every weight once, so it pays to refill several rows at a time. The hook gets step as a (B,)
+    tensor, each row's own step. on_done(i) is called as prompt i finishes (progress bars)."""
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    rows = max(1, min(batch_size, len(prompts)))
+    refill_at = max(1, rows // 8) if refill_at is None else refill_at
+    pool = Pool(model, rows, max(map(len, prompts), default=0) + max_new_tokens, device, dtype)
+    generators = [torch.Generator().manual_seed(seed * 2**20 + i) for i in range(len(prompts))]
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    queue, out = deque(range(len(prompts))), [[] for _ in prompts]
+    item = [-1] * rows  # the prompt each row is decoding (-1: free)
+    logits = torch.zeros(rows, model.cfg.vocab_size, device=device)
+    hidden = torch.zeros(rows, model.cfg.hidden_size, device=device, dtype=dtype)
+    token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+    live = torch.zeros(rows, dtype=torch.bool, device=device)  # rows holding a token to feed
+    with autocast(device):
+        while queue or any(i >= 0 for i in item):
+            if bool(live.any()):
+                step_logits, step_hidden = pool.step(model, token, live)
+                logits[live], hidden[live] = step_logits[live], step_hidden[live].to(hidden.dtype)
+            free = [r for r, i in enumerate(item) if i < 0]
+            if queue and (len(free) >= refill_at or not bool(live.any())):
+                slots = free[:len(queue)]
+                for r in slots:
+                    item[r] = queue.popleft()
+                new_logits, new_hidden = pool.fill(model, slots, [prompts[item[r]] for r in slots], pad_id)
+                logits[slots], hidden[slots] = new_logits, new_hidden.to(hidden.dtype)
+            elif not queue and len(free) >= refill_at:  # nothing left to refill: drop the free rows
+                busy = [r for r, i in enumerate(item) if i >= 0]
+                keep = torch.tensor(busy, device=device)
+                pool.keep(keep)
+                item = [item[r] for r in busy]
+                logits, hidden, token = logits[keep], hidden[keep], token[keep]
+            active = torch.tensor([i >= 0 for i in item], device=device)
+            scores = logits
+            if logits_hook is not None:
+                steps = torch.tensor([len(out[i]) if i >= 0 else 0 for i in item], device=device)
+                scores = logits_hook(logits, hidden, steps)
+            uniforms = torch.tensor([float(torch.rand((), generator=generators[i], dtype=torch.float64))
+                                     if i >= 0 else 0.0 for i in item], dtype=torch.float64)
+            token = sample_rows(scores, temperature, top_k, top_p, uniforms.to(device))
+            finished = torch.isin(token, stops)
+            for r, i in enumerate(item):
+                if i < 0:
+                    continue
+                out[i].append(int(token[r]))
+                if bool(finished[r]) or len(out[i]) == max_new_tokens:
+                    item[r] = -1
+                    if on_done is not None:
+                        on_done(i)
+            live = active & torch.tensor([i >= 0 for i in item], device=device)
+    texts = [tokenizer.decode(r) for r in out] if tokenizer is not None else None
+    return Generation(out, texts)
