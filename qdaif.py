@@ -53,6 +53,7 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import generate, left_pad, prefill
 from nanorlhf.qdaif_report import report
 from nanorlhf.reward import VaderScorer, parse_rm_spec
+from nanorlhf.stream import SAMPLER_HELP, SAMPLERS, generate_stream
 from nanorlhf.tokenizer import Tokenizer
 
 POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
@@ -84,6 +85,7 @@ class Config:
     iterations: int = flag(400, "candidate poems in all (each costs one generation and its judging)", min=1)
     init_iterations: int = flag(64, "the first N candidates are fresh poems, not rewrites", min=0)
     batch_size: int = flag(16, "candidates generated and judged together", min=1)
+    sampler: str = flag("batch", SAMPLER_HELP, choices=SAMPLERS)
     max_new_tokens: int = flag(64, "poem length cap (a cut-off last line is dropped)", min=1)
     temperature: float = flag(0.8, "sampling temperature for writing and rewriting (0: greedy)", min=0)
     top_p: float = flag(0.95, "nucleus sampling for writing and rewriting", gt=0, max=1)
@@ -266,8 +268,9 @@ class PoetryDomain(Domain):
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
         cfg, tok = self.cfg, self.tok
-        gen = generate(self.model, [tok.chat_prompt(p) for p in prompts], cfg.max_new_tokens, tok.stop_ids,
-                       tok.pad_id, cfg.temperature, top_p=cfg.top_p, seed=seed)
+        sample = generate_stream if cfg.sampler == "stream" else generate
+        gen = sample(self.model, [tok.chat_prompt(p) for p in prompts], cfg.max_new_tokens, tok.stop_ids,
+                     tok.pad_id, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
         texts = []
         for ids in gen.ids:
             text = self.tok.decode(ids).strip()

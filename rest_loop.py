@@ -62,6 +62,7 @@ from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import DATA_DIR
 from nanorlhf.pink_eval import sample_responses
+from nanorlhf.stream import SAMPLER_HELP, SAMPLERS
 from nanorlhf.resume import latest, resumed_config
 from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids,
                              reward_model_from_lm, save_reward_model, score_texts)
@@ -102,7 +103,8 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     rm_epochs: int = flag(1, "Bradley-Terry passes over each batch of new gold pairs", min=0)
     rm_center: float = flag(0.01, "BT centering coefficient c·(r_w + r_l)² (arXiv 2312.09244)", min=0)
     batch_size: int = flag(8, "sequences (or pairs) per optimizer step, over all torchrun ranks", min=1)
-    gen_batch_size: int = flag(48, "sampling batch size", min=1)
+    gen_batch_size: int = flag(48, "sampling batch size (--sampler stream: rows decoding at once)", min=1)
+    sampler: str = flag("batch", SAMPLER_HELP, choices=SAMPLERS)
     eval_prompts: int = flag(24, "held-out prompts (the last rows of --prompts)", min=1)
     eval_n: int = flag(2, "samples per held-out prompt (>= 2: pairs for the proxy accuracy)", min=2)
     seed: int = flag(0, "seed for sampling, shuffling and the proxy head")
@@ -138,11 +140,11 @@ def prompt_chunk(pool: list[str], t: int, n: int) -> list[str]:
 # --- ReST pieces: grow, thresholds, improve ---
 
 def grow(policy, tok: Tokenizer, prompts: list[str], k: int, temperature: float, max_new_tokens: int,
-         batch_size: int, seed: int, desc: str = "grow") -> list[dict]:
+         batch_size: int, seed: int, desc: str = "grow", stream: bool = False) -> list[dict]:
     """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt i: i*k+j)."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     prompt_ids, ids, texts = sample_responses(policy, tok, chats, k, temperature, seed, max_new_tokens,
-                                              batch_size, desc=desc)
+                                              batch_size, desc=desc, stream=stream)
     return [{"prompt": prompts[i // k], "prompt_ids": p, "ids": r, "text": t}
             for i, (p, r, t) in enumerate(zip(prompt_ids, ids, texts))]
 
@@ -290,7 +292,7 @@ def train_proxy(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, seed: str)
 
 def evaluate(cfg: Config, policy, ref, proxy, gold, tok: Tokenizer, prompts: list[str], dev) -> dict:
     samples = grow(policy, tok, prompts, cfg.eval_n, 1.0, cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 7,
-                   "eval")
+                   "eval", cfg.sampler == "stream")
     texts, asked = [s["text"] for s in samples], [s["prompt"] for s in samples]
     prompt_ids, ids = [s["prompt_ids"] for s in samples], [s["ids"] for s in samples]
     logps = lambda model: response_logps_batched(model, prompt_ids, ids, tok.pad_id)
@@ -382,7 +384,8 @@ def main() -> None:
         # on-policy samples are the point of iterating: the proxy is then taught, and queried, where the
         # policy now puts its mass, not where π_0 did.
         samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k, cfg.temperature,
-                       cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 1000 * t, desc=f"grow {t}")
+                       cfg.max_new_tokens, cfg.gen_batch_size, cfg.seed + 1000 * t, f"grow {t}",
+                       cfg.sampler == "stream")
         # Label (iterated RLHF): gold labels on pairs of these samples -> the proxy RM continues Bradley-Terry
         # on them. oneshot spends the whole budget now, in iteration 1, on π_0's samples, and never again.
         n_labels = cfg.gold_pairs if cfg.mode == "iterated" else cfg.gold_pairs * cfg.iterations * (t == 1)

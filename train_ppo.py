@@ -64,6 +64,7 @@ from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows, load_pairs
 from nanorlhf.pink_eval import avoid_messages, sample_responses
+from nanorlhf.stream import SAMPLER_HELP, SAMPLERS
 from nanorlhf.policy_eval import evaluate_policy, paired_gain
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import make_gold_scorer
@@ -117,6 +118,7 @@ class Config(scale.ScaleConfig):  # + --lora-rank/--lora-alpha/--lora-targets/--
     eval_n: int = flag(4, "samples per held-out prompt (4: half the variance of 2 for the before/after gain)", min=1)
     eval_every: int = flag(0, "also evaluate after every N steps (0 = before and after training only)", min=0)
     gen_batch_size: int = flag(48, "sampling batch size (evaluation)", min=1)
+    sampler: str = flag("batch", SAMPLER_HELP, choices=SAMPLERS)
     save_every: int = flag(8, "write RUN/state every N steps (0 = never: a crash loses the run)", min=0)
     seed: int = flag(0, "seed for prompts, sampling, minibatch order and init")
 
@@ -185,7 +187,7 @@ def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score, seed: 
     """Sample --group-size responses per row; score them; -> the batch, scores (B,) and what to log."""
     prompts, responses, texts = sample_responses(policy, tok, [r["messages"] for r in rows], cfg.group_size,
                                                  cfg.temperature, seed, cfg.max_new_tokens, len(rows) * cfg.group_size,
-                                                 desc="rollout")
+                                                 desc="rollout", stream=cfg.sampler == "stream")
     ended = torch.tensor([r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
     raw = torch.tensor(score([r for r in rows for _ in range(cfg.group_size)], texts), dtype=torch.float32)
     scores = raw + cfg.missing_eos_penalty * (1 - ended)  # N+: a response cut by the cap is penalised
@@ -301,7 +303,7 @@ def evaluate(cfg: Config, policy, ref, tok: Tokenizer, rows: list[dict], scorers
     """Held-out reward (and --gold) ± standard error and KL(π‖π₀) on --eval-n samples per row at temperature 1
     (nanorlhf/policy_eval.py: the protocol frontier.py compares every method with)."""
     return evaluate_policy(policy, ref, tok, rows, scorers, cfg.eval_n, cfg.seed + 7, cfg.max_new_tokens,
-                           cfg.gen_batch_size, desc)
+                           cfg.gen_batch_size, desc, cfg.sampler == "stream")
 
 
 # --- resumable state: the trainable tensors, AdamW and the RNG (nanorlhf/resume.py) ---

@@ -29,6 +29,7 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.generate import LogitsHook, generate
 from nanorlhf.ilql_heads import ilql_logits_hook, load_heads
 from nanorlhf.pink import AVOID_TEMPLATE, HELDOUT_PATH, judge, load_eval_rows
+from nanorlhf.stream import generate_stream
 from nanorlhf.tokenizer import Tokenizer
 
 Ids = list[list[int]]  # token ids, one list per prompt or response
@@ -54,9 +55,17 @@ def mean_nll(model, prompts: Ids, responses: Ids, pad_id: int, batch_size: int =
 
 def sample_responses(model, tok: Tokenizer, conversations: list[list[dict]], n: int, temperature: float,
                      seed: int, max_new_tokens: int, batch_size: int, logits_hook: LogitsHook | None = None,
-                     desc: str = "sampling") -> tuple[Ids, Ids, list[str]]:
-    """n samples for every conversation -> (prompt ids, response ids, response texts), conversation-major."""
+                     desc: str = "sampling", stream: bool = False) -> tuple[Ids, Ids, list[str]]:
+    """n samples for every conversation -> (prompt ids, response ids, response texts), conversation-major.
+    stream: continuous batching through batch_size rows (nanorlhf/stream.py; other tokens than batches)."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
+    if stream:
+        bar = distributed.bar(total=len(prompts), desc=desc, unit="sample", leave=False)
+        responses = generate_stream(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
+                                    temperature, seed=seed, logits_hook=logits_hook,
+                                    on_done=lambda i: bar.update()).ids
+        bar.close()
+        return prompts, responses, [tok.decode(r) for r in responses]
     responses = []
     for start in distributed.bar(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         out = generate(model, prompts[start:start + batch_size], max_new_tokens, tok.stop_ids, tok.pad_id,
