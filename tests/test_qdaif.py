@@ -294,11 +294,18 @@ def test_option_logprobs_with_a_rewound_cache_equal_full_forwards(tiny_chat_mode
             assert got[b, j].item() == pytest.approx(want.item(), abs=1e-4)
 
 
-def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sampler", ["batch", "stream"])
+def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch, capsys, sampler):
+    used = []
+    for name in ("generate", "generate_stream"):
+        real = getattr(qdaif, name)
+        spy = lambda *a, _real=real, _name=name, **kw: used.append(_name) or _real(*a, **kw)
+        monkeypatch.setattr(qdaif, name, spy)
     monkeypatch.setattr("sys.argv", ["qdaif.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path),
                                      "--run", "tiny", "--iterations", "4", "--init-iterations", "2",
-                                     "--batch-size", "2", "--max-new-tokens", "8"])
+                                     "--batch-size", "2", "--max-new-tokens", "8", "--sampler", sampler])
     qdaif.main()
+    assert used == ["generate" if sampler == "batch" else "generate_stream"] * 2  # one call per batch
     rows = history(tmp_path / "tiny")
     assert len(rows) == 4 and [r["batch"] for r in rows] == [0, 0, 1, 1]
     g = grid()

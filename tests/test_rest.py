@@ -324,3 +324,16 @@ def test_run_outputs_and_resume_matches_uninterrupted(tiny_chat_model, tmp_path,
     assert strip(resumed) == strip(full)
     for a, b in zip(load_model(run / "model").parameters(), load_model(out / "cut" / "model").parameters()):
         assert torch.equal(a, b)
+
+
+def test_stream_sampler_does_not_depend_on_the_batch_size(tiny_chat_model, tmp_path, monkeypatch):
+    # --sampler stream draws each sample from its own generator: 3 or 16 rows, the same grow sets, so the
+    # same run to the last logged digit. The batch sampler's one generator per batch changes with the size.
+    prompts, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "out"
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    runs = {(sampler, rows): strip(tiny_run(monkeypatch, tiny_chat_model, prompts, out, f"{sampler}{rows}",
+                                            "--sampler", sampler, "--gen-batch-size", rows)[0])
+            for sampler in ("stream", "batch") for rows in (3, 16)}
+    assert runs["stream", 3] == runs["stream", 16]
+    assert runs["batch", 3] != runs["batch", 16]
+    assert runs["stream", 16] != runs["batch", 16]

@@ -284,3 +284,14 @@ def test_two_ranks_reproduce_one(tiny_chat_model, gold_rm, tmp_path, algo):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     assert one[-1]["kl"] != 0.0  # the runs trained
     assert_same_weights(tiny_chat_model, tmp_path / "one" / "model", tmp_path / "two" / "model")
+
+
+def test_stream_sampler_reaches_rollouts_and_evaluation(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
+    from nanorlhf import pink_eval
+
+    calls, real = [], pink_eval.generate_stream
+    monkeypatch.setattr(pink_eval, "generate_stream", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r", "--steps", 2,
+                                 "--sampler", "stream"))
+    assert calls == [4, 4, 4, 4]  # before, 2 rollouts of --batch-size 4, after (2 prompts x 2)
