@@ -60,10 +60,9 @@ def sample_responses(model, tok: Tokenizer, conversations: list[list[dict]], n: 
     stream: continuous batching through batch_size rows (nanorlhf/stream.py; other tokens than batches)."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
     if stream:
-        bar = distributed.bar(total=len(prompts), desc=desc, unit="sample", leave=False)
+        bar = distributed.bar(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", leave=False)
         responses = generate_stream(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
-                                    temperature, seed=seed, logits_hook=logits_hook,
-                                    on_done=lambda i: bar.update()).ids
+                                    temperature, seed=seed, logits_hook=logits_hook, progress=bar.update).ids
         bar.close()
         return prompts, responses, [tok.decode(r) for r in responses]
     responses = []

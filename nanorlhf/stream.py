@@ -146,13 +146,15 @@ def generate_stream(
     logits_hook: LogitsHook | None = None,
     tokenizer=None,
     refill_at: int | None = None,
-    on_done=None,
+    progress=None,
 ) -> Generation:
     """Up to `max_new_tokens` after each prompt, a row ending at its first stop id (kept), as generate()
     does, through `batch_size` rows with continuous batching. Prompts are refilled once `refill_at`
     rows (default batch_size // 8, at least 1) are free: each refill is a prefill forward, which
     reads every weight once, so it pays to refill several rows at a time. The hook gets step as a (B,)
-    tensor, each row's own step. on_done(i) is called as prompt i finishes (progress bars)."""
+    tensor, each row's own step. progress(n) is told after every step how many of the len(prompts) x
+    max_new_tokens token slots it used up (a stop frees the rest of its row's): a bar with that total
+    moves steadily even when every row ends at the same step."""
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
     rows = max(1, min(batch_size, len(prompts)))
@@ -192,15 +194,17 @@ def generate_stream(
             uniforms = torch.tensor([float(torch.rand((), generator=generators[i], dtype=torch.float64))
                                      if i >= 0 else 0.0 for i in item], dtype=torch.float64)
             token = sample_rows(scores, temperature, top_k, top_p, uniforms.to(device))
-            finished = torch.isin(token, stops)
+            finished, used = torch.isin(token, stops), 0
             for r, i in enumerate(item):
                 if i < 0:
                     continue
                 out[i].append(int(token[r]))
+                used += 1
                 if bool(finished[r]) or len(out[i]) == max_new_tokens:
                     item[r] = -1
-                    if on_done is not None:
-                        on_done(i)
+                    used += max_new_tokens - len(out[i])
+            if progress is not None:
+                progress(used)
             live = active & torch.tensor([i >= 0 for i in item], device=device)
     texts = [tokenizer.decode(r) for r in out] if tokenizer is not None else None
     return Generation(out, texts)

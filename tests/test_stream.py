@@ -154,3 +154,12 @@ def test_sample_responses_stream_is_conversation_major(tiny_chat_model):
     assert prompts == [tok.chat_prompt(c) for c in chats for _ in range(2)]
     assert responses == generate_stream(model, prompts, 8, tok.stop_ids, tok.pad_id, 4, 1.0, seed=3).ids
     assert texts == [tok.decode(r) for r in responses]
+
+
+def test_progress_counts_every_token_slot_once(tiny_dirs):
+    model = load_model(tiny_dirs["llama-gqa-tied"]).eval()
+    free = generate(model, PROMPTS, 10, [], pad_id=0, temperature=0).ids
+    told = []
+    out = generate_stream(model, PROMPTS, 10, [free[1][3]], 0, 3, temperature=0, refill_at=1, progress=told.append)
+    assert sum(told) == len(PROMPTS) * 10 and len(told) >= 10
+    assert any(len(r) < 10 for r in out.ids)  # some row stopped early, and its unused slots were counted
