@@ -38,15 +38,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: on GPU the forwards run under bf16 autocast, so the keys/values they write
+    are bf16; elsewhere the weights' dtype."""
+    return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+
+
 def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int) -> tuple[Tensor, Tensor, KVCache]:
     """Left-padded prompts ids (B, P), mask (B, P) -> next-token logits (B, V) fp32 and hidden state
     (B, hidden) at the last prompt position, and a KV cache holding the prompts with room for `extra_len` more.
 
     Left padding puts every prompt's last token in the same column, so one forward serves the whole
     batch and the next token of every row is written at the same cache position P."""
-    # on GPU the forwards run under bf16 autocast, so the keys/values they write are bf16
-    dtype = torch.bfloat16 if ids.device.type == "cuda" else next(model.parameters()).dtype
-    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + extra_len, ids.device, dtype)
+    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + extra_len, ids.device, cache_dtype(model, ids.device))
     with autocast(ids.device):
         logits, hidden = model(ids, mask, cache, return_hidden=True, last_only=True)  # (B, 1, V), (B, P, h)
     return logits[:, -1].float(), hidden[:, -1], cache

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nanorlhf.cli import autocast
 from nanorlhf.fast_decode import decode_step
-from nanorlhf.generate import Generation, LogitsHook, top_k_filter
+from nanorlhf.generate import Generation, LogitsHook, cache_dtype, top_k_filter
 from nanorlhf.model import KVCache, Transformer
 
 SAMPLERS = ("batch", "stream")
@@ -156,7 +156,7 @@ def generate_stream(
     max_new_tokens token slots it used up (a stop frees the rest of its row's): a bar with that total
     moves steadily even when every row ends at the same step."""
     device = next(model.parameters()).device
-    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    dtype = cache_dtype(model, device)
     rows = max(1, min(batch_size, len(prompts)))
     refill_at = max(1, rows // 8) if refill_at is None else refill_at
     pool = Pool(model, rows, max(map(len, prompts), default=0) + max_new_tokens, device, dtype)
@@ -186,7 +186,6 @@ def generate_stream(
                 pool.keep(keep)
                 item = [item[r] for r in busy]
                 logits, hidden, token = logits[keep], hidden[keep], token[keep]
-            active = torch.tensor([i >= 0 for i in item], device=device)
             scores = logits
             if logits_hook is not None:
                 steps = torch.tensor([len(out[i]) if i >= 0 else 0 for i in item], device=device)
@@ -205,6 +204,6 @@ def generate_stream(
                     used += max_new_tokens - len(out[i])
             if progress is not None:
                 progress(used)
-            live = active & torch.tensor([i >= 0 for i in item], device=device)
+            live = torch.tensor([i >= 0 for i in item], device=device)  # every row still decoding fed a token
     texts = [tokenizer.decode(r) for r in out] if tokenizer is not None else None
     return Generation(out, texts)
