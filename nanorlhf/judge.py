@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from nanorlhf.cli import autocast
-from nanorlhf.model import Transformer
+from nanorlhf.model import KVCache, Transformer
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -29,26 +29,26 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
 
 
-def tree_row(prompts: list[list[int]], options: list[list[list[int]]]):
-    """One text's questions prompts[q] and their options[q] as one row: -> ids, positions, branch (one
+def tree_row(prompts: list[list[int]], options: list[list[list[int]]], start: int):
+    """One text's questions prompts[q] and their options[q] as one row, from token `start` on (the tokens before
+    it, which every text's prompts share, are in a KV cache): -> ids, positions, branch (one
     (question, option) pair per token: (-1, -1) the shared prefix, (q, -1) question q's rest, (q, o) option o),
-    and for every option of every question the (column, token) pairs whose log-probs sum to its score."""
+    and picks: (q, o, column, token) for each token of each option, the column whose logits predict it."""
     L = common_prefix(prompts)
-    ids, pos, branch = list(prompts[0][:L]), list(range(L)), [(-1, -1)] * L
-    picks = []  # picks[q][o]: [(column whose logits predict the token, token), ...]
+    ids, pos, branch = list(prompts[0][start:L]), list(range(start, L)), [(-1, -1)] * (L - start)
+    picks = []
     for q, (prompt, opts) in enumerate(zip(prompts, options)):
         rest = prompt[L:]
         ids += rest
         pos += range(L, len(prompt))
         branch += [(q, -1)] * len(rest)
-        last, picks_q = len(ids) - 1, []
+        last = len(ids) - 1  # its logits predict every option's first token
         for o, option in enumerate(opts):
             start = len(ids)  # the option's tokens 0..n-2 go in columns start.., at positions len(prompt)..
             ids += option[:-1]
             pos += range(len(prompt), len(prompt) + len(option) - 1)
             branch += [(q, o)] * (len(option) - 1)
-            picks_q.append([(last, option[0])] + [(start + k - 1, t) for k, t in enumerate(option[1:], 1)])
-        picks.append(picks_q)
+            picks += [(q, o, last, option[0])] + [(q, o, start + k - 1, t) for k, t in enumerate(option[1:], 1)]
     return ids, pos, branch, picks
 
 
@@ -71,7 +71,10 @@ def option_logprobs(model: Transformer, prompts: list[list[list[int]]], options:
     tokens (fp32; fp64 for a float64 model). One forward over B right-padded tree rows. A pad (at a row's end,
     after every real token) counts as prefix: no real token can see it, and it sees itself (no empty softmax row)."""
     dev = next(model.parameters()).device
-    rows = [tree_row(p, options) for p in prompts]
+    # the chat template's opening (system prompt, user header) is the same for every text: one forward, then a
+    # KV cache that each row copies
+    S = common_prefix([p for text in prompts for p in text])
+    rows = [tree_row(p, options, S) for p in prompts]
     T = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
@@ -79,14 +82,18 @@ def option_logprobs(model: Transformer, prompts: list[list[list[int]]], options:
     for b, (row_ids, row_pos, row_branch, _) in enumerate(rows):
         ids[b, :len(row_ids)], pos[b, :len(row_pos)] = torch.tensor(row_ids), torch.tensor(row_pos)
         branch[b, :len(row_branch)] = torch.tensor(row_branch)
-    # every (row, column, token) pair that some option's score needs, and the (row, question, option) it adds to
-    picks = [(b, q, o, col, tok) for b, r in enumerate(rows) for q, pq in enumerate(r[3])
-             for o, po in enumerate(pq) for col, tok in po]
-    b_, q_, o_, col, tok = torch.tensor(picks).T
+    # every (row, question, option, column, token) that some option's score sums
+    b_, q_, o_, col, tok = torch.tensor([(b, *pick) for b, r in enumerate(rows) for pick in r[3]]).T
     at = torch.zeros((len(rows), T), dtype=torch.bool)
     at[b_, col] = True
+    dtype = torch.bfloat16 if dev.type == "cuda" else next(model.parameters()).dtype  # as generate.prefill's
+    shared, cache = KVCache(model.cfg, 1, S, dev, dtype), KVCache(model.cfg, len(rows), S + T, dev, dtype)
+    mask = torch.cat([torch.ones(len(rows), 1, T, S, dtype=torch.bool), tree_mask(branch)], -1)  # (B, 1, T, S + T)
     with autocast(dev):
-        logits = model(ids.to(dev), tree_mask(branch).to(dev), position_ids=pos.to(dev), logits_at=at.to(dev))
+        if S:
+            model(torch.tensor([prompts[0][0][:S]], device=dev), cache=shared, last_only=True)
+        cache.k[:, :, :, :S], cache.v[:, :, :, :S], cache.pos = shared.k, shared.v, S
+        logits = model(ids.to(dev), mask.to(dev), cache, position_ids=pos.to(dev), logits_at=at.to(dev))
     # (N, V), N = the columns where `at` is True, in row-major order; fp32 (bf16 logits upcast), fp64 stays
     logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     index = at.flatten().cumsum(0).sub(1).view(at.shape)  # (B, T): column -> its row in logits

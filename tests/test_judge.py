@@ -10,18 +10,19 @@ from nanorlhf.judge import common_prefix, option_logprobs
 OPTIONS = [[[5], [5, 7], [5, 7, 9], [11, 12]], [[3], [4]], [[20, 21, 22, 23], [20, 30], [5]]]
 
 
-def prompts_for(gen: torch.Generator) -> list[list[list[int]]]:
+def prompts_for(gen: torch.Generator, template: int) -> list[list[list[int]]]:
     """Texts whose three prompts share prefixes of different lengths: long, short, none (the first tokens
-    differ), one prompt a prefix of another, all three identical; rows of different lengths (right padding)."""
+    differ), one prompt a prefix of another, all three identical; rows of different lengths (right padding).
+    Every prompt of every text begins with the same `template` tokens (a chat template's opening)."""
     rand = lambda n: torch.randint(3, 128, (n,), generator=gen).tolist()
-    texts = []
+    opening, texts = rand(template), []
     for n_shared in (17, 2, 0):
         shared = rand(n_shared)
         texts.append([shared + [40 + q] + rand(int(torch.randint(1, 9, (1,), generator=gen))) for q in range(3)])
     base = rand(6)
     texts.append([base, base + rand(3), base[:4]])  # the shortest is a prefix of the others
     texts.append([base] * 3)
-    return texts
+    return [[opening + p for p in text] for text in texts]
 
 
 def reference(model, prompt: list[int], option: list[int]) -> float:
@@ -38,10 +39,12 @@ def test_common_prefix_keeps_a_token_of_each_sequence():
     assert common_prefix([[7, 1], [8, 1]]) == 0
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama3-rope-mqa", "qwen2-bias"])
-def test_tree_forward_equals_plain_forwards_float64(tiny_dirs, name):
+@pytest.mark.parametrize("name, template, n_texts", [("llama-gqa-tied", 0, 5), ("llama3-rope-mqa", 7, 5),
+                                                     ("qwen2-bias", 7, 5), ("llama-gqa-tied", 7, 1)])
+def test_tree_forward_equals_plain_forwards_float64(tiny_dirs, name, template, n_texts):
     model = load_model(tiny_dirs[name]).double().eval()
-    texts = prompts_for(torch.Generator().manual_seed(0))
+    texts = prompts_for(torch.Generator().manual_seed(0), template)[:n_texts]
+    assert common_prefix([p for text in texts for p in text]) == (template if n_texts > 1 else template + 17)
     got = option_logprobs(model, texts, OPTIONS, pad_id=0)
     assert [g.shape for g in got] == [(len(texts), len(o)) for o in OPTIONS]
     for q, options in enumerate(OPTIONS):
