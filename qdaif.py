@@ -266,9 +266,9 @@ class PoetryDomain(Domain):
         return self._generate(prompts, seed)
 
     def ask(self, texts: list[str], quality: bool) -> dict[str, torch.Tensor]:
-        """{axis: (B, labels) log-probs of its labels} and, with quality, {"quality": (B, 2) log-probs of yes, no},
-        each answer's spellings (lower, Capital) pooled. A poem's questions share their prompts' prefix (the chat
-        template, the poem): they are scored together, in one forward for the whole batch (nanorlhf/judge.py)."""
+        """{axis: (B, labels) log p(label | question)} and, with quality, {"quality": (B, 2) log p of yes, no}, each
+        answer's spellings (lower, Capital) pooled, not normalised. A poem's questions share their prompts' prefix
+        (the chat template, the poem): they are scored together, in one forward for the batch (nanorlhf/judge.py)."""
         questions = {axis: (LABEL_PROMPT, {"axis": axis, "options": ", ".join(values)}, values)
                      for axis, values in self.grid.axes.items()}
         if quality:

@@ -13,6 +13,8 @@ ids continue each branch where its parent ended. So every token has the same con
 plain sequence prompt + option, and its logits equal that sequence's full forward up to the order of float
 sums (tests/test_judge.py, float64). Options need no cache rows or copies, and every token is computed once.
 An option's last token is never fed (nothing is predicted from it): a one-token option adds no column.
+What all texts' prompts share (the chat template's opening: system prompt, user header) is computed once
+per call into a KV cache that every row's tree attends to.
 """
 
 import torch
