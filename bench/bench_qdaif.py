@@ -1,9 +1,9 @@
 """QDAIF's judging, before and after the prompt tree (nanorlhf/judge.py), in one process.
 
-    OMP_NUM_THREADS=1 python bench/bench_qdaif.py [--model llama] [--repeats 3] [--batch-size 16]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_qdaif.py [--model llama] [--repeats 3] [--batch-size 16]
 
 Each round writes one batch of fresh poems (qdaif's init_batch), then judges it (labels_batch, then
-fitness_batch with --fitness ai) with main's code as of 22fe11f (MainJudge below: a KV-cache prefill per
+fitness_batch with --fitness ai) with main's judging as of 24a5687 (MainJudge below, a copy: a prefill per
 question, one more forward per multi-token option) and with qdaif.py's, in alternating order. Prints
 poems/minute of the judging and of the whole batch (generation + judging) as medians over the rounds
 after a warm-up round (which also computes both judges' content-free priors), their ratio, whether the
@@ -97,7 +97,7 @@ def main() -> None:
     model, tok = load_model(model_dir).eval(), Tokenizer(model_dir)
     cfg, grid = qdaif.Config(model=args.model), qdaif.Grid(qdaif.POETRY_GRID)
     domains = {"main": MainJudge(model, tok, grid, cfg), "tree": qdaif.PoetryDomain(model, tok, grid, cfg)}
-    rate = {name: [] for name in ("gen", *domains)}
+    seconds = {name: [] for name in ("gen", *domains)}
     same, diff = True, 0.0
     for r in range(args.repeats + 1):  # round 0 is a warm-up
         targets = [grid.labels(grid.keys[(7 * r + i) % len(grid.keys)]) for i in range(args.batch_size)]
@@ -109,17 +109,16 @@ def main() -> None:
         same &= out["main"][1] == out["tree"][1]
         diff = max([diff] + [abs(a - b) for a, b in zip(out["main"][2], out["tree"][2])])
         if r:
-            rate["gen"].append(gen)
+            seconds["gen"].append(gen)
             for name in domains:
-                rate[name].append(out[name][0])
-    per_min = lambda seconds: 60 * args.batch_size / statistics.median(seconds)
-    whole = {name: [g + t for g, t in zip(rate["gen"], rate[name])] for name in domains}
+                seconds[name].append(out[name][0])
+    per_min = lambda times: 60 * args.batch_size / statistics.median(times)
+    whole = {name: [g + t for g, t in zip(seconds["gen"], seconds[name])] for name in domains}
     print(f"{args.batch_size} poems a batch, medians of {args.repeats} rounds, poems/minute:")
-    print(f"  judging (labels + ai fitness): main {per_min(rate['main']):.1f}, tree {per_min(rate['tree']):.1f}, "
-          f"ratio {statistics.median(rate['main']) / statistics.median(rate['tree']):.2f}x")
-    print(f"  whole batch (generation + judging): main {per_min(whole['main']):.1f}, tree {per_min(whole['tree']):.1f}, "
-          f"ratio {statistics.median(whole['main']) / statistics.median(whole['tree']):.2f}x")
-    print(f"  generation alone: {per_min(rate['gen']):.1f}")
+    for what, times in (("judging (labels + ai fitness)", seconds), ("whole batch (generation + judging)", whole)):
+        print(f"  {what}: main {per_min(times['main']):.1f}, tree {per_min(times['tree']):.1f}, "
+              f"ratio {per_min(times['tree']) / per_min(times['main']):.2f}x")
+    print(f"  generation alone: {per_min(seconds['gen']):.1f}")
     print(f"labels identical: {same}; largest |fitness difference|: {diff:.2e}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
