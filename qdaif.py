@@ -48,9 +48,10 @@ import torch
 from nanorlhf import distributed
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
+from nanorlhf.cli import Run, check_flags, device, flag, parse_config, seed_everything
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.generate import generate, left_pad, prefill
+from nanorlhf.generate import generate
+from nanorlhf.judge import option_logprobs
 from nanorlhf.qdaif_report import report
 from nanorlhf.reward import VaderScorer, parse_rm_spec
 from nanorlhf.stream import SAMPLER_HELP, SAMPLERS, generate_stream
@@ -223,33 +224,6 @@ class Domain:
     def fitness_batch(self, texts: list[str], cells: list[dict | None]) -> list[float]: ...
 
 
-@torch.no_grad()
-def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
-    """log p(option | prompt) for every prompt and option -> (B, n_options), summed over the option's tokens.
-
-    The prompts are prefilled once into a KV cache. Each option is then scored as a continuation:
-    rewind the cache to the end of the prompts (pos = P) and feed the option's tokens. So one
-    forward pass over the poem serves every label.
-    """
-    dev = next(model.parameters()).device
-    ids, mask = (t.to(dev) for t in left_pad(prompts, pad_id))  # (B, P)
-    B, P = ids.shape
-    first, _, cache = prefill(model, ids, mask, max(len(o) for o in options))
-    first = first.log_softmax(-1)  # (B, V): log p(option's first token | prompt)
-    with autocast(dev):
-        scores = []
-        for option in options:
-            lp = first[:, option[0]]
-            if len(option) > 1:  # tokens 2.. are predicted from the option's own prefix
-                cache.pos = P
-                x = torch.tensor(option[:-1], device=dev).expand(B, -1)
-                logits = model(x, torch.cat([mask, mask.new_ones(B, len(option) - 1)], 1), cache).float()
-                nxt = torch.tensor(option[1:], device=dev)[None, :, None].expand(B, -1, 1)
-                lp = lp + logits.log_softmax(-1).gather(-1, nxt).squeeze(-1).sum(-1)
-            scores.append(lp)
-    return torch.stack(scores, 1)
-
-
 def calibrate(label_logps: torch.Tensor, prior_logps: torch.Tensor) -> torch.Tensor:
     """Contextual calibration (Zhao et al. 2021, arXiv 2102.09690): p(label | poem) / p̄(label), p̄ the mean
     of the judge's distributions for K content-free inputs. (B, L), (K, L) log-probs -> (B, L), renormalised.
@@ -264,6 +238,7 @@ class PoetryDomain(Domain):
     def __init__(self, model, tok: Tokenizer, grid: Grid, cfg: Config, scorer=None, scorer_range=None):
         self.model, self.tok, self.grid, self.cfg, self.scorer = model, tok, grid, cfg, scorer
         self.priors: dict[str, torch.Tensor] = {}  # axis -> judge's label log-probs for content-free poems
+        self.judged: tuple[list[str], dict] = ([], {})  # the last batch's poems and ask()'s answers
         self.fitness_range = (0.0, 1.0) if scorer is None else scorer_range
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
@@ -290,27 +265,38 @@ class PoetryDomain(Domain):
                    for p, t in zip(parents, targets)]
         return self._generate(prompts, seed)
 
-    def choose(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
-        """(B, len(answers)) log-probs of each answer as the reply, its spellings (lower, Capital) pooled."""
-        spellings = [sorted({a, a.capitalize()}) for a in answers]
-        flat = [self.tok.encode(s) for group in spellings for s in group]
-        lp = option_logprobs(self.model, [self.tok.chat_prompt(p) for p in prompts], flat, self.tok.pad_id)
-        bounds = list(itertools.accumulate([0] + [len(g) for g in spellings]))
-        return torch.stack([lp[:, i:j].logsumexp(-1) for i, j in zip(bounds, bounds[1:])], -1)
+    def ask(self, texts: list[str], quality: bool) -> dict[str, torch.Tensor]:
+        """{axis: (B, labels) log p(label | question)} and, with quality, {"quality": (B, 2) log p of yes, no}, each
+        answer's spellings (lower, Capital) pooled, not normalised. A poem's questions share their prompts' prefix
+        (the chat template, the poem): they are scored together, in one forward for the batch (nanorlhf/judge.py)."""
+        questions = {axis: (LABEL_PROMPT, {"axis": axis, "options": ", ".join(values)}, values)
+                     for axis, values in self.grid.axes.items()}
+        if quality:
+            questions["quality"] = (QUALITY_PROMPT, {}, ["yes", "no"])
+        spellings = [[sorted({a, a.capitalize()}) for a in answers] for _, _, answers in questions.values()]
+        prompts = [[self.tok.chat_prompt(template.format(poem=t, **fields)) for template, fields, _ in
+                    questions.values()] for t in texts]
+        options = [[self.tok.encode(s) for group in groups for s in group] for groups in spellings]
+        pooled = []
+        for lp, groups in zip(option_logprobs(self.model, prompts, options, self.tok.pad_id), spellings):
+            bounds = list(itertools.accumulate([0] + [len(g) for g in groups]))
+            pooled.append(torch.stack([lp[:, i:j].logsumexp(-1) for i, j in zip(bounds, bounds[1:])], -1))
+        return dict(zip(questions, pooled))
 
-    def label_logprobs(self, texts: list[str], axis: str) -> torch.Tensor:
-        """(B, labels) the judge's log-probabilities of the axis's labels, normalised over the labels."""
-        values = self.grid.axes[axis]
-        prompts = [LABEL_PROMPT.format(poem=t, axis=axis, options=", ".join(values)) for t in texts]
-        return self.choose(prompts, values).log_softmax(-1)
+    def judge(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """ask() about this batch, kept for the next call: search() asks labels_batch, then fitness_batch, about
+        the same poems, and one forward answers both."""
+        if self.judged[0] != texts:
+            self.judged = (list(texts), self.ask(texts, quality=self.scorer is None))
+        return self.judged[1]
 
     def labels_batch(self, texts):
-        judged = [{} for _ in texts]
+        answers, judged = self.judge(texts), [{} for _ in texts]
+        if self.cfg.calibrate and not self.priors:  # once: the judge's answers when there is no poem
+            self.priors = {axis: lp.log_softmax(-1) for axis, lp in self.ask(list(CONTENT_FREE), False).items()}
         for axis, values in self.grid.axes.items():
-            logps = self.label_logprobs(texts, axis)
+            logps = answers[axis].log_softmax(-1)  # normalised over the axis's labels
             if self.cfg.calibrate:
-                if axis not in self.priors:  # once per axis: the judge's answer when there is no poem
-                    self.priors[axis] = self.label_logprobs(list(CONTENT_FREE), axis)
                 logps = calibrate(logps, self.priors[axis])
             for row, i in zip(judged, logps.argmax(-1).tolist()):
                 row[axis] = values[i]
@@ -319,9 +305,8 @@ class PoetryDomain(Domain):
     def fitness_batch(self, texts, cells):
         if self.scorer is not None:
             return self.scorer(texts, cells)
-        lp = self.choose([QUALITY_PROMPT.format(poem=t) for t in texts], ["yes", "no"])
+        lp = self.judge(texts)["quality"]
         return torch.sigmoid(lp[:, 0] - lp[:, 1]).tolist()  # P(yes) over {yes, no}
-
 
 
 def make_scorer(cfg: Config, dev: torch.device):

@@ -204,19 +204,26 @@ class Backbone(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, S): S = cached + T; 1 = token, 0 = pad
         cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, T); required with a 4-D mask
     ) -> torch.Tensor:  # (B, T, hidden)
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if attention_mask is not None:
-            # left or right padding: a token's position counts only the real tokens before it
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # (B, 1, T, S) bool, True = may attend, used as given, e.g. a prompt tree's (judge.py)
+            if position_ids is None:
+                raise ValueError("a 4-D attention mask needs position_ids")
+            mask = attention_mask
         else:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if attention_mask is None and start > 0 and T > 1:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
-        # a 4-D mask only where SDPA's plain causal (or no) masking would be wrong
-        has_pad = attention_mask is not None and not bool(attention_mask.all())
-        mask = attention_mask_4d(attention_mask, T) if has_pad or (start > 0 and T > 1) else None
+            if position_ids is None and attention_mask is not None:
+                # left or right padding: a token's position counts only the real tokens before it
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+            elif position_ids is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            if attention_mask is None and start > 0 and T > 1:
+                attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
+            # a 4-D mask only where SDPA's plain causal (or no) masking would be wrong
+            has_pad = attention_mask is not None and not bool(attention_mask.all())
+            mask = attention_mask_4d(attention_mask, T) if has_pad or (start > 0 and T > 1) else None
 
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
@@ -256,8 +263,9 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         last_only: bool = False,  # logits for the last position only (sampling): skips a big matmul
         logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only where True -> (N, vocab)
+        position_ids: torch.Tensor | None = None,  # (B, T): default from the mask (or 0.. without one)
     ):
-        hidden = self.model(input_ids, attention_mask, cache)  # (B, T, hidden)
+        hidden = self.model(input_ids, attention_mask, cache, position_ids)  # (B, T, hidden)
         picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
         logits = self.lm_head(picked)  # (B, T or 1, vocab), or (N, vocab) with logits_at
         return (logits, hidden) if return_hidden else logits

@@ -280,20 +280,6 @@ def test_rm_fitness_with_a_template(tiny_chat_model):
 
 # --- the LM-facing code, on a tiny random model ---
 
-def test_option_logprobs_with_a_rewound_cache_equal_full_forwards(tiny_chat_model):
-    model, tok = load_model(tiny_chat_model).eval(), Tokenizer(tiny_chat_model)
-    prompts = [tok.chat_prompt("The capital of France?"), tok.chat_prompt("Never mention the pink elephant, ever.")]
-    options = [tok.encode(w) for w in ("Paris", "elephant grey", "a", "system user")]
-    assert max(len(o) for o in options) > 2 and min(len(o) for o in options) == 1
-    got = qdaif.option_logprobs(model, prompts, options, tok.pad_id)
-    for b, prompt in enumerate(prompts):
-        for j, option in enumerate(options):
-            with torch.no_grad():
-                logps = model(torch.tensor([prompt + option])).log_softmax(-1)[0]
-            want = sum(logps[len(prompt) - 1 + i, t] for i, t in enumerate(option))
-            assert got[b, j].item() == pytest.approx(want.item(), abs=1e-4)
-
-
 @pytest.mark.parametrize("sampler", ["batch", "stream"])
 def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch, capsys, sampler):
     used = []
@@ -344,11 +330,12 @@ def test_calibration_divides_by_the_mean_content_free_distribution():
     torch.testing.assert_close(qdaif.calibrate(p, torch.full((1, 3), 1 / 3).log()).exp(), p.exp())  # flat prior: no-op
 
 
-def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_path, monkeypatch):
-    """The judged labels end to end against plain float64 arithmetic: each label's probability is its
-    spellings' summed p(tokens | question), from transformers' own forward of the whole sequence (no KV cache),
-    normalised over the labels; calibration divides by the mean of those distributions for the content-free
-    inputs and renormalises (Zhao et al. 2021, arXiv 2102.09690, eq. 1 with W = diag(p̄)^-1, b = 0)."""
+def test_calibrated_labels_and_fitness_match_a_float64_recomputation(tiny_chat_model, tmp_path, monkeypatch):
+    """The judged labels and the ai fitness end to end against plain float64 arithmetic: each answer's
+    probability is its spellings' summed p(tokens | question), from transformers' own forward of the whole
+    sequence (no KV cache, no prompt tree), normalised over the labels; calibration divides by the mean of those
+    distributions for the content-free inputs and renormalises (Zhao et al. 2021, arXiv 2102.09690, eq. 1 with
+    W = diag(p̄)^-1, b = 0). The fitness is P(yes) over {yes, no}. Labels and fitness come from one judge forward."""
     judge_dir = tmp_path / "judge"  # the tiny model with 8x its logits: a judge with opinions, like a trained one
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model)
     with torch.no_grad():
@@ -359,8 +346,9 @@ def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_pa
     tok, hf = Tokenizer(judge_dir), hf.double().eval()
 
     def probs(poem: str, axis: str) -> torch.Tensor:  # (labels,) float64, the judge's raw label distribution
-        values = grid().axes[axis]
-        prompt = tok.chat_prompt(qdaif.LABEL_PROMPT.format(poem=poem, axis=axis, options=", ".join(values)))
+        values = grid().axes[axis] if axis != "quality" else ["yes", "no"]
+        question = qdaif.LABEL_PROMPT.format(poem=poem, axis=axis, options=", ".join(values))
+        prompt = tok.chat_prompt(question if axis != "quality" else qdaif.QUALITY_PROMPT.format(poem=poem))
         p = []
         for value in values:
             total = 0.0
@@ -377,9 +365,17 @@ def test_calibrated_labels_match_a_float64_recomputation(tiny_chat_model, tmp_pa
     seen = []  # what labels_batch computes: qdaif.calibrate's outputs, one (B, labels) per axis
     real_calibrate = qdaif.calibrate
     monkeypatch.setattr(qdaif, "calibrate", lambda lp, prior: seen.append(real_calibrate(lp, prior)) or seen[-1])
+    forwards = []  # the judge's forwards: one for the content-free priors, one for the poems' labels and fitness
+    real_option_logprobs = qdaif.option_logprobs
+    monkeypatch.setattr(qdaif, "option_logprobs", lambda *a: forwards.append(a) or real_option_logprobs(*a))
     domain = qdaif.PoetryDomain(load_model(judge_dir).eval(), tok, grid(), qdaif.Config())
     judged = domain.labels_batch(poems)
-    assert len(seen) == 2
+    fitness = domain.fitness_batch(poems, judged)
+    assert len(seen) == 2 and len(forwards) == 2
+    # P(yes) = p / (p + q) of fp32 probabilities each within 1e-4 · itself (as below): within 2e-4 · P(yes)
+    want = [p[0].item() for p in (probs(t, "quality") for t in poems)]
+    assert fitness == pytest.approx(want, rel=2e-4, abs=0)
+    assert domain.fitness_batch(poems[:1], [None]) == pytest.approx(want[:1], rel=2e-4) and len(forwards) == 3
     changed = 0  # labels calibration changes: some, or this judge could not tell a wrong calibration from none
     for axis, got in zip(grid().names, seen):
         prior = torch.stack([probs(t, axis) for t in qdaif.CONTENT_FREE]).mean(0)  # p̄: a mean of probabilities
