@@ -21,14 +21,8 @@ import torch
 from torch import Tensor
 
 from nanorlhf.cli import autocast
+from nanorlhf.generate import cache_dtype, common_prefix
 from nanorlhf.model import KVCache, Transformer
-
-
-def common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest common prefix of the sequences, at most the shortest one's length - 1: every
-    sequence keeps >= 1 token of its own, whose logits predict its answer's first token."""
-    n = min(len(s) for s in seqs) - 1
-    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
 
 
 def tree_row(prompts: list[list[int]], options: list[list[list[int]]], start: int):
@@ -88,7 +82,7 @@ def option_logprobs(model: Transformer, prompts: list[list[list[int]]], options:
     b_, q_, o_, col, tok = torch.tensor([(b, *pick) for b, r in enumerate(rows) for pick in r[3]]).T
     at = torch.zeros((len(rows), T), dtype=torch.bool)
     at[b_, col] = True
-    dtype = torch.bfloat16 if dev.type == "cuda" else next(model.parameters()).dtype  # as generate.prefill's
+    dtype = cache_dtype(model, dev)
     shared, cache = KVCache(model.cfg, 1, S, dev, dtype), KVCache(model.cfg, len(rows), S + T, dev, dtype)
     mask = torch.cat([torch.ones(len(rows), 1, T, S, dtype=torch.bool), tree_mask(branch)], -1)  # (B, 1, T, S + T)
     with autocast(dev):
