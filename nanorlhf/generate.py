@@ -27,6 +27,14 @@ class Generation:
     texts: list[str] | None = None  # decoded, when a tokenizer was given
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix of the sequences, at most the shortest one's length - 1: every
+    sequence keeps >= 1 token of its own, whose logits predict what follows it. A prefix every prompt
+    shares (a chat template's system prompt) is computed once into a KV cache (judge.py, stream.py)."""
+    n = min(len(s) for s in seqs) - 1
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """-> ids (B, P) and attention mask (B, P), prompts aligned to the right edge."""
     width = max(len(p) for p in prompts)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nanorlhf.cli import autocast
 from nanorlhf.fast_decode import decode_step
-from nanorlhf.generate import Generation, LogitsHook, cache_dtype, top_k_filter
+from nanorlhf.generate import Generation, LogitsHook, cache_dtype, common_prefix, top_k_filter
 from nanorlhf.model import KVCache, Transformer
 
 SAMPLERS = ("batch", "stream")
@@ -56,11 +56,15 @@ def nucleus(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
 def inverse_cdf(probs: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
     """probs (B, V) >= 0 (any scale), uniforms (B,) in [0, 1) -> (B,) the index where the cumulative mass
     first exceeds u * total. A float64 cumsum of the whole vocabulary costs as much as a third of a decode
-    step, so it is done in two levels: float64 sums of blocks, then the cumsum inside the chosen block.
-    Tokens of zero mass are never chosen."""
+    step, so it is done in two levels: sums of blocks, then the cumsum inside the chosen block. Converting
+    every probability to float64 costs as much again, so a block's sum adds float32 sums of 16 tokens in
+    float64: each of those is off by < 15·2⁻²⁴ of its mass (the probabilities themselves carry 2⁻²⁴), and no
+    error accumulates over the vocabulary. Tokens of zero mass are never chosen."""
     B, V = probs.shape
-    padded = torch.nn.functional.pad(probs, (0, -V % block)).view(B, -1, block)  # (B, blocks, block)
-    block_cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
+    padded = (probs if V % block == 0 else torch.nn.functional.pad(probs, (0, -V % block))).view(B, -1, block)
+    chunk = 16 if block % 16 == 0 else 1
+    sums = padded.view(B, -1, block // chunk, chunk).sum(-1)  # (B, blocks, block / chunk) float32
+    block_cdf = sums.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
     target = uniforms.to(block_cdf) * block_cdf[:, -1]  # (B,)
     j = torch.searchsorted(block_cdf, target[:, None], right=True).clamp(max=block_cdf.shape[1] - 1)  # (B, 1)
     # the chosen block's mass never exceeds its float64 sum by more than rounding; the clamp to its last
@@ -77,7 +81,7 @@ def sample_rows(logits: Tensor, temperature: float, top_k: int, top_p: float, un
     temperature 0 = greedy. Filters in generate's order: temperature, top-k, top-p."""
     if temperature == 0:
         return logits.argmax(-1)
-    scores = logits / temperature
+    scores = logits / temperature if temperature != 1 else logits  # a (B, V) pass saved at T = 1
     if top_k <= 0 and top_p >= 1.0:
         return inverse_cdf(scores.softmax(-1), uniforms)
     ids, probs = nucleus(scores, top_k, top_p)  # (B, m) each
@@ -94,27 +98,45 @@ class Pool:
         self.key_mask = torch.zeros(rows, width + 1, dtype=torch.bool, device=device)
         self.key_mask[:, self.scratch] = True  # an empty row attends to the scratch column alone (no NaN)
         self.column = torch.zeros(rows, dtype=torch.long, device=device)
+        self.prefix: list[int] = []  # tokens every prompt starts with, their keys/values computed once
+        self.shared = KVCache(model.cfg, 1, 0, device, dtype)
+
+    def share(self, model: Transformer, prefix: list[int]) -> None:
+        """Compute the keys/values of `prefix` once: every prompt fill() gets from now on starts with it."""
+        self.prefix = list(prefix)
+        self.shared = KVCache(model.cfg, 1, len(prefix), self.column.device, self.cache.k.dtype)
+        if prefix:
+            model(torch.tensor([prefix], device=self.column.device), cache=self.shared, last_only=True)
 
     def fill(self, model: Transformer, slots: list[int], prompts: list[list[int]],
              pad_id: int) -> tuple[Tensor, Tensor]:
         """Prefill `prompts` into rows `slots` -> their next-token logits (n, V) fp32 and hidden (n, h).
-        The prompts are right-padded, so each one's keys land at columns 0..p-1 as the row needs them."""
-        dev, n, width = self.column.device, len(prompts), max(map(len, prompts))
-        ids = torch.full((n, width), pad_id, dtype=torch.long, device=dev)
+        Only what is new is computed: the shared prefix comes from share()'s cache, and identical prompts
+        (ReST's k samples of one prompt) are prefilled once and copied. The rest is right-padded, so each
+        prompt's keys land at columns 0..p-1 as the row needs them."""
+        dev, S = self.column.device, len(self.prefix)
+        assert all(p[:S] == self.prefix for p in prompts), "every prompt starts with the shared prefix"
+        unique = {tuple(p): None for p in prompts}  # insertion-ordered set
+        index = {p: i for i, p in enumerate(unique)}
+        which = torch.tensor([index[tuple(p)] for p in prompts], device=dev)  # (n,): each slot's unique prompt
+        n, width = len(unique), max(map(len, unique))
+        ids = torch.full((n, width - S), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p, device=dev), 1
-        last = torch.zeros_like(mask, dtype=torch.bool)
-        last[torch.arange(n), mask.sum(-1) - 1] = True  # (n, width): each prompt's last token
+        mask[:, :S] = 1
+        for i, p in enumerate(unique):
+            ids[i, :len(p) - S], mask[i, S:len(p)] = torch.tensor(p[S:], device=dev), 1
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[torch.arange(n), mask.sum(-1) - S - 1] = True  # (n, width - S): each prompt's last token
         fresh = KVCache(model.cfg, n, width, dev, self.cache.k.dtype)
-        logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)  # (n, V), (n, width, h)
+        fresh.k[:, :, :, :S], fresh.v[:, :, :, :S], fresh.pos = self.shared.k, self.shared.v, S
+        logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)  # (n, V), (n, width - S, h)
         rows = torch.tensor(slots, device=dev)
-        self.cache.k[:, rows, :, :width] = fresh.k
-        self.cache.v[:, rows, :, :width] = fresh.v
+        self.cache.k[:, rows, :, :width] = fresh.k[:, which]
+        self.cache.v[:, rows, :, :width] = fresh.v[:, which]
         self.key_mask[rows] = False
-        self.key_mask[rows, :width] = mask.bool()
-        self.column[rows] = mask.sum(-1)
-        return logits.float(), hidden[last]
+        self.key_mask[rows, :width] = mask.bool()[which]
+        self.column[rows] = mask.sum(-1)[which]
+        return logits.float()[which], hidden[last][which]
 
     def step(self, model: Transformer, token: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
         """Feed token (B,) to the rows where live (B,) bool; the others write the scratch column.
@@ -169,6 +191,8 @@ def generate_stream(
     token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
     live = torch.zeros(rows, dtype=torch.bool, device=device)  # rows holding a token to feed
     with autocast(device):
+        if len(prompts) > 1:  # e.g. the chat template's system prompt: its keys/values once, not per prompt
+            pool.share(model, prompts[0][:common_prefix(prompts)])
         while queue or any(i >= 0 for i in item):
             if bool(live.any()):
                 step_logits, step_hidden = pool.step(model, token, live)

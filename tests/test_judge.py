@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.judge import common_prefix, option_logprobs
+from nanorlhf.generate import common_prefix
+from nanorlhf.judge import option_logprobs
 
 # options of three questions: multi-token ones, several sharing a first token, one-token ones
 OPTIONS = [[[5], [5, 7], [5, 7, 9], [11, 12]], [[3], [4]], [[20, 21, 22, 23], [20, 30], [5]]]
