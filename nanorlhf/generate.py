@@ -52,6 +52,16 @@ def cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
 
 
+def prefix_cache(model: Transformer, prefix: list[int]) -> KVCache:
+    """The keys/values of `prefix`, which every row of a batch starts with, from one forward: a one-row cache
+    to repeat() into the batch's (judge.py, stream.py). Call it under autocast, as the batch's forwards."""
+    device = next(model.parameters()).device
+    cache = KVCache(model.cfg, 1, len(prefix), device, cache_dtype(model, device))
+    if prefix:
+        model(torch.tensor([prefix], device=device), cache=cache, last_only=True)
+    return cache
+
+
 def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int) -> tuple[Tensor, Tensor, KVCache]:
     """Left-padded prompts ids (B, P), mask (B, P) -> next-token logits (B, V) fp32 and hidden state
     (B, hidden) at the last prompt position, and a KV cache holding the prompts with room for `extra_len` more.

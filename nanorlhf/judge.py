@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from nanorlhf.cli import autocast
-from nanorlhf.generate import cache_dtype, common_prefix
-from nanorlhf.model import KVCache, Transformer
+from nanorlhf.generate import common_prefix, prefix_cache
+from nanorlhf.model import Transformer
 
 
 def tree_row(prompts: list[list[int]], options: list[list[list[int]]], start: int):
@@ -82,13 +82,9 @@ def option_logprobs(model: Transformer, prompts: list[list[list[int]]], options:
     b_, q_, o_, col, tok = torch.tensor([(b, *pick) for b, r in enumerate(rows) for pick in r[3]]).T
     at = torch.zeros((len(rows), T), dtype=torch.bool)
     at[b_, col] = True
-    dtype = cache_dtype(model, dev)
-    shared, cache = KVCache(model.cfg, 1, S, dev, dtype), KVCache(model.cfg, len(rows), S + T, dev, dtype)
     mask = torch.cat([torch.ones(len(rows), 1, T, S, dtype=torch.bool), tree_mask(branch)], -1)  # (B, 1, T, S + T)
     with autocast(dev):
-        if S:
-            model(torch.tensor([prompts[0][0][:S]], device=dev), cache=shared, last_only=True)
-        cache.k[:, :, :, :S], cache.v[:, :, :, :S], cache.pos = shared.k, shared.v, S
+        cache = prefix_cache(model, prompts[0][0][:S]).repeat(len(rows), S + T)
         logits = model(ids.to(dev), mask.to(dev), cache, position_ids=pos.to(dev), logits_at=at.to(dev))
     # (N, V), N = the columns where `at` is True, in row-major order; fp32 (bf16 logits upcast), fp64 stays
     logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)

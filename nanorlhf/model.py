@@ -100,6 +100,16 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    def repeat(self, batch_size: int, max_len: int) -> "KVCache":
+        """A cache of batch_size rows with room for max_len positions, every row starting with this one-row
+        cache's `pos` positions (a prefix all rows share, computed once)."""
+        out = KVCache.__new__(KVCache)
+        shape = (self.k.shape[0], batch_size, self.k.shape[2], max_len, self.k.shape[4])
+        out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        out.k[:, :, :, :self.pos], out.v[:, :, :, :self.pos] = self.k[:, :, :, :self.pos], self.v[:, :, :, :self.pos]
+        out.pos = self.pos
+        return out
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, kv_heads, T, d) at `pos`; return all keys/values so far (B, kv_heads, pos+T, d)."""
         end = self.pos + k.shape[2]

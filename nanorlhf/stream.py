@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nanorlhf.cli import autocast
 from nanorlhf.fast_decode import decode_step
-from nanorlhf.generate import Generation, LogitsHook, cache_dtype, common_prefix, top_k_filter
+from nanorlhf.generate import Generation, LogitsHook, cache_dtype, common_prefix, prefix_cache, top_k_filter
 from nanorlhf.model import KVCache, Transformer
 
 SAMPLERS = ("batch", "stream")
@@ -98,15 +98,11 @@ class Pool:
         self.key_mask = torch.zeros(rows, width + 1, dtype=torch.bool, device=device)
         self.key_mask[:, self.scratch] = True  # an empty row attends to the scratch column alone (no NaN)
         self.column = torch.zeros(rows, dtype=torch.long, device=device)
-        self.prefix: list[int] = []  # tokens every prompt starts with, their keys/values computed once
-        self.shared = KVCache(model.cfg, 1, 0, device, dtype)
+        self.share(model, [])
 
     def share(self, model: Transformer, prefix: list[int]) -> None:
         """Compute the keys/values of `prefix` once: every prompt fill() gets from now on starts with it."""
-        self.prefix = list(prefix)
-        self.shared = KVCache(model.cfg, 1, len(prefix), self.column.device, self.cache.k.dtype)
-        if prefix:
-            model(torch.tensor([prefix], device=self.column.device), cache=self.shared, last_only=True)
+        self.prefix, self.shared = list(prefix), prefix_cache(model, prefix)
 
     def fill(self, model: Transformer, slots: list[int], prompts: list[list[int]],
              pad_id: int) -> tuple[Tensor, Tensor]:
@@ -125,17 +121,17 @@ class Pool:
         mask[:, :S] = 1
         for i, p in enumerate(unique):
             ids[i, :len(p) - S], mask[i, S:len(p)] = torch.tensor(p[S:], device=dev), 1
+        lengths = mask.sum(-1)  # (n,)
         last = torch.zeros_like(ids, dtype=torch.bool)
-        last[torch.arange(n), mask.sum(-1) - S - 1] = True  # (n, width - S): each prompt's last token
-        fresh = KVCache(model.cfg, n, width, dev, self.cache.k.dtype)
-        fresh.k[:, :, :, :S], fresh.v[:, :, :, :S], fresh.pos = self.shared.k, self.shared.v, S
+        last[torch.arange(n), lengths - S - 1] = True  # (n, width - S): each prompt's last token
+        fresh = self.shared.repeat(n, width)
         logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)  # (n, V), (n, width - S, h)
         rows = torch.tensor(slots, device=dev)
         self.cache.k[:, rows, :, :width] = fresh.k[:, which]
         self.cache.v[:, rows, :, :width] = fresh.v[:, which]
         self.key_mask[rows] = False
         self.key_mask[rows, :width] = mask.bool()[which]
-        self.column[rows] = mask.sum(-1)[which]
+        self.column[rows] = lengths[which]
         return logits.float()[which], hidden[last][which]
 
     def step(self, model: Transformer, token: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
