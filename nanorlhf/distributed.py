@@ -20,6 +20,7 @@ weights just before it runs: for a model whose training state does not fit one d
 is loaded straight into its shards (checkpoint.load_model_sharded, using shard_model and local_rows).
 """
 
+import atexit
 import os
 from contextlib import nullcontext
 
@@ -42,6 +43,9 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so cli.device()'s "cuda" is this rank's GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # left to interpreter teardown, gloo's threads can abort the process after its work is done ("terminate
+    # called without an active exception", seen once on a loaded 2-core machine): leave the group first
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def print0(*args, **kwargs) -> None:
