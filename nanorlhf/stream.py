@@ -191,8 +191,9 @@ def generate_stream(
             pool.share(model, prompts[0][:common_prefix(prompts)])
         while queue or any(i >= 0 for i in item):
             if bool(live.any()):
-                step_logits, step_hidden = pool.step(model, token, live)
-                logits[live], hidden[live] = step_logits[live], step_hidden[live].to(hidden.dtype)
+                # free rows' outputs are scratch: they are sampled and dropped, or refilled below
+                logits, step_hidden = pool.step(model, token, live)
+                hidden = step_hidden.to(hidden.dtype)
             free = [r for r, i in enumerate(item) if i < 0]
             if queue and (len(free) >= refill_at or not bool(live.any())):
                 slots = free[:len(queue)]
