@@ -14,6 +14,7 @@
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from nanorlhf.checkpoint import load_model
 from nanorlhf.generate import left_pad, prefill
 from nanorlhf.model import MLP, Attention, ModelConfig, RMSNorm, Transformer
+from nanorlhf.packed import available, packed_linears
 
 
 def median_time(fn, repeats: int) -> float:
@@ -50,17 +52,19 @@ def weight_bytes(model: Transformer) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def matmul_gflops(model: Transformer, tokens: int, repeats: int) -> float:
+def matmul_gflops(model: Transformer, tokens: int, repeats: int, packed: bool = False) -> float:
     """GFLOP/s of x (tokens, in) @ W.T for every distinct linear shape of one layer and the lm_head,
-    weighted as a forward pass over `tokens` weights them (30 layers of each, one lm_head)."""
+    weighted as a forward pass over `tokens` weights them (30 layers of each, one lm_head). packed: through
+    oneDNN with the weight packed beforehand (nanorlhf/packed.py), instead of F.linear's MKL sgemm."""
     cfg = model.cfg
     layer = model.model.layers[0]
-    linears = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     flops = seconds = 0.0
-    for w, count in [(w, cfg.num_hidden_layers) for w in linears] + [(model.lm_head.weight, 1)]:
-        x = torch.randn(tokens, w.shape[1])
-        t = median_time(lambda: x @ w.T, repeats)
-        flops += count * 2 * tokens * w.numel()
+    for m, count in [(m, cfg.num_hidden_layers) for m in linears] + [(model.lm_head, 1)]:
+        x = torch.randn(tokens, m.weight.shape[1])
+        with torch.no_grad(), packed_linears(m) if packed else contextlib.nullcontext():
+            t = median_time(lambda: m(x), repeats)
+        flops += count * 2 * tokens * m.weight.numel()
         seconds += count * t
     return flops / seconds / 1e9
 
@@ -172,12 +176,14 @@ def main() -> None:
     print(f"weights {nbytes / 1e6:.0f} MB -> batch-1 decode floor {floor_ms:.1f} ms/token "
           f"({1e3 / floor_ms:.1f} tok/s) at the read bandwidth")
     params = sum(p.numel() for p in model.parameters())
-    for tokens, what in ((1024, "train shapes (8x128 tokens)"), (16, "decode batch 16"), (1, "decode batch 1")):
-        g = matmul_gflops(model, tokens, args.repeats)
+    print(f"{'matmul GFLOP/s (all matmuls of one pass, ms)':48} {'MKL (F.linear)':>18} {'oneDNN packed':>18}  ratio")
+    for tokens, what in ((1024, "train shapes (8x128 tokens)"), (192, "decode batch 192"), (96, "decode batch 96"),
+                         (16, "decode batch 16"), (1, "decode batch 1")):
+        g = [matmul_gflops(model, tokens, args.repeats, packed) for packed in (False, True)[:1 + available()]]
         # a step's matmuls do 2 * params FLOPs per token; at batch B their time floor is the larger of
         # reading the weights and doing the arithmetic
-        compute_ms = 2 * params * tokens / (g * 1e9) * 1e3
-        print(f"matmul GFLOP/s at {what:28} {g:7.1f}  -> all matmuls of one pass {compute_ms:7.1f} ms")
+        cells = "".join(f"{x:9.1f} ({2 * params * tokens / (x * 1e9) * 1e3:6.1f})" for x in g)
+        print(f"at {what:45} {cells}  {g[-1] / g[0]:.2f}x")
 
     order = ["proj matmul", "lm_head", "attention", "norm", "mlp elementwise", "other"]
     rows = {b: decode_split(model, b, args.steps, args.repeats) for b in (1, 16)}
