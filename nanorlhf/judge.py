@@ -23,6 +23,7 @@ from torch import Tensor
 from nanorlhf.cli import autocast
 from nanorlhf.generate import common_prefix, prefix_cache
 from nanorlhf.model import Transformer
+from nanorlhf.packed import packed_linears
 
 
 def tree_row(prompts: list[list[int]], options: list[list[list[int]]], start: int):
@@ -83,7 +84,7 @@ def option_logprobs(model: Transformer, prompts: list[list[list[int]]], options:
     at = torch.zeros((len(rows), T), dtype=torch.bool)
     at[b_, col] = True
     mask = torch.cat([torch.ones(len(rows), 1, T, S, dtype=torch.bool), tree_mask(branch)], -1)  # (B, 1, T, S + T)
-    with autocast(dev):
+    with autocast(dev), packed_linears(model):  # oneDNN's packed matmuls (nanorlhf/packed.py)
         cache = prefix_cache(model, prompts[0][0][:S]).repeat(len(rows), S + T)
         logits = model(ids.to(dev), mask.to(dev), cache, position_ids=pos.to(dev), logits_at=at.to(dev))
     # (N, V), N = the columns where `at` is True, in row-major order; fp32 (bf16 logits upcast), fp64 stays

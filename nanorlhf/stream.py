@@ -23,6 +23,7 @@ from nanorlhf.cli import autocast
 from nanorlhf.fast_decode import decode_step
 from nanorlhf.generate import Generation, LogitsHook, cache_dtype, common_prefix, prefix_cache, top_k_filter
 from nanorlhf.model import KVCache, Transformer
+from nanorlhf.packed import packed_linears
 
 SAMPLERS = ("batch", "stream")
 SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | stream: "
@@ -186,7 +187,7 @@ def generate_stream(
     hidden = torch.zeros(rows, model.cfg.hidden_size, device=device, dtype=dtype)
     token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
     live = torch.zeros(rows, dtype=torch.bool, device=device)  # rows holding a token to feed
-    with autocast(device):
+    with autocast(device), packed_linears(model):  # oneDNN's packed matmuls: 2x MKL's on AMD CPUs
         if len(prompts) > 1:  # e.g. the chat template's system prompt: its keys/values once, not per prompt
             pool.share(model, prompts[0][:common_prefix(prompts)])
         while queue or any(i >= 0 for i in item):
