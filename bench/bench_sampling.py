@@ -2,20 +2,25 @@
 
     python bench/bench_sampling.py [--model llama] [--repeats 3] [--threads 1]
 
-Two workloads, each sampled both ways in one process, alternating, medians of --repeats:
+Two workloads:
 - ReST's grow (rest_loop.py defaults): 48 prompts x 4 samples, up to 40 new tokens, T = 1;
   before: pink_eval.sample_responses in batches of 48 (what rest_loop does); after: stream.generate_stream
   with 48, 96 and 192 rows.
 - QDAIF's writing (qdaif.py defaults): 16 chat prompts, up to 64 new tokens, T = 0.8, top-p 0.95; one batch
   of 16 either way (MAP-Elites needs each batch's poems before it picks the next parents), so what
   changes is the sampler (no vocabulary sort for top-p, one uniform per token) and dropping stopped rows.
-Tokens/s counts the tokens kept (up to and including the stop id), not pad steps. Not a test.
+Every measurement runs in a fresh process, as a script's first sampling call would (stream packs the
+weights for oneDNN once per process, nanorlhf/packed.py, and that cost is counted), the variants
+alternating round by round; medians of --repeats. Tokens/s counts the tokens kept (up to and including
+the stop id), not pad steps. Not a test.
 """
 
 import argparse
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -37,17 +42,14 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model_dir = resolve_model(args.model)
-    tok, model = Tokenizer(model_dir), load_model(model_dir).eval()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
+VARIANTS = ("ReST grow, generate() x 48", "ReST grow, stream 48 rows", "ReST grow, stream 96 rows",
+            "ReST grow, stream 192 rows", "QDAIF batch, generate() x 16", "QDAIF batch, stream 16 rows")
 
+
+def run_one(name: str, model_name: str) -> float:
+    """Load the model and sample the variant `name` once -> tokens/s."""
+    model_dir = resolve_model(model_name)
+    tok, model = Tokenizer(model_dir), load_model(model_dir).eval()
     chats = [[{"role": "user", "content": p}] for p in read_prompts(REST_PROMPTS)[:48]]
     rest_ids = [tok.chat_prompt(c) for c in chats for _ in range(4)]
     rng = random.Random(0)
@@ -55,23 +57,39 @@ def main() -> None:
                                                  genre=rng.choice(["haiku", "sonnet", "ballad"]),
                                                  topic=rng.choice(["the sea", "first snow", "the stars"])))
              for _ in range(16)]
-    variants = {
-        "ReST grow, generate() x 48": lambda: sample_responses(model, tok, chats, 4, 1.0, 0, 40, 48)[1],
-        **{f"ReST grow, stream {rows} rows": (lambda rows=rows: generate_stream(
-            model, rest_ids, 40, tok.stop_ids, tok.pad_id, rows, 1.0, seed=0).ids) for rows in (48, 96, 192)},
-        "QDAIF batch, generate() x 16": lambda: generate(model, poems, 64, tok.stop_ids, tok.pad_id, 0.8,
-                                                         top_p=0.95, seed=0).ids,
-        "QDAIF batch, stream 16 rows": lambda: generate_stream(model, poems, 64, tok.stop_ids, tok.pad_id, 16, 0.8,
-                                                               top_p=0.95, seed=0).ids,
-    }
-    rates = {name: [] for name in variants}
+    if name.startswith("ReST grow, generate()"):
+        fn = lambda: sample_responses(model, tok, chats, 4, 1.0, 0, 40, 48)[1]
+    elif name.startswith("ReST grow, stream"):
+        rows = int(name.split()[3])
+        fn = lambda: generate_stream(model, rest_ids, 40, tok.stop_ids, tok.pad_id, rows, 1.0, seed=0).ids
+    elif name.startswith("QDAIF batch, generate()"):
+        fn = lambda: generate(model, poems, 64, tok.stop_ids, tok.pad_id, 0.8, top_p=0.95, seed=0).ids
+    else:
+        fn = lambda: generate_stream(model, poems, 64, tok.stop_ids, tok.pad_id, 16, 0.8, top_p=0.95, seed=0).ids
+    seconds, ids = timed(fn)
+    return sum(map(len, ids)) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's variant
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(run_one(args.one, args.model))
+        return
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
+    rates = {name: [] for name in VARIANTS}
     for r in range(args.repeats):
-        for name, fn in variants.items():
-            seconds, ids = timed(fn)
-            rates[name].append(sum(map(len, ids)) / seconds)
+        for name in VARIANTS:
+            child = subprocess.run([sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
+                                    "--one", name], check=True, capture_output=True, text=True)
+            rates[name].append(float(child.stdout.split()[-1]))
         print(f"round {r + 1}/{args.repeats} done, load average {os.getloadavg()[0]:.2f}", flush=True)
-    base = {"ReST": statistics.median(rates["ReST grow, generate() x 48"]),
-            "QDAIF": statistics.median(rates["QDAIF batch, generate() x 16"])}
+    base = {"ReST": statistics.median(rates[VARIANTS[0]]), "QDAIF": statistics.median(rates[VARIANTS[4]])}
     print(f"\n| workload | tokens/s (median of {args.repeats}) | vs generate() |\n|---|---|---|")
     for name, values in rates.items():
         med = statistics.median(values)
