@@ -6,6 +6,7 @@ import torch
 import rest_loop
 import train_dpo
 from nanorlhf import scale
+from nanorlhf.packed import PackedLinear
 from nanorlhf.checkpoint import load_model
 from nanorlhf.data import collate, response_logps
 from nanorlhf.errors import UserError
@@ -29,6 +30,27 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_chat_model, lora_rank)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_onednn_gives_the_same_gradients_through_its_own_matmuls(tiny_chat_model, lora_rank):
+    # --onednn: the same fp32 products, summed in oneDNN's order. Each is off by at most ~(n + 1) 2^-24 of its
+    # terms' magnitude (n <= 64 here), compounded over two blocks' few products: ~1e-5 of a gradient's scale.
+    # 1e-4 of each tensor's largest entry bounds that; a wrong or missing term moves a gradient by O(1) of it
+    batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
+    grads = []
+    for onednn in (False, True):
+        torch.manual_seed(0)
+        model = scale.prepare(load_model(tiny_chat_model).train(),
+                              train_dpo.Config(lora_rank=lora_rank, onednn=onednn))
+        randomise_adapters(model)
+        assert isinstance(model.lm_head, PackedLinear) == onednn  # packed, or nn.Linear
+        (-response_logps(model, batch).sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        scale_ = grads[0][name].abs().max().item()
+        assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-4 * scale_ + 1e-12, name
 
 
 def test_no_recomputation_without_gradients(tiny_chat_model):
@@ -75,6 +97,13 @@ def test_fsdp_without_torchrun_says_the_right_thing(tiny_chat_model, tmp_path, m
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_onednn_with_fsdp_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--onednn with --fsdp: FSDP's sharded weights cannot be packed"):
+        train_dpo.Config(fsdp=True, onednn=True).check()
 
 
 def test_rest_loop_refuses_fsdp_under_torchrun(monkeypatch):
