@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python bench/bench_model.py [--model llama] [--repeats 5] [--decode eager,static,compiled] [--bf16]
 
-Prints load time, training forward+backward tokens/s (8 x 128), greedy generation tokens/s at batch
+Prints load time, training forward+backward tokens/s (8 x 128; also with --onednn's matmuls, packing
+every weight anew each step as after an optimizer step), greedy generation tokens/s at batch
 1 and 16 (64 new tokens) for each generate(decode=...) mode, the ratios nanorlhf/transformers
 (medians over repeats, every variant and transformers alternating so machine noise hits all alike),
 whether the greedy tokens are identical to transformers', the compile cost, and with --bf16 how long
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from nanorlhf import packed
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.generate import generate, left_pad
 from nanorlhf.tokenizer import Tokenizer
@@ -65,14 +67,26 @@ def main() -> None:
     results = {"load s": {k: statistics.median(v) for k, v in load_s.items()}}
 
     ids = torch.randint(0, ours.cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
-    train = {"nanorlhf": [], "transformers": []}
+    fast = load_model(model_dir).train()
+    packed.pack_linears(fast)  # what --onednn true does (scale.prepare)
+
+    def fast_step():  # an optimizer step would change every weight: pack them anew, as a real step does
+        packed._packed.clear(), packed._packed_t.clear()
+        train_step(fast, ids, False)
+
+    train = {"nanorlhf": [], "nanorlhf --onednn": [], "transformers": []}
     if not args.skip_train:
-        train_step(ours, ids, False), train_step(hf, ids, True)  # warm-up
+        train_step(ours, ids, False), fast_step(), train_step(hf, ids, True)  # warm-up
     for _ in range(0 if args.skip_train else args.repeats):
         train["nanorlhf"].append(ids.numel() / timed(lambda: train_step(ours, ids, False)))
+        train["nanorlhf --onednn"].append(ids.numel() / timed(fast_step))
         train["transformers"].append(ids.numel() / timed(lambda: train_step(hf, ids, True)))
+    del fast
     if not args.skip_train:
-        results["train tok/s (8x128)"] = {k: statistics.median(v) for k, v in train.items()}
+        hf_rate = statistics.median(train["transformers"])
+        for name in ("nanorlhf", "nanorlhf --onednn"):
+            results[f"train tok/s (8x128){name[8:]}"] = {"nanorlhf": statistics.median(train[name]),
+                                                         "transformers": hf_rate}
 
     ours.eval(), hf.eval()
     modes = args.decode.split(",")
