@@ -1,4 +1,5 @@
-"""nanorlhf/judge.py: option log-probs from one prompt-tree forward against plain full forwards, in float64."""
+"""nanorlhf/judge.py: option log-probs from one prompt-tree forward against plain full forwards, in float64
+(and in fp32, through the packed matmuls, within fp32 rounding)."""
 
 import pytest
 import torch
@@ -52,6 +53,24 @@ def test_tree_forward_equals_plain_forwards_float64(tiny_dirs, name, template, n
         want = torch.tensor([[reference(model, t[q], o) for o in options] for t in texts], dtype=torch.float64)
         # float64 (ε = 2.2e-16): sums over a few hundred terms of size < 100 in another order differ by < 1e-11
         torch.testing.assert_close(got[q].double(), want, rtol=0, atol=1e-10)
+
+
+def test_fp32_judge_runs_the_packed_matmuls_and_stays_within_fp32_rounding(tiny_dirs):
+    # QDAIF's fp32 judge multiplies through oneDNN (nanorlhf/packed.py) when this torch has it. Against the
+    # float64 reference: the tiny models' fp32 logits carry ~1e-5 of rounding (tests/test_fast_decode.py's
+    # bound) and an option sums up to 4 log-softmax terms, so 1e-4; a wrong weight moves them by O(1e-2)
+    from nanorlhf.packed import PackedLinear, available
+
+    model = load_model(tiny_dirs["qwen2-bias"]).eval()
+    kinds = []
+    model.lm_head.register_forward_pre_hook(lambda mod, args: kinds.append(type(mod)))
+    texts = prompts_for(torch.Generator().manual_seed(1), 7)
+    got = option_logprobs(model, texts, OPTIONS, pad_id=0)
+    assert kinds and set(kinds) == {PackedLinear if available() else torch.nn.Linear}  # every forward packed
+    exact = model.double()
+    for q, options in enumerate(OPTIONS):
+        want = torch.tensor([[reference(exact, t[q], o) for o in options] for t in texts], dtype=torch.float64)
+        torch.testing.assert_close(got[q].double(), want, rtol=0, atol=1e-4)
 
 
 def test_one_question_and_one_token_options(tiny_dirs):
