@@ -31,7 +31,7 @@ class ScaleConfig:
     grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, "
                                            "~1/3 more compute")
     fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
-    onednn: bool = flag(False, "CPU matmuls (training and sampling) through oneDNN with packed weights: ~1.6x "
+    onednn: bool = flag(False, "CPU matmuls (training and sampling) through oneDNN with packed weights: ~1.9x "
                                "faster steps on AMD CPUs, where MKL runs AVX2 kernels; equal to MKL's up to "
                                "rounding, so not bit-equal to a default run")
     fsdp_refused: ClassVar[str] = ""  # a script that cannot run sharded: why (not a flag)
