@@ -132,7 +132,7 @@ def generate(
     reference). "static": fast_decode's fixed-shape step (whole cache, one key mask, no per-step cat), and
     the matmuls through oneDNN's packed weights (nanorlhf/packed.py: 2x MKL's rate on AMD CPUs).
     "compiled": the same step through torch.compile (compiles once per batch shape), with MKL's matmuls
-    (dynamo cannot trace the packed weights' cache). Logits agree with eager to float rounding
+    (torch 2.13's dynamo refuses oneDNN's packed tensors). Logits agree with eager to float rounding
     (tests/test_fast_decode.py)."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
