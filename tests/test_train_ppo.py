@@ -178,8 +178,9 @@ def test_grpo_token_weights_average_each_sequence():
 
 @pytest.mark.parametrize("algo, extra", [("ppo", ["--critic", "separate", "--kl-estimator", "k3"]),
                                          ("grpo", ["--group-size", 2]), ("rloo", ["--group-size", 2]),
-                                         ("ppo", ["--lora-rank", 4, "--whiten-rewards", "true"])],
-                         ids=["ppo-separate-k3", "grpo", "rloo", "ppo-lora"])
+                                         ("ppo", ["--lora-rank", 4, "--whiten-rewards", "true"]),
+                                         ("ppo", ["--critic", "separate", "--onednn", "true", "--sampler", "stream"])],
+                         ids=["ppo-separate-k3", "grpo", "rloo", "ppo-lora", "ppo-onednn-stream"])
 def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypatch, capsys, algo, extra):
     prompts = write_prompts(tmp_path / "p.jsonl")
     run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r", "--steps", 2,
