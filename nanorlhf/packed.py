@@ -5,7 +5,7 @@ it runs its AVX2 kernels. oneDNN, which torch also ships (it is what inductor ca
 kernels by the CPU's features, and with each weight reordered once into its blocked layout its fp32
 matmul ran at 2.0-2.4x MKL's rate at the decode and training shapes here on a Zen 5 core
 (`bench/bench_floor.py`). Every plain nn.Linear of a packed model multiplies through oneDNN: in inference
-with the packed weight, in training with all three products of forward and backward (_PackedLinear).
+with the packed weight, in training with all three products of forward and backward (_PackedLinearFunction).
 They are the same fp32 sums in another order, equal to F.linear's up to rounding (tests/test_packed.py),
 but not to the bit: generate()'s default path and training (unless --onednn true, scale.py) keep MKL,
 so their results stay as the README reports them.
@@ -56,7 +56,7 @@ def packed_weight(weight: Tensor, transposed: bool = False) -> Tensor:
     return hit[1]
 
 
-class _PackedLinear(torch.autograd.Function):
+class _PackedLinearFunction(torch.autograd.Function):
     """F.linear with all three matmuls of training through oneDNN: y = x W^T + b in forward; in backward
     grad_x = grad_y W (W^T packed and cached like W) and grad_W = grad_y^T x (x^T packed on the spot: it is
     new every step)."""
@@ -89,7 +89,7 @@ def packed_forward(linear: nn.Linear, x: Tensor) -> Tensor:
         return F.linear(x, w, linear.bias)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or
                                     (linear.bias is not None and linear.bias.requires_grad)):
-        return _PackedLinear.apply(x, w, linear.bias)
+        return _PackedLinearFunction.apply(x, w, linear.bias)
     return _matmul(x, packed_weight(w), linear.bias)
 
 
