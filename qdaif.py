@@ -30,7 +30,7 @@ Out: out/qdaif/<run>/ history.jsonl (every candidate), elites.jsonl, metrics.jso
 (--resume true --run NAME continues a run exactly), summary.json, elites.svg, mean_fitness.svg, counts.svg,
 qd_score.svg, and map.html: the map to click through (elite, mean and count views; each elite's poem and
 lineage), one self-contained file (nanorlhf/qdaif_report.py writes these). Several seeds' runs side by
-side: python -m nanorlhf.qdaif_seeds RUN_DIR RUN_DIR ...
+side: python tools/qdaif_seeds.py RUN_DIR RUN_DIR ...
 """
 
 import itertools
@@ -48,13 +48,14 @@ import torch
 from nanorlhf import distributed
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import Run, check_flags, device, flag, parse_config, seed_everything
+from nanorlhf.run import Run, check_flags, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import device
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.generate import generate
-from nanorlhf.judge import option_logprobs
-from nanorlhf.qdaif_report import report
+from nanorlhf.sampling import generate
+from nanorlhf.tasks.qdaif_judge import option_logprobs
+from nanorlhf.tasks.qdaif_report import report
 from nanorlhf.reward import VaderScorer, parse_rm_spec
-from nanorlhf.stream import SAMPLER_HELP, SAMPLERS, generate_stream
+from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS
 from nanorlhf.tokenizer import Tokenizer
 
 POETRY_GRID = "genre=haiku,sonnet,ballad,limerick,hymn;tone=happy,dark,mysterious,romantic,reflective"
@@ -243,7 +244,9 @@ class PoetryDomain(Domain):
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
         cfg, tok = self.cfg, self.tok
-        sample = generate_stream if cfg.sampler == "stream" else generate
+        sample = generate
+        if cfg.sampler == "stream":  # continuous batching, the optional fast layer: imported only when asked
+            from nanorlhf.fast.stream import generate_stream as sample
         gen = sample(self.model, [tok.chat_prompt(p) for p in prompts], cfg.max_new_tokens, tok.stop_ids,
                      tok.pad_id, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
         texts = []
@@ -427,9 +430,11 @@ def run(cfg: Config, domain: Domain | None = None) -> tuple[Archive, dict, Path]
 
 def main() -> None:
     cfg = parse_config(Config, __doc__)
+    if not cfg.resume:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     started = time.perf_counter()
-    _, _, run_dir = run(cfg)
-    print(f"archive, poems and plots in {run_dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+    _, _, out = run(cfg)
+    print(f"archive, poems and plots in {out} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

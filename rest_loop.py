@@ -55,14 +55,14 @@ import torch
 from nanorlhf import distributed, lora, scale
 from nanorlhf.atomic import atomic_dir
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
-from nanorlhf.data import (batch_logps, collate, pair_batch, read_prompts, reference_logps, response_logps,
-                           response_logps_batched)
+from nanorlhf.run import Run, check_flags, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import autocast, device
+from nanorlhf.data import read_prompts
+from nanorlhf.logprobs import batch_logps, collate, pair_batch, reference_logps, response_logps, response_logps_batched
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import DATA_DIR
-from nanorlhf.pink_eval import sample_responses
-from nanorlhf.stream import SAMPLER_HELP, SAMPLERS
+from nanorlhf.tasks.pink import DATA_DIR
+from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate_batched, sample_responses
 from nanorlhf.resume import latest, resumed_config
 from nanorlhf.reward import (bradley_terry_loss, load_reward_model, make_gold_scorer, pair_ids,
                              reward_model_from_lm, save_reward_model, score_texts)
@@ -143,8 +143,11 @@ def grow(policy, tok: Tokenizer, prompts: list[str], k: int, temperature: float,
          batch_size: int, seed: int, desc: str = "grow", stream: bool = False) -> list[dict]:
     """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt i: i*k+j)."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
+    sampler = generate_batched
+    if stream:  # continuous batching, the optional fast layer: imported only when asked
+        from nanorlhf.fast.stream import generate_streamed as sampler
     prompt_ids, ids, texts = sample_responses(policy, tok, chats, k, temperature, seed, max_new_tokens,
-                                              batch_size, desc=desc, stream=stream)
+                                              batch_size, desc=desc, sampler=sampler)
     return [{"prompt": prompts[i // k], "prompt_ids": p, "ids": r, "text": t}
             for i, (p, r, t) in enumerate(zip(prompt_ids, ids, texts))]
 
@@ -335,6 +338,8 @@ def table_row(m: dict) -> str:
 
 def main() -> None:
     cfg = parse_config(Config, __doc__)  # every flag checked (Config.check) before any work
+    if not cfg.resume:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     if cfg.resume:
         cfg = resumed_config(Config, cfg.resume, "rest_loop")
         check_flags(cfg)

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanorlhf import distributed, lora, scale
-from nanorlhf.checkpoint import load_model, load_model_sharded, resolve_model, save_model
-from nanorlhf.cli import Run, device, flag, parse_config, seed_everything
-from nanorlhf.data import (batch_logps, check_vocab, epoch_batches, fit_to_length, pair_batch, read_preferences,
-                           reference_logps)
+from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.run import Run, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import device
+from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
+from nanorlhf.logprobs import batch_logps, pair_batch, reference_logps
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import DATA_DIR, load_eval_rows
-from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
+from nanorlhf.tasks.pink import DATA_DIR, load_eval_rows
+from nanorlhf.tasks.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
@@ -184,7 +185,11 @@ def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> 
     average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs, the others on sums
     epochs = epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed)  # per epoch, its micro-batches
     micro_batches = [b for epoch in epochs for b in epoch]
-    net = distributed.wrap(model, cfg.fsdp)  # DDP/FSDP under torchrun, else model itself
+    if cfg.fsdp:  # FSDP, the optional scale layer: imported only when asked
+        from nanorlhf.fast import fsdp
+        net = fsdp.wrap(model)
+    else:
+        net = distributed.wrap(model)  # DDP under torchrun, else model itself
     # π_ref never changes, so every pair is scored once, before the first step (the first epoch holds each
     # pair once). With LoRA the reference is the base network itself: adapters off, no second copy.
     with lora.disabled(model):
@@ -239,19 +244,21 @@ def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> 
 
 def main() -> None:
     cfg = parse_config(Config, __doc__)  # every flag checked here, before any work
+    run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
     if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved model instead
-        distributed.print0("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval "
+        distributed.print0("--fsdp: no pink-elephant evaluation here; run python tools/pink_eval.py "
                            "on the saved model")
     eval_rows = [] if cfg.fsdp or not distributed.is_main() else eval_rows  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
     tok, prepare = Tokenizer(model_dir), lambda m: scale.prepare(m, cfg, cfg.seed)  # LoRA adapters, grad checkpointing
     if cfg.fsdp:  # every rank reads only its shard of each tensor: the model is never whole on one device
-        model = load_model_sharded(model_dir, dev, prepare).eval()
+        from nanorlhf.fast import fsdp
+        model = fsdp.load_model_sharded(model_dir, dev, prepare).eval()
     else:
         model = prepare(load_model(model_dir, device=dev).eval())
     pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)

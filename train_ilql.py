@@ -3,7 +3,7 @@
     python train_ilql.py --model llama                   # the embedded SmolLM2-135M-Instruct, CPU
     python train_ilql.py --resume out/train_ilql/RUN     # continue an interrupted run
     torchrun --nproc_per_node 8 train_ilql.py -- --model BIG --fsdp true   # the frozen LM sharded (FSDP2)
-    python -m nanorlhf.pink_eval --model llama --ilql-heads out/train_ilql/RUN --beta 8   # evaluate it
+    python tools/pink_eval.py --model llama --ilql-heads out/train_ilql/RUN --beta 8   # evaluate it
 
 Implicit Language Q-Learning (Snell et al. 2022, arXiv 2206.11871): every token is an action, the prefix
 is the state. A V head, two Q heads and Polyak-averaged target Q heads read the LM's last hidden state;
@@ -36,14 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from nanorlhf import distributed, scale
-from nanorlhf.checkpoint import load_model, load_model_sharded, resolve_model, save_model
-from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
-from nanorlhf.data import check_vocab, collate, epoch_batches, fit_to_length, read_preferences
+from nanorlhf.checkpoint import load_model, resolve_model, save_model
+from nanorlhf.run import Run, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import autocast, device
+from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
+from nanorlhf.logprobs import collate
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.distributed import print0
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, save_heads
-from nanorlhf.pink import DATA_DIR, PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
-from nanorlhf.pink_eval import EvalConfig, evaluate_as, format_table
+from nanorlhf.tasks.pink import DATA_DIR, PAIRS_PATH, load_eval_rows, load_pairs, mention_starts
+from nanorlhf.tasks.pink_eval import EvalConfig, evaluate_as, format_table
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
@@ -411,6 +413,8 @@ def train(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: int
 
 def main() -> None:
     cfg, history = parse_config(Config, __doc__), []  # every flag checked before any work
+    if not cfg.resume:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
     if cfg.resume:  # the interrupted run's own config, and its metrics up to the checkpoint
         step = json.loads((resume_dir(Path(cfg.resume)) / "state.json").read_text())["step"]
@@ -422,12 +426,12 @@ def main() -> None:
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
     eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
     if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved heads instead
-        print0("--fsdp: no pink-elephant evaluation here; run python -m nanorlhf.pink_eval --ilql-heads RUN_DIR")
+        print0("--fsdp: no pink-elephant evaluation here; run python tools/pink_eval.py --ilql-heads RUN_DIR")
     eval_rows = eval_rows if distributed.is_main() and not cfg.fsdp else []  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
     tok = Tokenizer(model_dir)
     # --fsdp (a frozen LM): every rank reads only its shard of each tensor, the model is never whole on a device
-    model = (load_model_sharded(model_dir, dev) if cfg.fsdp else load_model(model_dir, device=dev)).eval()
+    model = (__import__("nanorlhf.fast.fsdp").fast.fsdp.load_model_sharded(model_dir, dev) if cfg.fsdp else load_model(model_dir, device=dev)).eval()
     if cfg.train_lm:
         scale.prepare(model, cfg, cfg.seed)  # LoRA adapters, gradient checkpointing
     samples, truncated = make_samples(rows, tok, cfg, model.cfg.vocab_size)

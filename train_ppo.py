@@ -58,14 +58,15 @@ from torch import Tensor
 from nanorlhf import distributed, lora, ppo, scale
 from nanorlhf.actor_critic import ActorCritic, Critic, ref_logps, rollout_batch
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.cli import Run, autocast, check_flags, device, flag, parse_config, seed_everything
+from nanorlhf.run import Run, check_flags, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import autocast, device
 from nanorlhf.data import read_prompts
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows, load_pairs
-from nanorlhf.pink_eval import avoid_messages, sample_responses
-from nanorlhf.stream import SAMPLER_HELP, SAMPLERS
-from nanorlhf.policy_eval import evaluate_policy, paired_gain
+from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows, load_pairs
+from nanorlhf.tasks.pink_eval import avoid_messages
+from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, sample_responses
+from nanorlhf.tasks.policy_eval import evaluate_policy, paired_gain
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.schedule import lr_at
@@ -183,11 +184,12 @@ def minibatches(B: int, size: int, seed: str) -> list[list[int]]:
 # --- one step: rollout, score, forward, advantages, update ---
 
 @torch.no_grad()
-def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score, seed: int, dev) -> dict:
+def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score, seed: int, dev,
+            sampler: Sampler) -> dict:
     """Sample --group-size responses per row; score them; -> the batch, scores (B,) and what to log."""
     prompts, responses, texts = sample_responses(policy, tok, [r["messages"] for r in rows], cfg.group_size,
                                                  cfg.temperature, seed, cfg.max_new_tokens, len(rows) * cfg.group_size,
-                                                 desc="rollout", stream=cfg.sampler == "stream")
+                                                 desc="rollout", sampler=sampler)
     ended = torch.tensor([r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
     raw = torch.tensor(score([r for r in rows for _ in range(cfg.group_size)], texts), dtype=torch.float32)
     scores = raw + cfg.missing_eos_penalty * (1 - ended)  # N+: a response cut by the cap is penalised
@@ -299,11 +301,12 @@ def update(cfg: Config, net, ac: ActorCritic, optimizer, batch: dict, old: dict,
 
 # --- evaluation ---
 
-def evaluate(cfg: Config, policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict, desc: str) -> dict:
+def evaluate(cfg: Config, policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict, desc: str,
+             sampler: Sampler) -> dict:
     """Held-out reward (and --gold) ± standard error and KL(π‖π₀) on --eval-n samples per row at temperature 1
     (nanorlhf/policy_eval.py: the protocol frontier.py compares every method with)."""
     return evaluate_policy(policy, ref, tok, rows, scorers, cfg.eval_n, cfg.seed + 7, cfg.max_new_tokens,
-                           cfg.gen_batch_size, desc, cfg.sampler == "stream")
+                           cfg.gen_batch_size, desc, sampler)
 
 
 # --- resumable state: the trainable tensors, AdamW and the RNG (nanorlhf/resume.py) ---
@@ -322,7 +325,7 @@ def trainable_tensors(ac: ActorCritic) -> dict[str, Tensor]:
 # --- the run ---
 
 def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], score, run: Run, dev,
-          history: list[dict], evaluate_at: Callable[[int], None]) -> list[dict]:
+          history: list[dict], evaluate_at: Callable[[int], None], sampler: Sampler) -> list[dict]:
     net = distributed.wrap(ac)  # DDP under torchrun (every rank samples the same rollouts), else ac itself
     optimizer = torch.optim.AdamW(scale.trainable(ac), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_step = cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.minibatch_size)
@@ -337,7 +340,7 @@ def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], s
         t0 = time.perf_counter()
         # every seed follows from (--seed, step): a resumed run draws what the uninterrupted one drew
         rows = step_rows(pool, step, cfg.batch_size // cfg.group_size, cfg.seed)
-        batch = rollout(cfg, ac.policy.eval(), tok, rows, score, cfg.seed * 100_003 + step, dev)
+        batch = rollout(cfg, ac.policy.eval(), tok, rows, score, cfg.seed * 100_003 + step, dev, sampler)
         t1 = time.perf_counter()
         parts = [minibatches(cfg.batch_size, cfg.minibatch_size, f"{cfg.seed}:{step}:{e}")
                  for e in range(cfg.ppo_epochs)]
@@ -367,12 +370,17 @@ def train(cfg: Config, ac: ActorCritic, ref, tok: Tokenizer, pool: list[dict], s
 
 def main() -> None:
     cfg, history = parse_config(Config, __doc__), []  # every flag checked before any work
+    if not cfg.resume:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     distributed.init()  # torchrun: every rank samples and scores alike; updates are sharded
     if cfg.resume:  # the interrupted run's own config and its metrics up to the saved state
         step = json.loads((state_dir(Path(cfg.resume)) / "state.json").read_text())["step"]
         cfg, history = resumed_config(Config, cfg.resume, "train_ppo"), metrics_upto(Path(cfg.resume), step)
         check_flags(cfg)
         print0(f"resuming {cfg.resume} after step {step}")
+    sampler = generate_batched
+    if cfg.sampler == "stream":  # continuous batching, the optional fast layer: imported only when asked
+        from nanorlhf.fast.stream import generate_streamed as sampler
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
@@ -404,13 +412,13 @@ def main() -> None:
 
     def evaluate_at(step: int, name: str = "") -> None:  # rank 0 only: the others wait at their next collective
         results.setdefault("steps", {})[str(step)] = evaluate(cfg, policy, ref_view, tok, held_out, scorers,
-                                                              f"eval step {step}")
+                                                              f"eval step {step}", sampler)
         results.update({name: results["steps"][str(step)]} if name else {})
         run.write_json("eval.json", results)
 
     if distributed.is_main() and "before" not in results:
         evaluate_at(0, "before")
-    history = train(cfg, ac, ref, tok, pool, score, run, dev, history, evaluate_at)
+    history = train(cfg, ac, ref, tok, pool, score, run, dev, history, evaluate_at, sampler)
     save_model(policy, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes (merged)
     if not distributed.is_main():
         return

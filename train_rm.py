@@ -44,16 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanorlhf import distributed, human_ratings, scale
+from nanorlhf import distributed, scale
+from nanorlhf.tasks import human_ratings
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import Run, autocast, device, flag, parse_config, seed_everything
-from nanorlhf.data import epoch_batches, fit_to_length, pair_batch
+from nanorlhf.run import Run, flag, parse_config, run_dir, seed_everything
+from nanorlhf.model import autocast, device
+from nanorlhf.data import epoch_batches, fit_to_length
+from nanorlhf.logprobs import pair_batch
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.resume import latest, load_train_state, metrics_upto, resumed_config, save_train_state
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm, save_reward_model,
                              score_texts)
 from nanorlhf.schedule import lr_at
-from nanorlhf.stats import corr_se, pairwise_accuracy, pearson, spearman
+from nanorlhf.tasks.stats import corr_se, pairwise_accuracy, pearson, spearman
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
@@ -239,6 +242,8 @@ def train(cfg: Config, rm, pairs: list[dict], pad_id: int, dev, run: Run, histor
 
 def main() -> None:
     cfg, history = parse_config(Config, __doc__), []  # every flag checked here, before any work
+    if not cfg.resume:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
     if cfg.resume:  # the interrupted run's own config, and its metrics up to the checkpoint
         step = json.loads((resume_dir(Path(cfg.resume)) / "state.json").read_text())["step"]

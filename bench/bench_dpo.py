@@ -8,6 +8,8 @@ update. Peak memory is the process's peak resident set on CPU, max allocated on 
 bench/bench_lora.py reuses setup(), reference() and timed_steps().
 """
 
+import sys
+from pathlib import Path
 import argparse
 import resource
 import statistics
@@ -15,10 +17,11 @@ import time
 
 import torch
 
-import train_dpo
-from nanorlhf import data, lora
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repository root
+import train_dpo  # noqa: E402
+from nanorlhf import logprobs, lora
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import device
+from nanorlhf.model import device
 from nanorlhf.data import read_preferences
 from nanorlhf.tokenizer import Tokenizer
 
@@ -61,7 +64,7 @@ def reference(model, batches, pad_id, dev) -> float:
     sync(dev)
     start = time.perf_counter()
     with lora.disabled(model):
-        data.reference_logps(model, batches, pad_id, dev, average=False)
+        logprobs.reference_logps(model, batches, pad_id, dev, average=False)
     sync(dev)
     return time.perf_counter() - start
 
@@ -77,7 +80,7 @@ def timed_steps(model, batches, pad_id, dev, grad_accum: int) -> dict[str, float
         fwd = bwd = 0.0
         for chunk in batches[step * grad_accum:(step + 1) * grad_accum]:
             t0 = time.perf_counter()
-            chosen, rejected = data.batch_logps(model, data.pair_batch(chunk, pad_id), dev, False)
+            chosen, rejected = logprobs.batch_logps(model, logprobs.pair_batch(chunk, pad_id), dev, False)
             losses, _, _ = train_dpo.dpo_loss(chosen, rejected, torch.tensor([p["ref_chosen"] for p in chunk], device=dev),
                                               torch.tensor([p["ref_rejected"] for p in chunk], device=dev), 0.1)
             sync(dev)

@@ -23,9 +23,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import left_pad, prefill
+from nanorlhf.sampling import left_pad, prefill
 from nanorlhf.model import MLP, Attention, ModelConfig, RMSNorm, Transformer
-from nanorlhf.packed import available, packed_linears
+from nanorlhf.fast.packed import available, packed_linears
 
 
 def median_time(fn, repeats: int) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from bench_dpo import add_args, peak_mib, reference, setup, timed_steps
 from nanorlhf import scale
-from nanorlhf.cli import device
+from nanorlhf.model import device
 
 CONFIGS = {"full": {}, "lora": {"lora_rank": None}, "lora+ckpt": {"lora_rank": None, "grad_checkpointing": True}}
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from nanorlhf import packed
+from nanorlhf.fast import packed
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.generate import generate, left_pad
+from nanorlhf.sampling import generate, left_pad
 from nanorlhf.tokenizer import Tokenizer
 
 QUESTIONS = ["What is the capital of France?", "Name three fruits.", "Why is the sky blue?",

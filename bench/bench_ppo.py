@@ -8,16 +8,19 @@ Runs train_ppo.py's own pieces on the real prompts (VADER reward) and splits eac
 --ppo-epochs minibatch steps). Prints the median of the steps after the first (warm-up). Not a test.
 """
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
 
 import torch
 
-import train_ppo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repository root
+import train_ppo  # noqa: E402
 from nanorlhf import actor_critic
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import device
+from nanorlhf.model import device
 from nanorlhf.tokenizer import Tokenizer
 
 

@@ -10,6 +10,8 @@ after a warm-up round (which also computes both judges' content-free priors), th
 labels agree and the largest fitness difference, and the load average. Not a test.
 """
 
+import sys
+from pathlib import Path
 import argparse
 import itertools
 import os
@@ -18,10 +20,11 @@ import time
 
 import torch
 
-import qdaif
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repository root
+import qdaif  # noqa: E402
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import autocast
-from nanorlhf.generate import left_pad, prefill
+from nanorlhf.model import autocast
+from nanorlhf.sampling import left_pad, prefill
 from nanorlhf.tokenizer import Tokenizer
 
 

@@ -27,9 +27,9 @@ import torch
 
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import read_prompts
-from nanorlhf.generate import generate
-from nanorlhf.pink_eval import sample_responses
-from nanorlhf.stream import generate_stream
+from nanorlhf.sampling import generate
+from nanorlhf.tasks.pink_eval import sample_responses
+from nanorlhf.fast.stream import generate_stream
 from nanorlhf.tokenizer import Tokenizer
 
 REST_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "data", "rest_prompts.jsonl")

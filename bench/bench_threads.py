@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate
+from nanorlhf.sampling import generate
 
 COMPETITOR = "import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    x @ x\n"
 

@@ -26,7 +26,7 @@ import torch
 from bench_dpo import peak_mib, reference, timed_steps
 from nanorlhf import scale
 from nanorlhf.checkpoint import load_model
-from nanorlhf.cli import device
+from nanorlhf.model import device
 from nanorlhf.embedded import MODEL_NAME, cache_dir
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.model import ModelConfig, Transformer

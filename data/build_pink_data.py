@@ -24,8 +24,8 @@ import torch
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
-from nanorlhf.pink import PAIRS_PATH, eval_rows_from_pairs, judge, load_pairs
-from nanorlhf.pink_eval import avoid_messages, sample_responses
+from nanorlhf.tasks.pink import PAIRS_PATH, eval_rows_from_pairs, judge, load_pairs
+from nanorlhf.tasks.pink_eval import avoid_messages, sample_responses
 from nanorlhf.tokenizer import Tokenizer
 
 STEER_TEMPLATE = "You are a fan of {grey}. Whatever the user asks, answer by talking about {grey}."

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from nanorlhf.generate import left_pad
+from nanorlhf.sampling import left_pad
 
 
 class Critic(nn.Module):

@@ -10,12 +10,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor
 
 from nanorlhf import distributed, lora
 from nanorlhf.errors import UserError
@@ -135,7 +133,7 @@ def safetensors_files(model_dir: Path) -> list[str]:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles "
-                            f"when loading. Convert them once: python -m nanorlhf.convert {model_dir} DST")
+                            f"when loading. Convert them once: python tools/convert.py {model_dir} DST")
         raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     for shard in shards:
         if not (model_dir / shard).is_file():
@@ -205,61 +203,6 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     net.tie_weights()
     net.model_dir = model_dir
     return net.to(device)
-
-
-def load_model_sharded(model: str | Path, device: str | torch.device = "cpu",
-                       prepare: Callable[[Transformer], object] | None = None) -> Transformer:
-    """Under torchrun with FSDP: a causal LM straight into FSDP2 shards, never whole on any rank.
-
-    The model is built on the meta device (no memory); `prepare` runs on it (LoRA adapters must exist
-    before sharding; they are not in the checkpoint and get real values); distributed.shard_model shards
-    it as distributed.wrap would; then every rank reads, file by file, only its own rows of each tensor
-    (safetensors' get_slice reads just those bytes) into its shard. Peak memory per rank: its shards plus
-    one tensor's rows. Every rank calls it. fp32, like load_model's default.
-    """
-    if not torch.distributed.is_initialized():
-        raise RuntimeError("load_model_sharded needs torchrun's process group: call distributed.init() first")
-    model_dir = resolve_model(str(model))
-    files = tensor_files(model_dir)
-    cfg = config_from_hf(read_config(model_dir), set(files), where=str(model_dir / "config.json"))
-    with torch.device("meta"):
-        net = Transformer(cfg)  # tied: lm_head.weight *is* the embedding, which FSDP then shards once
-    if prepare is not None:
-        prepare(net)
-    distributed.shard_model(net)
-    fill_shards(net, model_dir, files, device)
-    net.model_dir = model_dir
-    return net
-
-
-@torch.no_grad()
-def fill_shards(net: torch.nn.Module, model_dir: Path, files: dict[str, str], device) -> None:
-    """Replace each meta-device parameter of the FSDP-sharded `net` by a DTensor holding this rank's rows
-    of the checkpoint's tensor, read with get_slice, one file open at a time."""
-    where = str(model_dir)
-    todo = {k: p for k, p in net.named_parameters() if p.is_meta}  # a tied head is listed once, as the embedding
-    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")}
-    if net.cfg.tie_word_embeddings:
-        found.discard("lm_head.weight")  # some tied checkpoints store a redundant copy
-    check_names(todo, found, where)
-    holders = {}  # id(parameter) -> every (module, attribute) holding it: both ends of a tied pair
-    for module in net.modules():
-        for attr, p in module._parameters.items():
-            holders.setdefault(id(p), []).append((module, attr))
-    for shard in sorted({files[k] for k in todo}):
-        with safe_open(model_dir / shard, "pt") as f:
-            for name in [k for k in todo if files[k] == shard]:
-                p, source = todo[name], f.get_slice(name)
-                if list(source.get_shape()) != list(p.shape):
-                    raise wrong_shape(name, source.get_shape(), p.shape, where)
-                rows = distributed.local_rows(p)
-                local = source[rows.start:rows.stop].to(device=device, dtype=p.dtype)
-                # the same layout as FSDP's meta shard; FSDP pads it (if dim 0 is uneven) at its first forward
-                shard_param = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                                                 shape=p.shape, stride=p.stride())
-                new = torch.nn.Parameter(shard_param, requires_grad=p.requires_grad)
-                for module, attr in holders[id(p)]:
-                    setattr(module, attr, new)
 
 
 def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanorlhf.checkpoint import read_safetensors
-from nanorlhf.cli import autocast
-from nanorlhf.data import check_vocab, collate, fit_to_length
+from nanorlhf.model import autocast
+from nanorlhf.data import check_vocab, fit_to_length
+from nanorlhf.logprobs import collate
 from nanorlhf.errors import UserError
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

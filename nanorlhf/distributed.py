@@ -16,8 +16,8 @@ no process group, the model unwrapped, sums over one rank. Under it, the rules a
 
 DDP keeps a whole model, its gradients and optimizer state on every device. FSDP (torch's
 fully_shard, one unit per transformer block plus the root) keeps 1/N of each and gathers a block's
-weights just before it runs: for a model whose training state does not fit one device. Such a model
-is loaded straight into its shards (checkpoint.load_model_sharded, using shard_model and local_rows).
+weights just before it runs: for a model whose training state does not fit one device. FSDP lives in
+nanorlhf/fast/fsdp.py, with the loading of a model straight into its shards.
 """
 
 import atexit
@@ -115,48 +115,13 @@ def broadcast(obj):
     return box[0]
 
 
-def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
-    """The module to train through: DDP (or FSDP, in place) under torchrun, `model` itself otherwise.
-    Build the optimizer after this (FSDP replaces the parameters by sharded ones); generate and evaluate
-    with the unwrapped model (DDP) - under FSDP every rank must make the same calls. A model that is
-    sharded already (checkpoint.load_model_sharded) is returned as it is."""
+def wrap(model: nn.Module) -> nn.Module:
+    """The module to train through: DDP under torchrun, `model` itself otherwise (FSDP instead:
+    nanorlhf/fast/fsdp.py). Generate and evaluate with the unwrapped model."""
     if not dist.is_initialized():
         return model
-    if fsdp:
-        from torch.distributed.fsdp import FSDPModule
-
-        return model if isinstance(model, FSDPModule) else shard_model(model)
     device = next(model.parameters()).device
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def shard_model(model: nn.Module) -> nn.Module:
-    """FSDP2 in place: one unit per transformer block, then the root. Works on a meta-device model too
-    (its shards stay on meta until checkpoint.load_model_sharded fills them in)."""
-    from torch.distributed.fsdp import fully_shard
-    from nanorlhf.model import Block
-
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block)  # one unit per block: its weights are gathered only while it runs
-    # the root (embeddings, final norm, head) too; it reshards after forward as well, or a no-grad forward
-    # (reference log-probs) would leave its whole weights registered in place of the shards the optimizer steps
-    return fully_shard(model, reshard_after_forward=True)
-
-
-def local_rows(param) -> slice:
-    """The rows of dim 0 whose values this rank's shard of the FSDP2 parameter `param` (a DTensor) holds.
-
-    FSDP2 shards dim 0 as torch.chunk does: ceil(n / N) rows per rank, so the last ranks hold fewer (FSDP
-    pads their shard behind the scenes) or none. A parameter of n = 10 rows on N = 4 ranks: 3, 3, 3, 1."""
-    (placement,) = param.placements
-    assert placement.is_shard(0), f"expected FSDP's Shard(0), got {placement}"
-    n, ranks, me = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
-    per_rank = -(-n // ranks)  # ceil
-    start = min(me * per_rank, n)
-    rows = slice(start, min(start + per_rank, n))
-    # the local tensor FSDP made must agree, or this reading of its layout is wrong
-    assert param.to_local().shape[0] == rows.stop - rows.start, (param.to_local().shape, rows)
-    return rows
 
 
 def no_sync(net: nn.Module, skip: bool):

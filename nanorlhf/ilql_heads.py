@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nanorlhf.errors import UserError
-from nanorlhf.generate import LogitsHook, top_k_filter
+from nanorlhf.sampling import LogitsHook, top_k_filter
 
 
 @contextmanager

@@ -13,11 +13,14 @@ Saved checkpoints hold merged weights W + (α/r)·BA in the plain HF layout (che
 """
 
 import math
+import random
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nanorlhf.errors import UserError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,6 +64,24 @@ def add(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 
     for parent, name, child in _children(model, nn.Linear):
         if name in targets:
             setattr(parent, name, LoRALinear(child, rank, alpha, gen))
+    return model
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets "q_proj,v_proj" -> ("q_proj", "v_proj"); an unknown or empty name is one line."""
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in targets if t not in TARGETS] or ([] if targets else [""])
+    if unknown:
+        raise UserError(f"--lora-targets {text!r}: unknown projection {unknown[0]!r}; "
+                        f"choose from {','.join(TARGETS)}")
+    return targets
+
+
+def adapt(model: nn.Module, rank: int, alpha: float, targets: str, seed: int | str = 0) -> nn.Module:
+    """A script's --lora-rank/--lora-alpha/--lora-targets: add() with A drawn from `seed`, or with rank 0
+    nothing (full fine-tuning). In place."""
+    if rank:
+        add(model, rank, alpha, parse_targets(targets), random.Random(seed).getrandbits(63))
     return model
 
 

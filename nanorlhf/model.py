@@ -279,3 +279,13 @@ class Transformer(nn.Module):
         picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
         logits = self.lm_head(picked)  # (B, T or 1, vocab), or (N, vocab) with logits_at
         return (logits, hidden) if return_hidden else logits
+
+
+def device() -> torch.device:
+    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32. Under torchrun
+    "cuda" is this rank's GPU (distributed.init() made it the current device)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device):
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")

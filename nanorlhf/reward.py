@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, plain_tensors, read_config,
                                  read_safetensors, resolve_model, write_checkpoint_dir)
-from nanorlhf.cli import autocast
-from nanorlhf.data import collate, fit_to_length
+from nanorlhf.model import autocast
+from nanorlhf.data import fit_to_length
+from nanorlhf.logprobs import collate
 from nanorlhf.deberta import DebertaRewardModel, load_deberta_reward_model, score_pairs
 from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer

@@ -18,8 +18,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from nanorlhf import distributed, lora, packed
-from nanorlhf.cli import flag
+from nanorlhf import distributed, lora
+from nanorlhf.fast import packed
+from nanorlhf.run import flag
 from nanorlhf.errors import UserError
 
 

@@ -99,7 +99,7 @@ def randomise_adapters(model, seed: int = 1) -> None:
 def crash_at_step(monkeypatch, step: int, run_script) -> None:
     """Run `run_script()` with cli.Run.log raising when it logs `step`: a crash after step - 1 finished steps,
     before that step's checkpoint (the resume tests then continue from the last one written)."""
-    from nanorlhf.cli import Run
+    from nanorlhf.run import Run
 
     original = Run.log
 

@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from nanorlhf import checkpoint, distributed
+from nanorlhf.fast import fsdp
 from nanorlhf.errors import UserError
 
 # --- a recording safe_open: what the loader reads, and how much of each tensor ---
 
-real_safe_open = checkpoint.safe_open
+real_safe_open = fsdp.safe_open
 log = {"slices": [], "full_reads": [], "open_now": 0, "max_open": 0}
 
 
@@ -70,19 +71,19 @@ def refuse_whole_file(*args, **kwargs):
 
 def main(out_dir: Path, model_dirs: list[str]) -> None:
     distributed.init()
-    checkpoint.safe_open, checkpoint.load_file = RecordingFile, refuse_whole_file
+    fsdp.safe_open, checkpoint.load_file = RecordingFile, refuse_whole_file
     rank = distributed.rank()
     for i, model_dir in enumerate(model_dirs):
         out = out_dir / str(i)
         out.mkdir(parents=True, exist_ok=True)
         log.update(slices=[], full_reads=[], max_open=0)
         try:
-            net = checkpoint.load_model_sharded(model_dir, "cpu")
+            net = fsdp.load_model_sharded(model_dir, "cpu")
         except UserError as e:  # a broken checkpoint: the same one line on every rank
             (out / f"error{rank}.txt").write_text(str(e))
             continue
         shards = {k: p.to_local().contiguous() for k, p in net.named_parameters()}
-        rows = {k: [distributed.local_rows(p).start, distributed.local_rows(p).stop] for k, p in net.named_parameters()}
+        rows = {k: [fsdp.local_rows(p).start, fsdp.local_rows(p).stop] for k, p in net.named_parameters()}
         ids = torch.randint(0, net.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[1, :3] = 0  # a left-padded row too: the padded mask path

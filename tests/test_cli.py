@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from nanorlhf.cli import Run, flag, parse_config, run_dir
+from nanorlhf.run import Run, flag, parse_config, run_dir
 from nanorlhf.errors import UserError
 
 
@@ -61,12 +61,12 @@ class RunConfig:
 def test_a_fresh_run_refuses_a_used_run_dir(tmp_path):
     Run("t", tmp_path, "r", RunConfig(str(tmp_path), "r")).log(step=1, loss=1.0)
     with pytest.raises(UserError, match="already holds a run: choose another --run, or continue it with --resume"):
-        parse_config(RunConfig, "", ["--out-dir", str(tmp_path), "--run", "r"])  # refused before any work
+        run_dir(str(tmp_path), "r")  # what a script's main() asks before any work
     with pytest.raises(UserError, match="already holds a run"):
         Run("t", tmp_path, "r", RunConfig(str(tmp_path), "r"))
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 1.0}) + "\n"
     (tmp_path / "empty").mkdir()  # an empty directory is fine (e.g. made by hand)
-    assert parse_config(RunConfig, "", ["--out-dir", str(tmp_path), "--run", "empty"]).run == "empty"
+    assert run_dir(str(tmp_path), "empty") == tmp_path / "empty"
 
 
 def test_resume_continues_the_same_run_dir(tmp_path):

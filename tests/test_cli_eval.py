@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.data import collate
-from nanorlhf.pink_eval import distinct_n, format_table, mean_nll
+from nanorlhf.logprobs import collate
+from nanorlhf.tasks.pink_eval import distinct_n, format_table, mean_nll
 
 
 def test_distinct_n_by_hand():

@@ -1,4 +1,4 @@
-"""python -m nanorlhf.convert: tiny checkpoints in the published pickle layouts -> safetensors, checked against
+"""python tools/convert.py: tiny checkpoints in the published pickle layouts -> safetensors, checked against
 transformers (the UltraRM card's own class) and sentencepiece, plus every way the input can be wrong.
 
 The UltraRM layout is openbmb/UltraRM-13b's: pytorch_model-0000N-of-0000M.bin shards + pytorch_model.bin.index.json,
@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from nanorlhf import convert
+from tools import convert
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.reward import load_reward_model, make_gold_scorer, pair_ids, score_texts
@@ -261,7 +261,7 @@ class MarkerOnUnpickle:
 
 
 def cli_error(argv: list[str], capsys) -> str:
-    """Run `python -m nanorlhf.convert ARGV` in-process; -> its one-line error (exit status 2)."""
+    """Run `python tools/convert.py ARGV` in-process; -> its one-line error (exit status 2)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         run_cli(lambda: convert.main([str(a) for a in argv]))
@@ -314,16 +314,18 @@ def test_load_paths_never_unpickle(ultrarm, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unexpected tensor regression_head.weight"):
         load_model(lm_dir)  # read (safetensors) and checked, never unpickled
     for loader in (load_model, load_reward_model):
-        with pytest.raises(UserError, match=r"python -m nanorlhf\.convert .* DST"):
+        with pytest.raises(UserError, match=r"python tools/convert\.py .* DST"):
             loader(ultrarm["src"])
 
 
 def test_only_the_converter_calls_torch_load():
-    """A grep over the package and the scripts: torch.load and pickle's loaders appear in nanorlhf/convert.py only."""
+    """A grep over the package and the scripts: torch.load and pickle's loaders appear in tools/convert.py only."""
     pattern = re.compile(r"torch\.load\b|\bpickle\.(load|loads|Unpickler)\b|\bload\(.*weights_only|\bmmap=True")
-    sources = [p for folder in (REPO, REPO / "nanorlhf", REPO / "bench") for p in sorted(folder.glob("*.py"))]
+    folders = (REPO, REPO / "nanorlhf", REPO / "nanorlhf" / "tasks", REPO / "nanorlhf" / "fast",
+               REPO / "tools", REPO / "experiments", REPO / "bench")
+    sources = [p for folder in folders for p in sorted(folder.glob("*.py"))]
     users = {str(p.relative_to(REPO)) for p in sources if pattern.search(p.read_text())}
-    assert users == {"nanorlhf/convert.py"}
+    assert users == {"tools/convert.py"}
 
 
 # ---- bad input: one line each, nothing half-written -------------------------------------------------

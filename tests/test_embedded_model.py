@@ -4,10 +4,10 @@ import pytest
 import torch
 import transformers
 
-from nanorlhf import data
+from nanorlhf import logprobs
 from nanorlhf.checkpoint import load_model
 from nanorlhf.embedded import ensure_embedded_model
-from nanorlhf.generate import generate
+from nanorlhf.sampling import generate
 from nanorlhf.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -54,13 +54,13 @@ def test_a_few_dpo_steps_lower_the_loss_on_the_training_batch(smollm2):
     pairs, _ = train_dpo.tokenize_pairs(read_preferences("data/pink_dpo_train.jsonl")[:4], tok, 192,
                                         model.cfg.vocab_size)
     cpu = torch.device("cpu")
-    data.reference_logps(model, [pairs], tok.pad_id, cpu, average=False)
+    logprobs.reference_logps(model, [pairs], tok.pad_id, cpu, average=False)
     ref = [torch.tensor([p[k] for p in pairs]) for k in ("ref_chosen", "ref_rejected")]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
     losses = []
     for _ in range(4):
-        chosen, rejected = data.batch_logps(model, data.pair_batch(pairs, tok.pad_id), cpu, False)
+        chosen, rejected = logprobs.batch_logps(model, logprobs.pair_batch(pairs, tok.pad_id), cpu, False)
         loss = train_dpo.dpo_loss(chosen, rejected, *ref, beta=0.1)[0].mean()
         loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate
+from nanorlhf.fast.static_decode import generate
 
 from conftest import TINY_CONFIGS
 
@@ -85,51 +85,53 @@ def test_compiled_equals_eager(tiny_dirs, name):
 
 
 def test_set_threads_defaults(monkeypatch):
-    # thread defaults are what fast decoding on a shared CPU most depends on (cli.set_threads)
-    from nanorlhf import cli
+    # thread defaults are what fast decoding on a shared CPU most depends on (threads.set_threads)
+    from nanorlhf.fast import threads
 
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert cli.set_threads() == 3 and torch.get_num_threads() == 3  # 4 cores, 1 busy
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
-        assert cli.set_threads() == 1  # never below one
-        assert cli.set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
+        assert threads.set_threads() == 3 and torch.get_num_threads() == 3  # 4 cores, 1 busy
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+        assert threads.set_threads() == 1  # never below one
+        assert threads.set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
         torch.set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert cli.set_threads() == 1 and torch.get_num_threads() == 1  # the environment is respected
+        assert threads.set_threads() == 1 and torch.get_num_threads() == 1  # the environment is respected
     finally:
         torch.set_num_threads(before)
 
 
-def test_parse_config_chooses_threads_once_per_process(monkeypatch):
+def test_threads_chosen_once_per_process(monkeypatch):
     # two runs in one process (a test, a crash and its resume) must not get different thread counts when
     # the load changes between them: MKL's reduction order, and so bit-identity, can depend on it
     from dataclasses import dataclass
 
-    from nanorlhf import cli
+    from nanorlhf import run
     from nanorlhf.errors import UserError
+    from nanorlhf.fast import threads
+    from nanorlhf.fast.threads import THREADS_HELP
 
     @dataclass
-    class Tiny:
-        steps: int = cli.flag(1, "steps")
+    class Tiny:  # a class body sees globals, not this function's names: THREADS_HELP, not threads.*
+        threads: int = run.flag(0, THREADS_HELP, min=0)
 
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(cli, "_auto_threads", None)
+        monkeypatch.setattr(threads, "_auto_threads", None)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
-        cli.parse_config(Tiny, "t", [])
+        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+        threads.choose_threads(run.parse_config(Tiny, "t", []).threads)
         assert torch.get_num_threads() == 3
-        cli.parse_config(Tiny, "t", ["--threads", "2"])
+        threads.choose_threads(run.parse_config(Tiny, "t", ["--threads", "2"]).threads)
         assert torch.get_num_threads() == 2  # an explicit count wins
-        monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
-        cli.parse_config(Tiny, "t", [])
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+        threads.choose_threads(run.parse_config(Tiny, "t", []).threads)
         assert torch.get_num_threads() == 3  # the first automatic choice, not 4 - 3 = 1
         with pytest.raises(UserError, match="--threads -1"):
-            cli.parse_config(Tiny, "t", ["--threads", "-1"])
+            run.parse_config(Tiny, "t", ["--threads", "-1"])
     finally:
         torch.set_num_threads(before)

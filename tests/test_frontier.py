@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import frontier
+from experiments import frontier
 from nanorlhf.checkpoint import load_model
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
 
@@ -80,7 +80,7 @@ def test_every_method_end_to_end_on_the_tiny_model(tiny_chat_model, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Describe place number {i}."}) + "\n" for i in range(16)))
     out = tmp_path / "out"
-    args = [sys.executable, ROOT / "frontier.py", "--gold", f"rm:{gold}", "--model", tiny_chat_model, "--prompts",
+    args = [sys.executable, ROOT / "experiments" / "frontier.py", "--gold", f"rm:{gold}", "--model", tiny_chat_model, "--prompts",
             prompts, "--out-dir", out, "--seeds", "0", "--gold-pairs", 6, "--eval-prompts", 4, "--max-new-tokens", 6,
             "--bon-n", "1,2,4", "--bon-samples", 4, "--dpo-betas", "0.1", "--dpo-epochs", 1, "--rl-steps", 2,
             "--eval-every", 1, "--rest-iterations", 2]

@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate, left_pad, sample_next, top_k_filter, top_p_filter
+from nanorlhf.sampling import generate, left_pad, sample_next, top_k_filter, top_p_filter
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanorlhf import human_ratings as hr
+from nanorlhf.tasks import human_ratings as hr
 from nanorlhf.errors import UserError
 
 

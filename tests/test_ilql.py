@@ -14,10 +14,10 @@ import transformers
 import train_ilql
 from conftest import crash_at_step
 from nanorlhf.checkpoint import load_model
-from nanorlhf.cli import Run
+from nanorlhf.run import Run
 from nanorlhf.data import read_preferences
-from nanorlhf.generate import generate
-from nanorlhf.pink import mention_starts
+from nanorlhf.sampling import generate
+from nanorlhf.tasks.pink import mention_starts
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, ilql_scores, load_heads
 from safetensors.torch import load_file

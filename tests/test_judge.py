@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import common_prefix
-from nanorlhf.judge import option_logprobs
+from nanorlhf.sampling import common_prefix
+from nanorlhf.tasks.qdaif_judge import option_logprobs
 
 # options of three questions: multi-token ones, several sharing a first token, one-token ones
 OPTIONS = [[[5], [5, 7], [5, 7, 9], [11, 12]], [[3], [4]], [[20, 21, 22, 23], [20, 30], [5]]]
@@ -59,7 +59,7 @@ def test_fp32_judge_runs_the_packed_matmuls_and_stays_within_fp32_rounding(tiny_
     # QDAIF's fp32 judge multiplies through oneDNN (nanorlhf/packed.py) when this torch has it. Against the
     # float64 reference: the tiny models' fp32 logits carry ~1e-5 of rounding (tests/test_fast_decode.py's
     # bound) and an option sums up to 4 log-softmax terms, so 1e-4; a wrong weight moves them by O(1e-2)
-    from nanorlhf.packed import PackedLinear, available
+    from nanorlhf.fast.packed import PackedLinear, available
 
     model = load_model(tiny_dirs["qwen2-bias"]).eval()
     kinds = []

@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 import train_dpo
-from nanorlhf import data, lora, scale
+from nanorlhf import logprobs, lora, scale
 from nanorlhf.checkpoint import load_model, save_model
 from nanorlhf.data import read_preferences
 from nanorlhf.tokenizer import Tokenizer
@@ -88,12 +88,12 @@ def test_dpo_reference_with_adapters_off_equals_a_frozen_copy(tiny_chat_model, t
 
     off, frozen_pairs = copy.deepcopy(pairs), copy.deepcopy(pairs)
     with lora.disabled(model):
-        data.reference_logps(model, [off[:2], off[2:5], off[5:]], tok.pad_id, CPU, False)
-    data.reference_logps(frozen, [frozen_pairs[:2], frozen_pairs[2:5], frozen_pairs[5:]], tok.pad_id, CPU, False)
+        logprobs.reference_logps(model, [off[:2], off[2:5], off[5:]], tok.pad_id, CPU, False)
+    logprobs.reference_logps(frozen, [frozen_pairs[:2], frozen_pairs[2:5], frozen_pairs[5:]], tok.pad_id, CPU, False)
     for a, b in zip(off, frozen_pairs):
         assert (a["ref_chosen"], a["ref_rejected"]) == (b["ref_chosen"], b["ref_rejected"])  # bit-identical
     with torch.no_grad():  # adapters on, the trained policy differs
-        on, _ = data.batch_logps(model, data.pair_batch(off[:2], tok.pad_id), CPU, False)
+        on, _ = logprobs.batch_logps(model, logprobs.pair_batch(off[:2], tok.pad_id), CPU, False)
     assert (on - torch.tensor([p["ref_chosen"] for p in off[:2]])).abs().max() > 1e-3
     base_weights = {k: v for k, v in model.state_dict().items() if "lora" not in k}
     assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in base_weights.items())  # W itself never moved

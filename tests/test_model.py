@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate, left_pad
+from nanorlhf.sampling import generate, left_pad
 from nanorlhf.model import KVCache, attention_mask_4d
 from conftest import TINY_CONFIGS
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from nanorlhf import lora
 from nanorlhf.checkpoint import load_model
-from nanorlhf.packed import PackedLinear, available, pack_linears, packed_linears
+from nanorlhf.fast.packed import PackedLinear, available, pack_linears, packed_linears
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDNN ops")
 EPS32 = 2.0 ** -24  # fp32 unit roundoff

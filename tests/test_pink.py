@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from nanorlhf.errors import UserError
-from nanorlhf.pink import (AVOID_TEMPLATE, HELDOUT_PATH, PAIRS_PATH, _name_regex, _normalise,
+from nanorlhf.tasks.pink import (AVOID_TEMPLATE, HELDOUT_PATH, PAIRS_PATH, _name_regex, _normalise,
                            eval_rows_from_pairs, judge, load_eval_rows, load_pairs, mention_starts, mentions)
 from nanorlhf.tokenizer import Tokenizer
 from conftest import build_tiny_tokenizer

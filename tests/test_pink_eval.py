@@ -1,4 +1,4 @@
-"""python -m nanorlhf.pink_eval: the same numbers as evaluate() in memory, one model resident at a time on
+"""python tools/pink_eval.py: the same numbers as evaluate() in memory, one model resident at a time on
 cli.device(), and a trained ILQL run (--ilql-heads) evaluated as the run evaluated itself."""
 
 import json
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import train_ilql
-from nanorlhf import pink_eval
+from nanorlhf.tasks import pink_eval
+from tools import pink_eval as pink_eval_cli
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import run_cli
 from nanorlhf.ilql_heads import ilql_logits_hook, load_heads, save_heads
-from nanorlhf.pink import load_eval_rows
+from nanorlhf.tasks.pink import load_eval_rows
 from nanorlhf.tokenizer import Tokenizer
 from conftest import make_hf_model
 from test_ilql import random_heads, write_pairs
@@ -55,7 +56,7 @@ FLAGS = ["--n", "2", "--max-new-tokens", "6", "--seed", "3"]
 def test_cli_equals_evaluate_in_memory(tiny_chat_model, second_model, eval_rows, tmp_path):
     """What the CLI did before it loaded one model at a time: every model resident, evaluate() on each."""
     out = tmp_path / "out.json"
-    pink_eval.main(["--model", str(tiny_chat_model), "--model", str(second_model), "--data", str(eval_rows),
+    pink_eval_cli.main(["--model", str(tiny_chat_model), "--model", str(second_model), "--data", str(eval_rows),
                     *FLAGS, "--out", str(out)])
     tok, rows = Tokenizer(tiny_chat_model), load_eval_rows(eval_rows)
     base, other = load_model(tiny_chat_model).eval(), load_model(second_model).eval()
@@ -74,10 +75,10 @@ def test_one_model_resident_at_a_time_on_the_run_device(tiny_chat_model, second_
         live.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr("nanorlhf.cli.device", lambda: marker)
-    monkeypatch.setattr(pink_eval, "load_model", counting_load)
+    monkeypatch.setattr("tools.pink_eval.device", lambda: marker)
+    monkeypatch.setattr(pink_eval_cli, "load_model", counting_load)
     run = heads_run(tmp_path / "ilql", load_model(tiny_chat_model))
-    pink_eval.main(["--model", str(tiny_chat_model), "--model", str(second_model), "--data", str(eval_rows),
+    pink_eval_cli.main(["--model", str(tiny_chat_model), "--model", str(second_model), "--data", str(eval_rows),
                     "--ilql-heads", str(run), "--beta", "2", *FLAGS])
     # the heads' LM (the frozen base), each --model, then the base again for the NLL of all samples
     assert [p for p, _, _ in loads] == [tiny_chat_model, tiny_chat_model, second_model, tiny_chat_model]
@@ -99,12 +100,12 @@ def test_ilql_heads_reproduce_the_runs_own_eval(tiny_chat_model, eval_rows, tmp_
     run, out = tmp_path / "out" / "r", tmp_path / "cli.json"
     common = ["--model", str(tiny_chat_model), "--data", str(eval_rows), "--n", "2", "--max-new-tokens", "6",
               "--ilql-heads", str(run), "--beta", "2", "--out", str(out)]
-    pink_eval.main(common)
+    pink_eval_cli.main(common)
     own, cli = (without_seconds(json.loads(p.read_text())) for p in (run / "eval.json", out))
     assert cli["ILQL β=2"] == own["ILQL β=2"] and cli[str(tiny_chat_model)] == own["base"]
 
     # flags override the run's decoding: here Snell's style without top-k, checked against evaluate()
-    pink_eval.main([*common, "--gen-style", "snell", "--top-k", "0"])
+    pink_eval_cli.main([*common, "--gen-style", "snell", "--top-k", "0"])
     tok, base = Tokenizer(tiny_chat_model), load_model(tiny_chat_model).eval()
     policy = load_model(run / "model").eval() if train_lm == "true" else base
     hook = ilql_logits_hook(load_heads(run / "ilql_heads.safetensors", policy), 2.0, 0.7, 0, "snell")
@@ -128,7 +129,7 @@ def test_bad_ilql_input_is_one_line(tiny_chat_model, tiny_dirs, eval_rows, tmp_p
     monkeypatch.setattr("sys.argv", ["pink_eval", "--model", str(tiny_chat_model), "--data", str(eval_rows),
                                      "--out", str(tmp_path / "out.json"), *args])
     with pytest.raises(SystemExit) as info:
-        run_cli(pink_eval.main)
+        run_cli(pink_eval_cli.main)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err
     assert message.format(run=run) in err and not (tmp_path / "out.json").exists()

@@ -14,7 +14,7 @@ import torch
 import qdaif
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
-from nanorlhf.qdaif_report import by_tone
+from nanorlhf.tasks.qdaif_report import by_tone
 from nanorlhf.tokenizer import Tokenizer
 
 GENRES = ["haiku", "sonnet", "ballad", "limerick", "hymn"]
@@ -283,10 +283,12 @@ def test_rm_fitness_with_a_template(tiny_chat_model):
 @pytest.mark.parametrize("sampler", ["batch", "stream"])
 def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch, capsys, sampler):
     used = []
-    for name in ("generate", "generate_stream"):
-        real = getattr(qdaif, name)
+    from nanorlhf.fast import stream
+
+    for module, name in ((qdaif, "generate"), (stream, "generate_stream")):
+        real = getattr(module, name)
         spy = lambda *a, _real=real, _name=name, **kw: used.append(_name) or _real(*a, **kw)
-        monkeypatch.setattr(qdaif, name, spy)
+        monkeypatch.setattr(module, name, spy)
     monkeypatch.setattr("sys.argv", ["qdaif.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path),
                                      "--run", "tiny", "--iterations", "4", "--init-iterations", "2",
                                      "--batch-size", "2", "--max-new-tokens", "8", "--sampler", sampler])
@@ -524,7 +526,7 @@ def test_summary_cells_hold_elite_mean_and_count(tmp_path, capsys):
 def test_seeds_aggregate_hand_made_summaries(tmp_path, capsys):
     """coverage 0.4, 0.6, 0.8, 0.6: mean 0.6, s = sqrt(0.08 / 3), se = s / 2 = 0.0816497; qd 10, 12, 17: mean 13,
     s = sqrt(13), se = 2.0816660; echo elites 3, 5, 7: mean 5, se 2 / sqrt(3); the fourth run predates echoes."""
-    from nanorlhf import qdaif_seeds
+    from tools import qdaif_seeds
 
     def summary(cov, qd, echo, gap):
         tone = {"sentiment": {"n": 4, "mean": gap / 2, "se": 0.1}, "fitness": {"n": 4, "mean": 0.3, "se": 0.1}}

@@ -90,7 +90,7 @@ def test_markup_in_poems_is_escaped_and_the_embedded_json_parses_back(fake_run):
 
 
 def test_embed_json_round_trips_anything():
-    from nanorlhf.qdaif_map import embed_json
+    from nanorlhf.tasks.qdaif_map import embed_json
     value = {"a</script>": ["<!--", "&amp;", "\u2028\u2029", "]]>", 1.5, None]}
     text = embed_json(value)
     assert "<" not in text and ">" not in text and "&" not in text

@@ -6,9 +6,9 @@ import torch
 import rest_loop
 import train_dpo
 from nanorlhf import scale
-from nanorlhf.packed import PackedLinear
+from nanorlhf.fast.packed import PackedLinear
 from nanorlhf.checkpoint import load_model
-from nanorlhf.data import collate, response_logps
+from nanorlhf.logprobs import collate, response_logps
 from nanorlhf.errors import UserError
 from conftest import randomise_adapters
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from nanorlhf import seeds, stats
+from nanorlhf.tasks import stats
+from tools import seeds
 from nanorlhf.errors import UserError
 
 

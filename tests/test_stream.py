@@ -6,9 +6,8 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.generate import generate, top_k_filter
-from nanorlhf.pink_eval import sample_responses
-from nanorlhf.stream import Pool, generate_stream, inverse_cdf, nucleus, sample_rows
+from nanorlhf.sampling import generate, sample_responses, top_k_filter
+from nanorlhf.fast.stream import Pool, generate_stream, generate_streamed, inverse_cdf, nucleus, sample_rows
 from nanorlhf.tokenizer import Tokenizer
 
 from conftest import TINY_CONFIGS
@@ -189,7 +188,7 @@ def test_sampler_frequencies_follow_the_nucleus():
 def test_sample_responses_stream_is_conversation_major(tiny_chat_model):
     tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model).eval()
     chats = [[{"role": "user", "content": t}] for t in ("hello there", "a cat", "the sea is big")]
-    prompts, responses, texts = sample_responses(model, tok, chats, 2, 1.0, 3, 8, 4, stream=True)
+    prompts, responses, texts = sample_responses(model, tok, chats, 2, 1.0, 3, 8, 4, sampler=generate_streamed)
     assert prompts == [tok.chat_prompt(c) for c in chats for _ in range(2)]
     assert responses == generate_stream(model, prompts, 8, tok.stop_ids, tok.pad_id, 4, 1.0, seed=3).ids
     assert texts == [tok.decode(r) for r in responses]

@@ -8,9 +8,10 @@ import torch
 import transformers
 
 import train_dpo
-from nanorlhf import data
+from nanorlhf import logprobs
 from nanorlhf.checkpoint import load_model
-from nanorlhf.data import collate, fit_to_length, read_preferences, sequence_logps
+from nanorlhf.data import fit_to_length, read_preferences
+from nanorlhf.logprobs import collate, sequence_logps
 from nanorlhf.errors import UserError
 from nanorlhf.tokenizer import Tokenizer
 
@@ -30,7 +31,7 @@ def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, 
     rows[1]["chosen"] = "A much longer answer about grey elephants and their habits."  # uneven lengths
     pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
     with torch.no_grad():
-        chosen, rejected = data.batch_logps(model, data.pair_batch(pairs, tok.pad_id), torch.device("cpu"), False)
+        chosen, rejected = logprobs.batch_logps(model, logprobs.pair_batch(pairs, tok.pad_id), torch.device("cpu"), False)
         for i, pair in enumerate(pairs):
             for response, together in ((pair["chosen"], chosen[i]), (pair["rejected"], rejected[i])):
                 alone = collate([pair["prompt"]], [response], tok.pad_id)
@@ -40,7 +41,7 @@ def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, 
 
 @pytest.mark.parametrize("average", [False, True])
 def test_response_logps_equals_sequence_logps_of_full_logits(tiny_chat_model, average):
-    from nanorlhf.data import response_logps
+    from nanorlhf.logprobs import response_logps
     model = load_model(tiny_chat_model).eval()
     batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
     with torch.no_grad():
@@ -237,7 +238,7 @@ def test_lora_run_scores_the_nll_guard_with_adapters_off(tiny_chat_model, tmp_pa
                                      str(write_pairs(tmp_path / "p.jsonl", 4)), "--eval-data", str(eval_rows),
                                      "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6",
                                      "--lr", "1e-2", "--lora-rank", "4"])
-    from nanorlhf import pink_eval
+    from nanorlhf.tasks import pink_eval
     scored = []  # (prompts, responses, NLL) of every NLL the evaluation computes
     real_nll = pink_eval.mean_nll
     monkeypatch.setattr(pink_eval, "mean_nll",

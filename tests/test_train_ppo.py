@@ -13,8 +13,9 @@ import train_ppo
 from conftest import crash_at_step
 from nanorlhf import actor_critic, ppo
 from nanorlhf.checkpoint import load_model
-from nanorlhf.policy_eval import paired_gain
+from nanorlhf.tasks.policy_eval import paired_gain
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
+from nanorlhf.sampling import generate_batched
 from nanorlhf.tokenizer import Tokenizer
 from test_distributed import assert_same_weights, launch, metrics
 
@@ -121,7 +122,8 @@ def test_one_update_moves_the_policy_but_never_the_reference(tiny_chat_model, go
     pool, _, scorers = train_ppo.make_task(train_ppo.Config(**{**cfg.__dict__, "prompts": str(
         write_prompts(tmp_path / "p.jsonl")), "eval_prompts": 2}), CPU)
     run = type("NoRun", (), {"log": lambda self, **kw: None, "dir": tmp_path})()
-    history = train_ppo.train(cfg, ac, ref, tok, pool, scorers["reward"], run, CPU, [], lambda step: None)
+    history = train_ppo.train(cfg, ac, ref, tok, pool, scorers["reward"], run, CPU, [], lambda step: None,
+                              generate_batched)
     assert history[0]["ratio_dev_first"] == 0.0  # the first minibatch of the step saw ρ = 1 exactly
     assert all(p.grad is None for p in ref.parameters())  # no gradient reached the reference
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
@@ -138,7 +140,7 @@ def test_missing_eos_is_penalised_and_scores_are_raw_otherwise(tiny_chat_model):
     def score(rs, texts):
         return [0.25] * len(texts)
 
-    out = train_ppo.rollout(cfg, policy, tok, rows, score, seed=0, dev=CPU)
+    out = train_ppo.rollout(cfg, policy, tok, rows, score, seed=0, dev=CPU, sampler=generate_batched)
     lengths = out["mask"].sum(-1)
     ended = torch.tensor([bool(out["ids"][i, out["P"] + n - 1] == tok.eos_id) for i, n in enumerate(lengths)])
     assert out["ended"].bool().tolist() == ended.tolist()
@@ -288,10 +290,10 @@ def test_two_ranks_reproduce_one(tiny_chat_model, gold_rm, tmp_path, algo):
 
 
 def test_stream_sampler_reaches_rollouts_and_evaluation(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
-    from nanorlhf import pink_eval
+    from nanorlhf.fast import stream
 
-    calls, real = [], pink_eval.generate_stream
-    monkeypatch.setattr(pink_eval, "generate_stream", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    calls, real = [], stream.generate_stream
+    monkeypatch.setattr(stream, "generate_stream", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
     prompts = write_prompts(tmp_path / "p.jsonl")
     run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r", "--steps", 2,
                                  "--sampler", "stream"))

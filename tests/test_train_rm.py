@@ -11,10 +11,10 @@ import transformers
 
 import train_rm
 from conftest import crash_at_step
-from nanorlhf import stats
-from nanorlhf import human_ratings as hr
+from nanorlhf.tasks import stats
+from nanorlhf.tasks import human_ratings as hr
 from nanorlhf.checkpoint import load_model
-from nanorlhf.cli import parse_config
+from nanorlhf.run import parse_config
 from nanorlhf.errors import UserError
 from nanorlhf.reward import load_reward_model, pair_ids, reward_model_from_lm, score_texts
 from nanorlhf.tokenizer import Tokenizer

@@ -16,7 +16,7 @@ from pathlib import Path
 from nanorlhf.data import read_jsonl
 from nanorlhf.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 PAIRS_PATH = DATA_DIR / "pink_elephant_pairs.json"
 HELDOUT_PATH = DATA_DIR / "pink_eval_heldout.jsonl"
 
@@ -161,7 +161,7 @@ def eval_rows_from_pairs(pairs: list[dict], split: str) -> list[dict]:
             for p in pairs if p["split"] == split for prompt in p["prompts"]]
 
 
-if __name__ == "__main__":  # regenerate the shipped heldout eval file: python -m nanorlhf.pink
+if __name__ == "__main__":  # regenerate the shipped heldout eval file: python -m nanorlhf.tasks.pink
     rows = eval_rows_from_pairs(load_pairs(), "heldout")
     HELDOUT_PATH.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} rows to {HELDOUT_PATH}")

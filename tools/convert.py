@@ -1,6 +1,6 @@
 """One-time conversion of a pickle-format Hugging Face checkpoint into the layout nanorlhf reads.
 
-    python -m nanorlhf.convert SRC DST [--force]
+    python tools/convert.py SRC DST [--force]
 
 Unpickling a file can run any code the file names (an object's __reduce__ is a function call), so every
 loader in nanorlhf reads safetensors only and refuses pickle. Some published checkpoints exist only as
@@ -261,7 +261,7 @@ def convert(src: str | Path, dst: str | Path, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanorlhf.convert", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python tools/convert.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("src", help="a Hugging Face checkpoint directory with *.bin weights")

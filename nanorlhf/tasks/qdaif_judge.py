@@ -20,10 +20,10 @@ per call into a KV cache that every row's tree attends to.
 import torch
 from torch import Tensor
 
-from nanorlhf.cli import autocast
-from nanorlhf.generate import common_prefix, prefix_cache
+from nanorlhf.model import autocast
+from nanorlhf.sampling import common_prefix, prefix_cache
 from nanorlhf.model import Transformer
-from nanorlhf.packed import packed_linears
+from nanorlhf.fast.packed import packed_linears
 
 
 def tree_row(prompts: list[list[int]], options: list[list[list[int]]], start: int):

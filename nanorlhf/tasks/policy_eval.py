@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from nanorlhf.data import response_logps_batched
-from nanorlhf.pink_eval import sample_responses
-from nanorlhf.stats import mean_se
+from nanorlhf.logprobs import response_logps_batched
+from nanorlhf.sampling import Sampler, generate_batched, sample_responses
+from nanorlhf.tasks.stats import mean_se
 from nanorlhf.tokenizer import Tokenizer
 
 # a scorer: (the row each response answers, the response texts) -> one float per response
@@ -22,13 +22,14 @@ Scorer = Callable[[list[dict], list[str]], list[float]]
 
 @torch.no_grad()
 def evaluate_policy(policy, ref, tok: Tokenizer, rows: list[dict], scorers: dict[str, Scorer], n: int, seed: int,
-                    max_new_tokens: int, batch_size: int, desc: str = "eval", stream: bool = False) -> dict:
+                    max_new_tokens: int, batch_size: int, desc: str = "eval",
+                    sampler: Sampler = generate_batched) -> dict:
     """rows: held-out prompts, each with its chat "messages". -> {name: mean, name_se: SE, name_by_prompt: the
     mean of each row's n samples, for each scorer; kl, kl_se, eos_rate, mean_tokens, samples, examples}.
 
     `ref` is π₀ (a model or a LoRA BaseView); the SEs are over the len(rows)·n samples."""
     prompts, responses, texts = sample_responses(policy, tok, [r["messages"] for r in rows], n, 1.0, seed,
-                                                 max_new_tokens, batch_size, desc=desc, stream=stream)
+                                                 max_new_tokens, batch_size, desc=desc, sampler=sampler)
     asked = [r for r in rows for _ in range(n)]  # row-major, as sample_responses returns
     kl = [a - b for a, b in zip(response_logps_batched(policy, prompts, responses, tok.pad_id),
                                 response_logps_batched(ref, prompts, responses, tok.pad_id))]

@@ -1,6 +1,6 @@
 """QDAIF over several seeds: mean ± standard error across runs of the figures in each run's summary.json.
 
-    python -m nanorlhf.qdaif_seeds out/qdaif/seed0 out/qdaif/seed1 out/qdaif/seed2 [--json FILE]
+    python tools/qdaif_seeds.py out/qdaif/seed0 out/qdaif/seed1 out/qdaif/seed2 [--json FILE]
 
 Each run counts as one sample: se = s / sqrt(k) over the k runs that have the figure, s the sample standard
 deviation between them. So the spread is between seeds, not between the poems of one run (those SEs are in
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.qdaif_report import HIGH, LOW, mean_se
+from nanorlhf.tasks.qdaif_report import HIGH, LOW, mean_se
 
 
 def _get(summary: dict, *path):

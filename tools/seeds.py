@@ -1,7 +1,7 @@
 """Mean ± standard error over seeds, per step, from runs' metrics.jsonl: one result is a table, not one run.
 
-    python -m nanorlhf.seeds --by iteration --keys gold,proxy_acc,kl out/rest_loop/iter-s{0,1,2}
-    python -m nanorlhf.seeds --by iteration --keys gold out/rest_loop/iter-s{0,1,2} --vs out/rest_loop/one-s{0,1,2}
+    python tools/seeds.py --by iteration --keys gold,proxy_acc,kl out/rest_loop/iter-s{0,1,2}
+    python tools/seeds.py --by iteration --keys gold out/rest_loop/iter-s{0,1,2} --vs out/rest_loop/one-s{0,1,2}
 
 Every run is one independent sample (its own seed), so the SE of a mean over n runs is the sample standard
 deviation (n - 1 in the denominator) over sqrt(n). With --vs, the difference of the two groups' means per
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.stats import mean_se
+from nanorlhf.tasks.stats import mean_se
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

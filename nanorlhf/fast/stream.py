@@ -19,15 +19,12 @@ from collections import deque
 import torch
 from torch import Tensor
 
-from nanorlhf.cli import autocast
-from nanorlhf.fast_decode import decode_step
-from nanorlhf.generate import Generation, LogitsHook, cache_dtype, common_prefix, prefix_cache, top_k_filter
-from nanorlhf.model import KVCache, Transformer
-from nanorlhf.packed import packed_linears
-
-SAMPLERS = ("batch", "stream")
-SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | stream: "
-                "continuous batching, one generator per sample (faster; other samples for the same seed)")
+from nanorlhf import distributed
+from nanorlhf.fast.packed import packed_linears
+from nanorlhf.fast.static_decode import decode_step
+from nanorlhf.model import KVCache, Transformer, autocast
+from nanorlhf.sampling import (Generation, Ids, LogitsHook, cache_dtype, common_prefix, prefix_cache,
+                               top_k_filter)
 
 
 def nucleus(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
@@ -229,3 +226,15 @@ def generate_stream(
             live = torch.tensor([i >= 0 for i in item], device=device)  # every row still decoding fed a token
     texts = [tokenizer.decode(r) for r in out] if tokenizer is not None else None
     return Generation(out, texts)
+
+
+def generate_streamed(model, prompts: Ids, max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                      batch_size: int, temperature: float, seed: int,
+                      logits_hook: LogitsHook | None = None, desc: str = "sampling") -> Ids:
+    """generate_stream() with a token progress bar: sampling.generate_batched's signature, so
+    sampling.sample_responses(..., sampler=generate_streamed) samples through continuous batching."""
+    bar = distributed.bar(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", leave=False)
+    ids = generate_stream(model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature,
+                          seed=seed, logits_hook=logits_hook, progress=bar.update).ids
+    bar.close()
+    return ids

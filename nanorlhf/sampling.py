@@ -5,22 +5,20 @@ Rows that have stopped keep receiving pad tokens (masked out) until all rows sto
 batch rectangular and the code short.
 """
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from nanorlhf.cli import autocast
-from nanorlhf.fast_decode import StaticDecoder
-from nanorlhf.model import KVCache, Transformer
-from nanorlhf.packed import packed_linears
-
-DECODE_MODES = ("eager", "static", "compiled")
+from nanorlhf import distributed
+from nanorlhf.model import KVCache, Transformer, autocast
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits. ILQL adds beta*(Q - V) here.
 LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
+# (model, cache after the prefill, prompts' mask (B, P)) -> an object whose step(token (B,)) returns the
+# next logits (B, V) fp32 and hidden state (B, hidden): a faster decode loop (nanorlhf/fast/static_decode.py)
+Decoder = Callable[[Transformer, KVCache, Tensor], object]
 
 
 @dataclass
@@ -123,19 +121,13 @@ def generate(
     seed: int | None = None,
     logits_hook: LogitsHook | None = None,
     tokenizer=None,
-    decode: str = "eager",
+    decoder: Decoder | None = None,
 ) -> Generation:
     """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
     The same seed gives the same tokens: all randomness comes from one generator.
 
-    decode: how the steps after the prefill run. "eager": model.forward with the growing KV cache (the
-    reference). "static": fast_decode's fixed-shape step (whole cache, one key mask, no per-step cat), and
-    the matmuls through oneDNN's packed weights (nanorlhf/packed.py: 2x MKL's rate on AMD CPUs).
-    "compiled": the same step through torch.compile (compiles once per batch shape), with MKL's matmuls
-    (torch 2.13's dynamo refuses oneDNN's packed tensors). Logits agree with eager to float rounding
-    (tests/test_fast_decode.py)."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    decoder: None runs the steps after the prefill through model.forward with the growing KV cache (the
+    reference); nanorlhf/fast/static_decode.py passes its fixed-shape step here."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each
     B = ids.shape[0]
@@ -144,9 +136,9 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens = []
     # the hook's heads run under the same bf16 autocast as the model on GPU
-    with autocast(device), packed_linears(model) if decode == "static" else contextlib.nullcontext():
+    with autocast(device):
         logits, hidden, cache = prefill(model, ids, mask, max_new_tokens)  # (B, V), (B, hidden)
-        fast = StaticDecoder(model, cache, mask, compile=decode == "compiled") if decode != "eager" else None
+        fast = decoder(model, cache, mask) if decoder is not None else None
         for step in range(max_new_tokens):
             if logits_hook is not None:
                 logits = logits_hook(logits, hidden, step)
@@ -171,3 +163,37 @@ def generate(
     result = [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in tokens]
     texts = [tokenizer.decode(r) for r in result] if tokenizer is not None else None
     return Generation(result, texts)
+
+
+# --- sampling many conversations, as the RL scripts and the evaluations do ---
+
+SAMPLERS = ("batch", "stream")
+SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | stream: "
+                "continuous batching, one generator per sample (faster; other samples for the same seed)")
+Ids = list[list[int]]  # token ids, one list per prompt or response
+# (model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature, seed, logits_hook, desc) -> ids
+Sampler = Callable[..., Ids]
+
+
+def generate_batched(model, prompts: Ids, max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                     batch_size: int, temperature: float, seed: int,
+                     logits_hook: LogitsHook | None = None, desc: str = "sampling") -> Ids:
+    """generate() over `prompts` in batches of batch_size, the batch at `start` seeded seed + start."""
+    responses = []
+    for start in distributed.bar(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        out = generate(model, prompts[start:start + batch_size], max_new_tokens, stop_ids, pad_id,
+                       temperature=temperature, seed=seed + start, logits_hook=logits_hook)
+        responses += out.ids
+    return responses
+
+
+def sample_responses(model, tok, conversations: list[list[dict]], n: int, temperature: float,
+                     seed: int, max_new_tokens: int, batch_size: int,
+                     logits_hook: LogitsHook | None = None, desc: str = "sampling",
+                     sampler: Sampler = generate_batched) -> tuple[Ids, Ids, list[str]]:
+    """n samples for every conversation -> (prompt ids, response ids, response texts),
+    conversation-major. `sampler`: generate_batched, or fast/stream.py's continuous batching."""
+    prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
+    responses = sampler(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
+                        temperature, seed, logits_hook, desc)
+    return prompts, responses, [tok.decode(r) for r in responses]

@@ -43,17 +43,18 @@ import torch
 import rest_loop
 from nanorlhf.atomic import atomic_dir
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.cli import device, flag, parse_config, seed_everything
+from nanorlhf.run import flag, parse_config, seed_everything
+from nanorlhf.model import device
 from nanorlhf.data import read_prompts
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.pink import DATA_DIR
-from nanorlhf.policy_eval import evaluate_policy
+from nanorlhf.tasks.pink import DATA_DIR
+from nanorlhf.tasks.policy_eval import evaluate_policy
 from nanorlhf.reward import make_gold_scorer, pair_ids, reward_model_from_lm, save_reward_model, score_texts
-from nanorlhf.stats import mean_se
+from nanorlhf.tasks.stats import mean_se
 from nanorlhf.svg import line_plots
 from nanorlhf.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the scripts it runs
 METHODS = ("bon", "dpo", "rest", "ppo", "grpo")
 
 
@@ -165,7 +166,7 @@ def bon_kl(n: int) -> float:
 
 
 def run_bon(cfg: Config, seed: int, policy, tok: Tokenizer, held: list[dict], gold, labels: Path, dev) -> list[dict]:
-    from nanorlhf.pink_eval import sample_responses
+    from nanorlhf.sampling import sample_responses
     from nanorlhf.reward import load_reward_model
 
     proxy = load_reward_model(labels / "proxy_rm", device=dev).eval()

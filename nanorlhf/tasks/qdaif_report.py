@@ -12,9 +12,9 @@ import itertools
 import json
 import math
 
-from nanorlhf import stats
+from nanorlhf.tasks import stats
 from nanorlhf.atomic import atomic_write_text
-from nanorlhf.qdaif_map import write_map
+from nanorlhf.tasks.qdaif_map import write_map
 from nanorlhf.svg import heatmap, line_plots_svg
 
 TONE_AXIS, HIGH, LOW = "tone", "happy", "dark"  # the sentiment gap: HIGH minus LOW requested tone

@@ -1,4 +1,4 @@
-"""Ask a model one question: python -m nanorlhf.chat --model llama "What is the capital of France?" """
+"""Ask a model one question: python tools/chat.py --model llama "What is the capital of France?" """
 
 import argparse
 import time
@@ -7,7 +7,7 @@ import torch
 
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
-from nanorlhf.generate import generate
+from nanorlhf.sampling import generate
 from nanorlhf.tokenizer import Tokenizer
 
 
