@@ -7,25 +7,29 @@
    divided by that bandwidth: no implementation can decode faster without reading fewer bytes.
 2. GFLOP/s of the matmuls of a training step (8 x 128 tokens) and of one decode step (batch 1, 16):
    the compute floor where bandwidth is not the limit.
-3. torch.profiler over decode steps at batch 1 and 16 (nanorlhf's eager path): op self-time grouped by
-   the module it ran in (projection matmuls, lm_head, attention = rope + cache writes + SDPA, norms,
-   MLP elementwise, other), the rest of the profiled wall time (Python, dispatch, profiler), and the
-   wall time of the same step at width 36 (only Python/dispatch overhead is left). Not a test.
+3. torch.profiler over decode steps at batch 1 and 16 (nanorlhf's eager path): op self-time
+   grouped by the module it ran in (projection matmuls, lm_head, attention = rope + cache writes +
+   SDPA, norms, MLP elementwise, other), the rest of the profiled wall time (Python, dispatch,
+   profiler), and the wall time of the same step at width 36 (only Python/dispatch overhead is
+   left). Not a test.
 """
 
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from nanorlhf.checkpoint import load_model
-from nanorlhf.sampling import left_pad, prefill
-from nanorlhf.model import MLP, Attention, ModelConfig, RMSNorm, Transformer
-from nanorlhf.fast.packed import available, packed_linears
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nanorlhf from this checkout
+from nanorlhf.checkpoint import load_model  # noqa: E402
+from nanorlhf.fast.packed import available, packed_linears  # noqa: E402
+from nanorlhf.model import MLP, Attention, ModelConfig, RMSNorm, Transformer  # noqa: E402
+from nanorlhf.sampling import left_pad, prefill  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -39,7 +43,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def bandwidth(repeats: int) -> dict[str, float]:
-    """GB/s of reading (sum) and of reading + writing (copy) a 1 GiB fp32 tensor: far beyond any cache."""
+    """GB/s of reading (sum) and of reading + writing (copy) a 1 GiB fp32 tensor: far beyond any
+    cache."""
     x = torch.ones(2**28)
     y = torch.empty_like(x)
     read = x.numel() * 4 / median_time(lambda: x.sum(), repeats) / 1e9
@@ -53,9 +58,10 @@ def weight_bytes(model: Transformer) -> int:
 
 
 def matmul_gflops(model: Transformer, tokens: int, repeats: int, packed: bool = False) -> float:
-    """GFLOP/s of x (tokens, in) @ W.T for every distinct linear shape of one layer and the lm_head,
-    weighted as a forward pass over `tokens` weights them (30 layers of each, one lm_head). packed: through
-    oneDNN with the weight packed beforehand (nanorlhf/packed.py), instead of F.linear's MKL sgemm."""
+    """GFLOP/s of x (tokens, in) @ W.T for every distinct linear shape of one layer and the
+    lm_head, weighted as a forward pass over `tokens` weights them (30 layers of each, one lm_head).
+    packed: through oneDNN with the weight packed beforehand (nanorlhf/fast/packed.py), instead of
+    F.linear's MKL sgemm."""
     cfg = model.cfg
     layer = model.model.layers[0]
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
@@ -76,10 +82,12 @@ class Labels:
         self.handles, self.open = [], []
         for name, m in model.named_modules():
             label = ("lm_head" if name == "lm_head" else "proj matmul" if isinstance(m, nn.Linear)
-                     else "norm" if isinstance(m, RMSNorm) else "attention" if isinstance(m, Attention)
+                     else "norm" if isinstance(m, RMSNorm)
+                     else "attention" if isinstance(m, Attention)
                      else "mlp elementwise" if isinstance(m, MLP) else None)
             if label:
-                self.handles.append(m.register_forward_pre_hook(lambda mod, args, label=label: self.enter(label)))
+                enter = lambda mod, args, label=label: self.enter(label)
+                self.handles.append(m.register_forward_pre_hook(enter))
                 self.handles.append(m.register_forward_hook(lambda mod, args, out: self.exit()))
 
     def enter(self, label: str) -> None:
@@ -105,10 +113,13 @@ def label_of(event) -> str:
     return "other"
 
 
-def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tuple[float, float, dict[str, float]]:
-    """ms per decode step: wall without the profiler, wall with it, and op self-time per label (profiler)."""
+def decode_split(model: Transformer, batch: int, steps: int,
+                 repeats: int) -> tuple[float, float, dict[str, float]]:
+    """ms per decode step: wall without the profiler, wall with it, and op self-time per label
+    (profiler)."""
     vocab = model.cfg.vocab_size
-    prompts = [[1 + (7 * i + j) % (vocab - 1) for j in range(30 + i % 5)] for i in range(batch)]  # ~30-token prompts
+    prompts = [[1 + (7 * i + j) % (vocab - 1) for j in range(30 + i % 5)]  # ~30-token prompts
+               for i in range(batch)]
     ids, mask = left_pad(prompts, 0)
     token = torch.full((batch, 1), 42)
 
@@ -141,15 +152,17 @@ def decode_split(model: Transformer, batch: int, steps: int, repeats: int) -> tu
     for e in prof.events():
         if e.name.startswith("#") or e.name.startswith("ProfilerStep"):
             continue
-        split[label_of(e)] = split.get(label_of(e), 0.0) + e.self_cpu_time_total / 1e3 / steps  # us -> ms
+        ms = e.self_cpu_time_total / 1e3 / steps  # us -> ms
+        split[label_of(e)] = split.get(label_of(e), 0.0) + ms
     return wall * 1e3, profiled * 1e3, split
 
 
 def dispatch_only(cfg, batch: int, steps: int, repeats: int) -> float:
     """ms per eager decode step of the same graph (layers, heads, ops) at width 36 and vocab 64: the
     arithmetic is negligible, so this is what Python and torch's dispatcher cost per step."""
-    tiny = Transformer(ModelConfig(vocab_size=64, hidden_size=4 * cfg.num_attention_heads, intermediate_size=32,
-                                   num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+    tiny = Transformer(ModelConfig(vocab_size=64, hidden_size=4 * cfg.num_attention_heads,
+                                   intermediate_size=32, num_hidden_layers=cfg.num_hidden_layers,
+                                   num_attention_heads=cfg.num_attention_heads,
                                    num_key_value_heads=cfg.num_key_value_heads, head_dim=4,
                                    tie_word_embeddings=cfg.tie_word_embeddings)).eval()
     wall, _, _ = decode_split(tiny, batch, steps, repeats)
@@ -157,7 +170,8 @@ def dispatch_only(cfg, batch: int, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per profiled run")
@@ -165,8 +179,8 @@ def main() -> None:
     model = load_model(args.model).eval()
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {' '.join(load)}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {' '.join(load)}")
 
     bw = bandwidth(args.repeats)
     nbytes = weight_bytes(model)
@@ -176,31 +190,38 @@ def main() -> None:
     print(f"weights {nbytes / 1e6:.0f} MB -> batch-1 decode floor {floor_ms:.1f} ms/token "
           f"({1e3 / floor_ms:.1f} tok/s) at the read bandwidth")
     params = sum(p.numel() for p in model.parameters())
-    print(f"{'matmul GFLOP/s (all matmuls of one pass, ms)':48} {'MKL (F.linear)':>18} {'oneDNN packed':>18}  ratio")
-    for tokens, what in ((1024, "train shapes (8x128 tokens)"), (192, "decode batch 192"), (96, "decode batch 96"),
-                         (16, "decode batch 16"), (1, "decode batch 1")):
-        g = [matmul_gflops(model, tokens, args.repeats, packed) for packed in (False, True)[:1 + available()]]
-        # a step's matmuls do 2 * params FLOPs per token; at batch B their time floor is the larger of
-        # reading the weights and doing the arithmetic
+    print(f"{'matmul GFLOP/s (all matmuls of one pass, ms)':48} {'MKL (F.linear)':>18} "
+          f"{'oneDNN packed':>18}  ratio")
+    for tokens, what in ((1024, "train shapes (8x128 tokens)"), (192, "decode batch 192"),
+                         (96, "decode batch 96"), (16, "decode batch 16"), (1, "decode batch 1")):
+        g = [matmul_gflops(model, tokens, args.repeats, packed)
+             for packed in (False, True)[:1 + available()]]
+        # a step's matmuls do 2 * params FLOPs per token; at batch B their time floor is the larger
+        # of reading the weights and doing the arithmetic
         cells = "".join(f"{x:9.1f} ({2 * params * tokens / (x * 1e9) * 1e3:6.1f})" for x in g)
         print(f"at {what:45} {cells}  {g[-1] / g[0]:.2f}x")
 
     order = ["proj matmul", "lm_head", "attention", "norm", "mlp elementwise", "other"]
     rows = {b: decode_split(model, b, args.steps, args.repeats) for b in (1, 16)}
     dispatch = {b: dispatch_only(model.cfg, b, args.steps, args.repeats) for b in rows}
-    print("\ndecode step (eager), ms. Ops: self-time from torch.profiler, which roughly doubles the wall time")
-    print("(it inflates every small op), so read them as shares. 'dispatch only' = the same step at width 36:")
+    print("\ndecode step (eager), ms. Ops: self-time from torch.profiler, which roughly doubles "
+          "the wall time")
+    print("(it inflates every small op), so read them as shares. 'dispatch only' = the same step "
+          "at width 36:")
     print("what Python and torch's dispatcher cost per step when the arithmetic is negligible")
     print(f"{'':26}" + "".join(f"{'batch ' + str(b):>16}" for b in rows))
     for name in order:
-        print(f"{name:26}" + "".join(f"{split.get(name, 0.0):10.1f} {100 * split.get(name, 0.0) / prof:4.0f}%"
+        print(f"{name:26}" + "".join(f"{split.get(name, 0.0):10.1f} "
+                                     f"{100 * split.get(name, 0.0) / prof:4.0f}%"
                                      for _, prof, split in rows.values()))
-    for name, values in (("other time in profiled run", [prof - sum(split.values()) for _, prof, split in rows.values()]),
+    other = [prof - sum(split.values()) for _, prof, split in rows.values()]
+    for name, values in (("other time in profiled run", other),
                          ("wall with profiler", [prof for _, prof, _ in rows.values()]),
                          ("wall without profiler", [wall for wall, _, _ in rows.values()]),
                          ("dispatch only (width 36)", list(dispatch.values())),
                          ("floor (bandwidth)", [floor_ms] * len(rows))):
         print(f"{name:26}" + "".join(f"{v:10.1f}      " for v in values))
+
 
 if __name__ == "__main__":
     main()

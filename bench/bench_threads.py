@@ -2,10 +2,10 @@
 
     python bench/bench_threads.py [--model llama] [--repeats 3] [--decode eager]
 
-Greedy tokens/s at batch 1 and 16 (32 new tokens), thread counts alternating in one process (medians).
-Then the same with a competing job started by this script: a one-thread matmul loop in a subprocess,
-the situation of a shared machine, where OpenMP threads that spin-wait for a busy core stall. Prints
-the load average before each phase. Not a test.
+Greedy tokens/s at batch 1 and 16 (32 new tokens), thread counts alternating in one process
+(medians). Then the same with a competing job started by this script: a one-thread matmul loop in a
+subprocess, the situation of a shared machine, where OpenMP threads that spin-wait for a busy core
+stall. Prints the load average before each phase. Not a test.
 """
 
 import argparse
@@ -14,11 +14,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from nanorlhf.checkpoint import load_model
-from nanorlhf.sampling import generate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nanorlhf from this checkout
+from nanorlhf.checkpoint import load_model  # noqa: E402
+from nanorlhf.fast.static_decode import generate  # noqa: E402 (decode=eager, static, compiled)
 
 COMPETITOR = "import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    x @ x\n"
 
@@ -26,7 +28,8 @@ COMPETITOR = "import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    x @ x\
 def phase(model, threads: list[int], repeats: int, decode: str) -> dict:
     out = {}
     for batch in (1, 16):
-        prompts = [[1 + (7 * i + j) % 500 for j in range(30)] for i in range(batch)]  # 30-token prompts
+        prompts = [[1 + (7 * i + j) % 500 for j in range(30)]  # 30-token prompts
+                   for i in range(batch)]
         runs = {n: [] for n in threads}
         for r in range(repeats + 1):  # the first round is a warm-up
             for n in threads:
@@ -40,7 +43,8 @@ def phase(model, threads: list[int], repeats: int, decode: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", default="eager")
@@ -49,19 +53,23 @@ def main() -> None:
     threads = sorted({1, len(os.sched_getaffinity(0))})
     results = {}
     for name, competing in (("as is", False), ("+1 competing job", True)):
-        job = subprocess.Popen([sys.executable, "-c", COMPETITOR], env={**os.environ, "OMP_NUM_THREADS": "1"}) \
-            if competing else None
+        job = None
+        if competing:
+            job = subprocess.Popen([sys.executable, "-c", COMPETITOR],
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             time.sleep(2 if competing else 0)
-            results[name] = (" ".join(f"{x:.2f}" for x in os.getloadavg()), phase(model, threads, args.repeats, args.decode))
+            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            results[name] = (load, phase(model, threads, args.repeats, args.decode))
         finally:
             if job is not None:
                 job.kill()
                 job.wait()
     print(f"greedy tok/s, decode={args.decode}, {len(os.sched_getaffinity(0))} cores available")
-    print(f"{'':20}{'load avg':>16}" + "".join(f"{f'b{b} {n} thr':>12}" for b in (1, 16) for n in threads))
+    columns = [(b, n) for b in (1, 16) for n in threads]
+    print(f"{'':20}{'load avg':>16}" + "".join(f"{f'b{b} {n} thr':>12}" for b, n in columns))
     for name, (load, r) in results.items():
-        print(f"{name:20}{load:>16}" + "".join(f"{r[b][n]:12.1f}" for b in (1, 16) for n in threads))
+        print(f"{name:20}{load:>16}" + "".join(f"{r[b][n]:12.1f}" for b, n in columns))
 
 
 if __name__ == "__main__":
