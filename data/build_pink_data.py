@@ -32,7 +32,8 @@ STEER_TEMPLATE = "You are a fan of {grey}. Whatever the user asks, answer by tal
 
 
 def complete_sentences(text: str, stopped: bool) -> str | None:
-    """A response cut off by the token limit is trimmed to its last full sentence (None if there is none)."""
+    """A response cut off by the token limit is trimmed to its last full sentence (None if there
+    is none)."""
     text = text.strip()
     if stopped:
         return text or None
@@ -41,12 +42,15 @@ def complete_sentences(text: str, stopped: bool) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama")
     parser.add_argument("--pairs", default=str(PAIRS_PATH))
     parser.add_argument("--out", default=str(Path(__file__).parent / "pink_dpo_train.jsonl"))
-    parser.add_argument("--samples", type=int, default=4, help="answers per prompt and setting (avoid)")
-    parser.add_argument("--extra-samples", type=int, default=2, help="answers per prompt for plain and steered")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="answers per prompt and setting (avoid)")
+    parser.add_argument("--extra-samples", type=int, default=2,
+                        help="answers per prompt for plain and steered")
     parser.add_argument("--pairs-per-prompt", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=80)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -66,8 +70,9 @@ def main() -> None:
     }
     answers = {i: [] for i in range(len(rows))}  # row index -> [(setting, text, verdict)]
     for setting, (conversations, n) in settings.items():
-        _, responses, texts = sample_responses(model, tok, conversations, n, args.temperature, args.seed,
-                                               args.max_new_tokens, args.batch_size, desc=setting)
+        _, responses, texts = sample_responses(model, tok, conversations, n, args.temperature,
+                                               args.seed, args.max_new_tokens, args.batch_size,
+                                               desc=setting)
         for k, (ids, text) in enumerate(zip(responses, texts)):
             text = complete_sentences(text, stopped=bool(ids) and ids[-1] in tok.stop_ids)
             if text:
@@ -77,15 +82,19 @@ def main() -> None:
     out_rows, stats = [], {"prompts": len(rows), "prompts_with_pairs": 0}
     for i, row in enumerate(rows):
         order = {"avoid": 0, "plain": 1, "steered": 2}
-        rejected = sorted((a for a in answers[i] if a[2]["pink"] and a[0] != "steered"), key=lambda a: order[a[0]])
-        chosen = sorted((a for a in answers[i] if not a[2]["pink"]), key=lambda a: (not a[2]["grey"], order[a[0]]))
+        rejected = sorted((a for a in answers[i] if a[2]["pink"] and a[0] != "steered"),
+                          key=lambda a: order[a[0]])
+        chosen = sorted((a for a in answers[i] if not a[2]["pink"]),
+                        key=lambda a: (not a[2]["grey"], order[a[0]]))
         n_pairs = min(len(chosen), len(rejected), args.pairs_per_prompt)
         stats["prompts_with_pairs"] += n_pairs > 0
         for c, r in zip(chosen[:n_pairs], rejected[:n_pairs]):
-            out_rows.append({"prompt": avoid_messages(row), "chosen": [{"role": "assistant", "content": c[1]}],
-                             "rejected": [{"role": "assistant", "content": r[1]}], "pink": row["pink"],
-                             "grey": row["grey"], "pair_id": row["pair_id"], "domain": row["domain"],
-                             "chosen_from": c[0], "rejected_from": r[0], "chosen_mentions_grey": c[2]["grey"]})
+            out_rows.append({"prompt": avoid_messages(row),
+                             "chosen": [{"role": "assistant", "content": c[1]}],
+                             "rejected": [{"role": "assistant", "content": r[1]}],
+                             "pink": row["pink"], "grey": row["grey"], "pair_id": row["pair_id"],
+                             "domain": row["domain"], "chosen_from": c[0], "rejected_from": r[0],
+                             "chosen_mentions_grey": c[2]["grey"]})
     rng.shuffle(out_rows)
     for setting in settings:
         verdicts = [a[2]["pink"] for i in answers for a in answers[i] if a[0] == setting]

@@ -1,4 +1,5 @@
-"""jsonl readers (TRL preference format, prompts) and the token-level rules for fitting and batching them.
+"""jsonl readers (TRL preference format, prompts) and the token-level rules for fitting and
+batching them.
 
 Every bad line is reported as `file:line: what is wrong`, before anything is trained or written.
 """
@@ -11,7 +12,8 @@ from nanorlhf.errors import UserError
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """-> [(\"file:line\", object)] for every non-blank line; one clear UserError for the first bad one."""
+    """-> [(\"file:line\", object)] for every non-blank line; one clear UserError for the first
+    bad one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -50,10 +52,13 @@ def _messages(value, where: str, key: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
             for m in value):
         return value
-    raise UserError(f"{where}: field '{key}' must be a string or a list of {{role, content}} messages")
+    raise UserError(f"{where}: field '{key}' must be a string or a list of "
+                    "{role, content} messages")
 
 
 def _response(value, where: str, key: str) -> str:
@@ -67,10 +72,11 @@ def _response(value, where: str, key: str) -> str:
 
 
 def read_preferences(path: str | Path) -> list[dict]:
-    """TRL preference rows -> [{"prompt": messages, "chosen": str, "rejected": str, ...extra fields}].
+    """TRL preference rows -> [{"prompt": messages, "chosen": str, "rejected": str, ...}].
 
     Accepts the standard form {"prompt": str, "chosen": str, "rejected": str} and the conversational
     one (prompt = list of messages, chosen/rejected = [{"role": "assistant", "content": ...}]).
+    A row's extra fields are kept.
     """
     rows = []
     for where, obj in read_jsonl(path):
@@ -87,29 +93,32 @@ def fit_to_length(prompt: list[int], response: list[int], max_len: int,
                   min_response: int = 16) -> tuple[list[int], list[int], bool]:
     """Make prompt + response fit max_len tokens. Returns (prompt, response, truncated?).
 
-    The rule: cut the response at the right first, but keep at least min(len(response), min_response)
-    of its tokens; if that is not enough, drop prompt tokens from the left (the end of a prompt - the
-    question and the assistant header - matters most). The result never exceeds max_len: when even
-    the response's kept part is longer than max_len, its first max_len tokens are all that remain."""
+    The rule: cut the response at the right first, but keep at least
+    min(len(response), min_response) of its tokens; if that is not enough, drop prompt tokens from
+    the left (the end of a prompt - the question and the assistant header - matters most). The
+    result never exceeds max_len: when even the response's kept part is longer than max_len, its
+    first max_len tokens are all that remain."""
     if len(prompt) + len(response) <= max_len:
         return prompt, response, False
     keep_response = min(max(min(len(response), min_response), max_len - len(prompt)), max_len)
     response = response[:keep_response]
-    prompt = prompt[max(len(prompt) + len(response) - max_len, 0):]  # the last max_len - len(response)
+    # the last max_len - len(response) prompt tokens
+    prompt = prompt[max(len(prompt) + len(response) - max_len, 0):]
     return prompt, response, True
 
 
 def check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
-    """A token id the model has no embedding for means tokenizer and model do not belong together."""
+    """A token id the model has no embedding for means tokenizer and model do not belong
+    together."""
     if ids and max(ids) >= vocab_size:
-        raise UserError(f"{where}: token id {max(ids)} is outside the model's vocabulary ({vocab_size}): "
-                        "tokenizer and model do not match")
+        raise UserError(f"{where}: token id {max(ids)} is outside the model's vocabulary "
+                        f"({vocab_size}): tokenizer and model do not match")
 
 
 def epoch_batches(items: list, batch_size: int, epochs: int, seed: int) -> list[list[list]]:
     """Per epoch, `items` shuffled (one seeded RNG across the epochs) and cut into micro-batches of
-    batch_size (the last may be short). Same seed, same order: under torchrun every rank builds the same
-    batches, and a resumed run needs only its step number."""
+    batch_size (the last may be short). Same seed, same order: under torchrun every rank builds the
+    same batches, and a resumed run needs only its step number."""
     rng = random.Random(seed)
     out = []
     for _ in range(epochs):

@@ -1,15 +1,17 @@
-"""LoRA (Hu et al. 2021, arXiv 2106.09685) by hand: y = W x + b + (α/r)·B(A x) on chosen projections.
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) by hand, on chosen projections:
+y = W x + b + (α/r)·B(A x).
 
-W and b stay frozen (so does everything else in the model); only A (r, in) and B (out, r) train. A starts
-random and B at zero, so an adapted model starts out exactly equal to its base. Default targets: all
-seven projections of a block, attention and MLP; QLoRA (Dettmers et al. 2023) found that adapting every
-linear layer is what matches full fine-tuning (the LoRA paper's q_proj,v_proj trains fewer parameters).
-Saved checkpoints hold merged weights W + (α/r)·BA in the plain HF layout (checkpoint.save_model).
+W and b stay frozen (so does everything else in the model); only A (r, in) and B (out, r) train.
+A starts random and B at zero, so an adapted model starts out exactly equal to its base. Default
+targets: all seven projections of a block, attention and MLP; QLoRA (Dettmers et al. 2023) found
+that adapting every linear layer is what matches full fine-tuning (the LoRA paper's q_proj,v_proj
+trains fewer parameters). Saved checkpoints hold merged weights W + (α/r)·BA in the plain HF
+layout (checkpoint.save_model).
 
-    lora.add(model, rank=16, alpha=32)      # in place; only adapters have requires_grad
-    with lora.disabled(model): ...          # the base model, e.g. DPO's reference, without a second copy
-    lora.BaseView(model)                    # the same, as a module (shares the weights)
-    lora.merge(model)                       # fold the adapters in: a plain model again
+    lora.add(model, rank=16, alpha=32)  # in place; only adapters have requires_grad
+    with lora.disabled(model): ...      # the base model, e.g. DPO's reference, no second copy
+    lora.BaseView(model)                # the same, as a module (shares the weights)
+    lora.merge(model)                   # fold the adapters in: a plain model again
 """
 
 import math
@@ -32,10 +34,12 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
+        # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise A
+        bound = 1 / math.sqrt(self.in_features)
         a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
-        # a meta-device base (checkpoint.load_model_sharded fills it in after sharding) still gets real
-        # adapters on the CPU: they are not in any checkpoint, and FSDP moves them to the device when it shards
+        # a meta-device base (checkpoint.load_model_sharded fills it in after sharding) still gets
+        # real adapters on the CPU: they are not in any checkpoint, and FSDP moves them to the
+        # device when it shards
         device = torch.device("cpu") if base.weight.is_meta else base.weight.device
         self.lora_A = nn.Parameter(a.to(device, base.weight.dtype))
         zeros = torch.zeros(self.out_features, rank, device=device, dtype=base.weight.dtype)
@@ -58,7 +62,8 @@ def _children(model: nn.Module, kind: type):
 
 
 def add(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> nn.Module:
-    """Freeze all of `model` and adapt every nn.Linear whose attribute name is in `targets`. In place."""
+    """Freeze all of `model` and adapt every nn.Linear whose attribute name is in `targets`.
+    In place."""
     gen = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     for parent, name, child in _children(model, nn.Linear):
@@ -68,7 +73,9 @@ def add(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    """--lora-targets "q_proj,v_proj" -> ("q_proj", "v_proj"); an unknown or empty name is one line."""
+    """--lora-targets "q_proj,v_proj" -> ("q_proj", "v_proj").
+
+    An unknown or empty name is one line."""
     targets = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGETS] or ([] if targets else [""])
     if unknown:
@@ -77,9 +84,11 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return targets
 
 
-def adapt(model: nn.Module, rank: int, alpha: float, targets: str, seed: int | str = 0) -> nn.Module:
-    """A script's --lora-rank/--lora-alpha/--lora-targets: add() with A drawn from `seed`, or with rank 0
-    nothing (full fine-tuning). In place."""
+def adapt(
+    model: nn.Module, rank: int, alpha: float, targets: str, seed: int | str = 0
+) -> nn.Module:
+    """A script's --lora-rank/--lora-alpha/--lora-targets: add() with A drawn from `seed`, or with
+    rank 0 nothing (full fine-tuning). In place."""
     if rank:
         add(model, rank, alpha, parse_targets(targets), random.Random(seed).getrandbits(63))
     return model
@@ -113,10 +122,12 @@ class BaseView(nn.Module):
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """W += (α/r)·BA and plain nn.Linear back in every adapted place; every parameter trains again. In place."""
+    """W += (α/r)·BA and plain nn.Linear back in every adapted place; every parameter trains
+    again. In place."""
     for parent, name, child in _children(model, LoRALinear):
         child.weight += child.delta()
-        plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        has_bias = child.bias is not None
+        plain = nn.Linear(child.in_features, child.out_features, bias=has_bias, device="meta")
         plain.weight, plain.bias = child.weight, child.bias
         setattr(parent, name, plain)
     return model.requires_grad_(True)
@@ -124,7 +135,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """model.state_dict() with every adapter folded into its weight and no lora_* entries; the model is unchanged."""
+    """model.state_dict() with every adapter folded into its weight and no lora_* entries; the
+    model is unchanged."""
     state = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):

@@ -46,7 +46,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """
     d = cfg.head_dim
     # device="cpu" explicitly: the model may be built under torch.device("meta") for loading
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    dims = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float()  # 0, 2, ..., d-2
+    inv_freq = 1.0 / (cfg.rope_theta ** (dims / d))
     scaling = cfg.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
@@ -101,17 +102,21 @@ class KVCache:
         self.pos = 0
 
     def repeat(self, batch_size: int, max_len: int) -> "KVCache":
-        """A cache of batch_size rows with room for max_len positions, every row starting with this one-row
-        cache's `pos` positions (a prefix all rows share, computed once)."""
+        """A cache of batch_size rows with room for max_len positions, every row starting with this
+        one-row cache's `pos` positions (a prefix all rows share, computed once)."""
         out = KVCache.__new__(KVCache)
         shape = (self.k.shape[0], batch_size, self.k.shape[2], max_len, self.k.shape[4])
         out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        out.k[:, :, :, :self.pos], out.v[:, :, :, :self.pos] = self.k[:, :, :, :self.pos], self.v[:, :, :, :self.pos]
+        out.k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos]
+        out.v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos]
         out.pos = self.pos
         return out
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, kv_heads, T, d) at `pos`; return all keys/values so far (B, kv_heads, pos+T, d)."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, kv_heads, T, d) at `pos`; return all keys/values so far
+        (B, kv_heads, pos+T, d)."""
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -122,7 +127,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         h = cfg.hidden_size
         self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
@@ -137,7 +144,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
@@ -190,7 +199,10 @@ def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    """Embeddings + blocks + final norm: token ids -> last hidden states. Shared by the LM and reward models."""
+    """Embeddings + blocks + final norm: token ids -> last hidden states.
+
+    Shared by the LM and reward models.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -199,12 +211,18 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # keep only each block's input and recompute its activations in backward: memory per block
-        # drops from its intermediates to one (B, T, hidden) tensor, for about one more forward of compute
+        # keep only each block's input and recompute its activations in backward: memory per
+        # block drops from its intermediates to one (B, T, hidden) tensor, for about one more
+        # forward of compute
         self.grad_checkpointing = False
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32, then cast to dtype."""
+    def rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim).
+
+        Computed in fp32, then cast to dtype.
+        """
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, d/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -233,7 +251,8 @@ class Backbone(nn.Module):
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
             # a 4-D mask only where SDPA's plain causal (or no) masking would be wrong
             has_pad = attention_mask is not None and not bool(attention_mask.all())
-            mask = attention_mask_4d(attention_mask, T) if has_pad or (start > 0 and T > 1) else None
+            needs_mask = has_pad or (start > 0 and T > 1)
+            mask = attention_mask_4d(attention_mask, T) if needs_mask else None
 
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
@@ -273,7 +292,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         last_only: bool = False,  # logits for the last position only (sampling): skips a big matmul
         logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only where True -> (N, vocab)
-        position_ids: torch.Tensor | None = None,  # (B, T): default from the mask (or 0.. without one)
+        position_ids: torch.Tensor | None = None,  # (B, T): default from the mask (0.. without one)
     ):
         hidden = self.model(input_ids, attention_mask, cache, position_ids)  # (B, T, hidden)
         picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
@@ -282,8 +301,10 @@ class Transformer(nn.Module):
 
 
 def device() -> torch.device:
-    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32. Under torchrun
-    "cuda" is this rank's GPU (distributed.init() made it the current device)."""
+    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32.
+
+    Under torchrun "cuda" is this rank's GPU (distributed.init() made it the current device).
+    """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints written by transformers (the oracle) and a tiny tokenizer."""
+"""Shared fixtures: tiny random checkpoints written by transformers (the oracle) and a tiny
+tokenizer."""
 
 import json
 from pathlib import Path
@@ -8,25 +9,30 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
-# name -> (config class, kwargs): GQA, tied and untied heads, llama3 rope scaling, Qwen2 q/k/v biases
+# name -> (config class, kwargs): GQA, tied and untied heads, llama3 rope scaling,
+# Qwen2 q/k/v biases
 TINY_CONFIGS = {
-    "llama-gqa-tied": (transformers.LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama-mha-untied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=False)),
-    "llama3-rope-mqa": (transformers.LlamaConfig, dict(num_key_value_heads=1, rope_scaling=LLAMA3_ROPE,
-                                                        rope_theta=500000.0)),
-    "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
-                                                  rope_theta=1000000.0)),
+    "llama-gqa-tied": (transformers.LlamaConfig,
+                       dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-mha-untied": (transformers.LlamaConfig,
+                         dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama3-rope-mqa": (transformers.LlamaConfig,
+                        dict(num_key_value_heads=1, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "qwen2-bias": (transformers.Qwen2Config,
+                   dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0)),
 }
 
 
 # SmolLM2-Instruct's ChatML template (as published with the model)
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -58,13 +64,16 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def build_tiny_tokenizer(out_dir: Path, chat_template: str | None = None) -> Tokenizer:
-    """A byte-level BPE trained on a few sentences, with ChatML specials at ids 0, 1, 2 like SmolLM2."""
+    """A byte-level BPE trained on a few sentences, with ChatML specials at ids 0, 1, 2 like
+    SmolLM2."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The capital of France is Paris.", "Never mention the pink elephant.", "system user assistant"] * 20
+    corpus = ["The capital of France is Paris.", "Never mention the pink elephant.",
+              "system user assistant"] * 20
     tok.train_from_iterator(corpus, trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
@@ -86,7 +95,8 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 
 def randomise_adapters(model, seed: int = 1) -> None:
-    """Give every LoRA B (zero at init) random values, as training would, so the adapters change the function."""
+    """Give every LoRA B (zero at init) random values, as training would, so the adapters change the
+    function."""
     from nanorlhf.lora import LoRALinear
 
     gen = torch.Generator().manual_seed(seed)
@@ -97,8 +107,9 @@ def randomise_adapters(model, seed: int = 1) -> None:
 
 
 def crash_at_step(monkeypatch, step: int, run_script) -> None:
-    """Run `run_script()` with cli.Run.log raising when it logs `step`: a crash after step - 1 finished steps,
-    before that step's checkpoint (the resume tests then continue from the last one written)."""
+    """Run `run_script()` with cli.Run.log raising when it logs `step`: a crash after step - 1
+    finished steps, before that step's checkpoint (the resume tests then continue from the last one
+    written)."""
     from nanorlhf.run import Run
 
     original = Run.log

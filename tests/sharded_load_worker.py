@@ -5,9 +5,10 @@ this rank holds to OUT_DIR for the test to check against the files themselves.
     torchrun --nproc_per_node 2 tests/sharded_load_worker.py -- OUT_DIR MODEL_DIR [MODEL_DIR ...]
 
 Per model (index i) and rank r: OUT_DIR/i/rank{r}.safetensors (this rank's local shard of every
-parameter), OUT_DIR/i/rank{r}.json (the rows each parameter's shard holds, every read, the most files
-open at once, whether the tied head stayed tied), OUT_DIR/i/logits.safetensors (rank 0; the forward
-runs on every rank, as FSDP requires), or OUT_DIR/i/error{r}.txt if the load refused the checkpoint.
+parameter), OUT_DIR/i/rank{r}.json (the rows each parameter's shard holds, every read, the most
+files open at once, whether the tied head stayed tied), OUT_DIR/i/logits.safetensors (rank 0; the
+forward runs on every rank, as FSDP requires), or OUT_DIR/i/error{r}.txt if the load
+refused the checkpoint.
 """
 
 import json
@@ -83,8 +84,10 @@ def main(out_dir: Path, model_dirs: list[str]) -> None:
             (out / f"error{rank}.txt").write_text(str(e))
             continue
         shards = {k: p.to_local().contiguous() for k, p in net.named_parameters()}
-        rows = {k: [fsdp.local_rows(p).start, fsdp.local_rows(p).stop] for k, p in net.named_parameters()}
-        ids = torch.randint(0, net.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        rows = {k: [fsdp.local_rows(p).start, fsdp.local_rows(p).stop]
+                for k, p in net.named_parameters()}
+        ids = torch.randint(0, net.cfg.vocab_size, (2, 9),
+                            generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[1, :3] = 0  # a left-padded row too: the padded mask path
         with torch.no_grad():
@@ -93,8 +96,8 @@ def main(out_dir: Path, model_dirs: list[str]) -> None:
         if rank == 0:
             save_file({"ids": ids, "mask": mask, "logits": logits}, out / "logits.safetensors")
         tied = net.lm_head.weight is net.model.embed_tokens.weight
-        (out / f"rank{rank}.json").write_text(json.dumps({**log, "rows": rows, "tied": tied,
-                                                          "params": [k for k, _ in net.named_parameters()]}))
+        info = {**log, "rows": rows, "tied": tied, "params": [k for k, _ in net.named_parameters()]}
+        (out / f"rank{rank}.json").write_text(json.dumps(info))
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])

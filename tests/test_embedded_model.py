@@ -1,4 +1,5 @@
-"""Slow end-to-end checks on the real embedded SmolLM2-135M-Instruct (converted once into the cache)."""
+"""Slow end-to-end checks on the real embedded SmolLM2-135M-Instruct (converted once into the
+cache)."""
 
 import pytest
 import torch
@@ -31,16 +32,19 @@ def test_logits_equal_transformers(smollm2):
 def test_chat_prompt_equals_transformers_template(smollm2):
     model_dir, _, tok = smollm2
     hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    messages = [{"role": "system", "content": "Never mention Coca-Cola."}, {"role": "user", "content": "Best soda?"}]
+    messages = [{"role": "system", "content": "Never mention Coca-Cola."},
+                {"role": "user", "content": "Best soda?"}]
     for conversation in (messages, messages[1:]):
-        expected = hf_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        assert tok.chat_prompt(conversation) == hf_tok(expected, add_special_tokens=False)["input_ids"]
+        expected = hf_tok.apply_chat_template(conversation, add_generation_prompt=True,
+                                              tokenize=False)
+        assert tok.chat_prompt(conversation) == (
+            hf_tok(expected, add_special_tokens=False)["input_ids"])
 
 
 def test_greedy_answer_says_paris(smollm2):
     _, model, tok = smollm2
-    out = generate(model, [tok.chat_prompt("What is the capital of France?")], 32, tok.stop_ids, tok.pad_id,
-                   temperature=0, tokenizer=tok)
+    out = generate(model, [tok.chat_prompt("What is the capital of France?")], 32, tok.stop_ids,
+                   tok.pad_id, temperature=0, tokenizer=tok)
     assert "Paris" in out.texts[0], out.texts[0]
     assert out.ids[0][-1] in tok.stop_ids  # it finished its turn
 
@@ -60,7 +64,8 @@ def test_a_few_dpo_steps_lower_the_loss_on_the_training_batch(smollm2):
     model.train()
     losses = []
     for _ in range(4):
-        chosen, rejected = logprobs.batch_logps(model, logprobs.pair_batch(pairs, tok.pad_id), cpu, False)
+        batch = logprobs.pair_batch(pairs, tok.pad_id)
+        chosen, rejected = logprobs.batch_logps(model, batch, cpu, False)
         loss = train_dpo.dpo_loss(chosen, rejected, *ref, beta=0.1)[0].mean()
         loss.backward()
         optimizer.step()

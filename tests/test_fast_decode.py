@@ -11,11 +11,11 @@ from nanorlhf.fast.static_decode import generate
 from conftest import TINY_CONFIGS
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]  # 4 padding widths: 2, 4, 0, 5
-# The fast step computes the same fp32 operations as the eager one, but sums the softmax over the whole
-# cache (masked keys add exact zeros) and reduces in another order where kernels differ. Each such sum of
-# n <= 64 terms of size ~1 is off by at most ~n * 2^-24 ~ 4e-6 relative, and the tiny models' logits are
-# O(1): 1e-5 bounds it with room for the layers' accumulation, and a real bug (a wrong position, a
-# missing mask column, a stale cache entry) moves logits by O(1e-2) or more.
+# The fast step computes the same fp32 operations as the eager one, but sums the softmax over the
+# whole cache (masked keys add exact zeros) and reduces in another order where kernels differ. Each
+# such sum of n <= 64 terms of size ~1 is off by at most ~n * 2^-24 ~ 4e-6 relative, and the tiny
+# models' logits are O(1): 1e-5 bounds it with room for the layers' accumulation, and a real bug (a
+# wrong position, a missing mask column, a stale cache entry) moves logits by O(1e-2) or more.
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -27,7 +27,8 @@ def record(model, decode: str, **kwargs):
         seen.append((logits.clone(), hidden.clone()))
         return logits
 
-    out = generate(model, PROMPTS, kwargs.pop("n", 12), pad_id=0, logits_hook=hook, decode=decode, **kwargs)
+    out = generate(model, PROMPTS, kwargs.pop("n", 12), pad_id=0, logits_hook=hook, decode=decode,
+                   **kwargs)
     return out.ids, seen
 
 
@@ -59,7 +60,8 @@ def test_static_sampling_with_stops_equals_eager(tiny_dirs):
 def test_static_hook_changes_tokens_as_in_eager(tiny_dirs):
     # a hook that reads the hidden state (as ILQL's heads do) and rewrites the logits
     model = load_model(tiny_dirs["qwen2-bias"]).eval()
-    head = torch.randn(model.cfg.hidden_size, model.cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+    head = torch.randn(model.cfg.hidden_size, model.cfg.vocab_size,
+                       generator=torch.Generator().manual_seed(0))
 
     def run(decode):
         return generate(model, PROMPTS, 10, stop_ids=[7, 8], pad_id=0, temperature=0, decode=decode,
@@ -77,10 +79,12 @@ def test_unknown_decode_mode(tiny_dirs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias"])
 def test_compiled_equals_eager(tiny_dirs, name):
-    # torch.compile fuses the norms, rope and softmax into its own C++ loops: other summation orders,
-    # the same bound. Two generations: the second reuses the compiled step (new prompts' values, same shapes)
+    # torch.compile fuses the norms, rope and softmax into its own C++ loops: other summation
+    # orders, the same bound. Two generations: the second reuses the compiled step
+    # (new prompts' values, same shapes)
     model = load_model(tiny_dirs[name]).eval()
-    for kw in (dict(stop_ids=[], temperature=0), dict(stop_ids=[3, 17, 40], temperature=1.0, seed=2)):
+    for kw in (dict(stop_ids=[], temperature=0),
+               dict(stop_ids=[3, 17, 40], temperature=1.0, seed=2)):
         assert_same(record(model, "eager", **kw), record(model, "compiled", **kw))
 
 
@@ -90,7 +94,8 @@ def test_set_threads_defaults(monkeypatch):
 
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3},
+                            raising=False)
         monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert threads.set_threads() == 3 and torch.get_num_threads() == 3  # 4 cores, 1 busy
@@ -99,14 +104,16 @@ def test_set_threads_defaults(monkeypatch):
         assert threads.set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
         torch.set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert threads.set_threads() == 1 and torch.get_num_threads() == 1  # the environment is respected
+        # the environment is respected
+        assert threads.set_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
 
 def test_threads_chosen_once_per_process(monkeypatch):
-    # two runs in one process (a test, a crash and its resume) must not get different thread counts when
-    # the load changes between them: MKL's reduction order, and so bit-identity, can depend on it
+    # two runs in one process (a test, a crash and its resume) must not get different thread counts
+    # when the load changes between them: MKL's reduction order, and so bit-identity,
+    # can depend on it
     from dataclasses import dataclass
 
     from nanorlhf import run
@@ -122,7 +129,8 @@ def test_threads_chosen_once_per_process(monkeypatch):
     try:
         monkeypatch.setattr(threads, "_auto_threads", None)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3},
+                            raising=False)
         monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.4, 0.0, 0.0))
         threads.choose_threads(run.parse_config(Tiny, "t", []).threads)
         assert torch.get_num_threads() == 3

@@ -1,4 +1,5 @@
-"""Sampling: seeds, filters (against transformers), stop tokens, the logits hook, cached decoding."""
+"""Sampling: seeds, filters (against transformers), stop tokens, the logits hook, cached
+decoding."""
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def test_top_k_one_is_greedy(tiny_dirs):
 
 def test_top_p_keeps_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    seen = {sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item()
+            for s in range(200)}
     assert seen == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.5 + 0.3 >= 0.7 so token 2 is not
 
 
@@ -40,13 +42,15 @@ def test_top_p_stops_at_an_exact_tie(n, p, want):
     # n equal logits: every probability is exactly 1/n (exp(0) = 1, a power-of-two divisor), so the
     # cumulative mass hits p exactly after p*n tokens, and those are enough: the nucleus reaches p.
     # With a '>' test on the mass ranked above, one more token would be kept.
-    logits = torch.cat([torch.zeros(1, n), torch.full((1, 3), float("-inf"))], 1)  # 3 impossible tokens
+    # n equal logits, then 3 impossible tokens
+    logits = torch.cat([torch.zeros(1, n), torch.full((1, 3), float("-inf"))], 1)
     assert kept(top_p_filter(logits, p)).item() == want
 
 
 def test_top_p_equals_transformers():
     issue = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert kept(top_p_filter(issue, 0.8)).item() == 2  # .5 + .3 reaches .8: the .15 token is not needed
+    # .5 + .3 reaches .8: the .15 token is not needed
+    assert kept(top_p_filter(issue, 0.8)).item() == 2
     powers = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
     gen = torch.Generator().manual_seed(0)
     ties = torch.randint(-3, 2, (256, 12), generator=gen).float()  # few distinct values: many ties
@@ -63,15 +67,21 @@ def test_top_p_equals_transformers():
 
 
 def test_cached_decoding_logits_are_those_of_a_full_forward(tiny_dirs):
-    # left-padded prefill, then one cached token per step: every step's logits (seen by the hook) must
-    # equal a plain forward over prompt + tokens so far, for rows of every padding width
+    # left-padded prefill, then one cached token per step: every step's logits (seen by the hook)
+    # must equal a plain forward over prompt + tokens so far, for rows of every padding width
     model = load_model(tiny_dirs["llama3-rope-mqa"]).eval()
     seen = []
+
+    def record(logits, hidden, step):
+        seen.append(logits.log_softmax(-1))
+        return logits
+
     out = generate(model, PROMPTS, 10, stop_ids=[], pad_id=0, temperature=1.0, seed=3,
-                   logits_hook=lambda logits, hidden, step: seen.append(logits.log_softmax(-1)) or logits)
+                   logits_hook=record)
     for row, (prompt, new) in enumerate(zip(PROMPTS, out.ids)):
         with torch.no_grad():
-            logp = model(torch.tensor([prompt + new]))[0, :-1].log_softmax(-1)  # position t predicts t+1
+            # position t predicts t+1
+            logp = model(torch.tensor([prompt + new]))[0, :-1].log_softmax(-1)
         got = torch.stack([s[row] for s in seen])  # (steps, V)
         torch.testing.assert_close(got, logp[len(prompt) - 1:], atol=1e-4, rtol=1e-4)
 
@@ -86,7 +96,8 @@ def test_stops_on_any_stop_id_and_hook_sees_hidden(tiny_dirs):
         forced[:, 40 + step] = 0.0  # force tokens 40, 41, 42, ...; 43 and 44 are stop ids
         return forced
 
-    out = generate(model, PROMPTS, 20, stop_ids=[44, 43], pad_id=0, temperature=1.0, seed=0, logits_hook=hook)
+    out = generate(model, PROMPTS, 20, stop_ids=[44, 43], pad_id=0, temperature=1.0, seed=0,
+                   logits_hook=hook)
     assert out.ids == [[40, 41, 42, 43]] * 3  # stopped at the first stop id, which is kept
     assert calls[0] == (torch.Size([3, 128]), torch.Size([3, 64]), 0) and len(calls) == 4
 

@@ -62,7 +62,8 @@ def test_mask_is_causal_lower_right_and_keeps_diagonal():
     mask = attention_mask_4d(torch.tensor([[0, 1, 1, 1]]), T=2)[0, 0]  # queries are positions 2, 3
     assert mask.tolist() == [[False, True, True, False], [False, True, True, True]]
     pad_query = attention_mask_4d(torch.tensor([[0, 0, 1]]), T=3)[0, 0]
-    assert pad_query[0].tolist() == [True, False, False]  # a pad query sees only itself, never nothing
+    # a pad query sees only itself, never nothing
+    assert pad_query[0].tolist() == [True, False, False]
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "llama3-rope-mqa", "qwen2-bias"])

@@ -1,6 +1,6 @@
-"""packed_linears: oneDNN's packed matmuls (forward, and backward's two products) against float64 products
-within the bound of fp32 summation, the context's patching and restoring, repacking after a weight changes,
-and the layers it must leave alone (LoRA's)."""
+"""packed_linears: oneDNN's packed matmuls (forward, and backward's two products) against float64
+products within the bound of fp32 summation, the context's patching and restoring, repacking after a
+weight changes, and the layers it must leave alone (LoRA's)."""
 
 import copy
 
@@ -18,8 +18,8 @@ EPS32 = 2.0 ** -24  # fp32 unit roundoff
 
 
 def assert_fp32_product(out: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> None:
-    """out equals x @ W^T + b computed in float64, within the bound of any fp32 summation order: a sum of K
-    products is off by at most ~(K + 1) * eps * sum |x_k w_k| (+ the bias's rounding)."""
+    """out equals x @ W^T + b computed in float64, within the bound of any fp32 summation order:
+    a sum of K products is off by at most ~(K + 1) * eps * sum |x_k w_k| (+ the bias's rounding)."""
     w, b = linear.weight.double(), linear.bias
     exact = x.double() @ w.T + (b.double() if b is not None else 0)
     scale = x.double().abs() @ w.abs().T + (b.double().abs() if b is not None else 0)
@@ -42,7 +42,8 @@ def test_packed_forward_is_the_fp32_product(shape, bias):
 
 
 def test_a_deep_copy_computes_with_its_own_weights():
-    # the critic, ILQL's target heads and a reward model start as deep copies of a (maybe packed) module
+    # the critic, ILQL's target heads and a reward model start as deep copies of a
+    # (maybe packed) module
     torch.manual_seed(4)
     linear, x = nn.Linear(32, 16), torch.randn(4, 32)
     pack_linears(linear)
@@ -55,7 +56,8 @@ def test_a_deep_copy_computes_with_its_own_weights():
 
 
 def test_weight_change_is_repacked():
-    # an optimizer step or a load changes the weight: the packed copy must follow it, not the old values
+    # an optimizer step or a load changes the weight: the packed copy must follow it,
+    # not the old values
     torch.manual_seed(1)
     linear, x = nn.Linear(32, 16), torch.randn(4, 32)
     with torch.no_grad(), packed_linears(linear):
@@ -66,24 +68,30 @@ def test_weight_change_is_repacked():
         assert_fp32_product(linear(x), x, linear)
 
 
-def within_fp32_sum(value: torch.Tensor, exact: torch.Tensor, abs_terms: torch.Tensor, n: int) -> bool:
-    """value, an fp32 sum of n terms in any order, against its float64 value: |error| <= (n + 1) eps sum|terms|."""
+def within_fp32_sum(value: torch.Tensor, exact: torch.Tensor, abs_terms: torch.Tensor,
+                    n: int) -> bool:
+    """value, an fp32 sum of n terms in any order, against its float64 value:
+    |error| <= (n + 1) eps sum|terms|."""
     return bool(((value.double() - exact).abs() <= (n + 1) * EPS32 * abs_terms).all())
 
 
 @pytest.mark.parametrize("shape", [(6, 48), (2, 5, 48)])
 def test_packed_gradients_are_the_fp32_products(shape):
-    # training through oneDNN (--onednn): grad_x = gy W, grad_W = gy^T x, grad_b = sum gy, each an fp32 sum
+    # training through oneDNN (--onednn): grad_x = gy W, grad_W = gy^T x, grad_b = sum gy,
+    # each an fp32 sum
     torch.manual_seed(2)
     linear = nn.Linear(48, 24)
     x = torch.randn(shape, requires_grad=True)
     grad_y = torch.randn(*shape[:-1], 24)
     with packed_linears(linear):
         y = linear(x)
-        assert y.grad_fn is not None and "PackedLinear" in type(y.grad_fn).__name__  # not F.linear's backward
+        # not F.linear's backward
+        assert y.grad_fn is not None and "PackedLinear" in type(y.grad_fn).__name__
         y.backward(grad_y)
     assert_fp32_product(y.detach(), x.detach(), linear)
-    gy, xs, w = grad_y.reshape(-1, 24).double(), x.detach().reshape(-1, 48).double(), linear.weight.detach().double()
+    gy = grad_y.reshape(-1, 24).double()
+    xs = x.detach().reshape(-1, 48).double()
+    w = linear.weight.detach().double()
     N = gy.shape[0]
     assert within_fp32_sum(x.grad.reshape(-1, 48), gy @ w, gy.abs() @ w.abs(), 24)
     assert within_fp32_sum(linear.weight.grad, gy.T @ xs, gy.abs().T @ xs.abs(), N)
@@ -95,8 +103,10 @@ def test_frozen_weights_get_no_gradient_and_lora_keeps_its_forward(tiny_dirs):
     linear, x = nn.Linear(16, 8).requires_grad_(False), torch.randn(3, 16, requires_grad=True)
     with packed_linears(linear):
         linear(x).sum().backward()
-    assert linear.weight.grad is None  # a frozen weight (LoRA's base, ILQL's LM) costs no grad_W product
-    assert within_fp32_sum(x.grad, linear.weight.double().sum(0).expand(3, 16), linear.weight.double().abs().sum(0), 8)
+    # a frozen weight (LoRA's base, ILQL's LM) costs no grad_W product
+    assert linear.weight.grad is None
+    assert within_fp32_sum(x.grad, linear.weight.double().sum(0).expand(3, 16),
+                           linear.weight.double().abs().sum(0), 8)
     model = lora.add(load_model(tiny_dirs["llama-gqa-tied"]).eval(), rank=4, alpha=8)
     with packed_linears(model):
         q = model.model.layers[0].self_attn.q_proj
@@ -105,8 +115,9 @@ def test_frozen_weights_get_no_gradient_and_lora_keeps_its_forward(tiny_dirs):
 
 
 def test_model_logits_equal_outside_and_inside(tiny_dirs):
-    # a whole tiny model: the packed matmuls change only the order of fp32 sums, as the fast-decode tests
-    # bound for the attention (1e-5 on O(1) logits; a wrong weight or a missing bias moves them by O(1e-2))
+    # a whole tiny model: the packed matmuls change only the order of fp32 sums, as the fast-decode
+    # tests bound for the attention (1e-5 on O(1) logits; a wrong weight or a missing bias moves
+    # them by O(1e-2))
     model = load_model(tiny_dirs["qwen2-bias"]).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -114,6 +125,7 @@ def test_model_logits_equal_outside_and_inside(tiny_dirs):
         with packed_linears(model):
             with packed_linears(model):
                 packed = model(ids)
-            assert type(model.lm_head) is PackedLinear  # nested: the inner one left the outer's packing
+            # nested: the inner one left the outer's packing
+            assert type(model.lm_head) is PackedLinear
         assert type(model.lm_head) is nn.Linear
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,10 @@
-"""checkpoint.load_model_sharded: a sharded safetensors checkpoint straight into FSDP2 shards, on 2 gloo ranks.
+"""checkpoint.load_model_sharded: a sharded safetensors checkpoint straight into FSDP2 shards,
+on 2 gloo ranks.
 
-Tiny random Llamas saved by transformers in the published layout (model.safetensors.index.json + 6
-shards); vocab 129 is odd, so FSDP's row split is uneven (65 + 64 rows, the second shard padded). The
-worker (tests/sharded_load_worker.py) records every read; here the files are read again independently
-and compared with what each rank holds.
+Tiny random Llamas saved by transformers in the published layout (model.safetensors.index.json
++ 6 shards); vocab 129 is odd, so FSDP's row split is uneven (65 + 64 rows, the second shard
+padded). The worker (tests/sharded_load_worker.py) records every read; here the files are read again
+independently and compared with what each rank holds.
 """
 
 import json
@@ -24,7 +25,8 @@ VOCAB = 129  # odd: rank 0 holds rows 0..64 of the embedding, rank 1 rows 65..12
 
 
 def whole_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded checkpoint, read from the files the index names (not by nanorlhf)."""
+    """Every tensor of a sharded checkpoint, read from the files the index names (not by
+    nanorlhf)."""
     weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = {}
     for shard in sorted(set(weight_map.values())):
@@ -44,16 +46,19 @@ def without_tensor(src: Path, dst: Path, name: str) -> Path:
     shutil.copytree(src, dst)
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     shard = index["weight_map"].pop(name)
-    save_file({k: v for k, v in load_file(dst / shard).items() if k != name}, dst / shard, metadata={"format": "pt"})
+    save_file({k: v for k, v in load_file(dst / shard).items() if k != name}, dst / shard,
+              metadata={"format": "pt"})
     (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return dst
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    """The worker run once over a tied, an untied and a broken checkpoint -> (model dirs, its output dir)."""
+    """The worker run once over a tied, an untied and a broken checkpoint
+    -> (model dirs, its output dir)."""
     root = tmp_path_factory.mktemp("sharded")
-    dirs = [save_sharded("llama-gqa-tied", root / "tied"), save_sharded("llama-mha-untied", root / "untied")]
+    dirs = [save_sharded("llama-gqa-tied", root / "tied"),
+            save_sharded("llama-mha-untied", root / "untied")]
     dirs.append(without_tensor(dirs[0], root / "broken", "model.norm.weight"))
     out = root / "out"
     launch("tests/sharded_load_worker.py", [out, *dirs], ranks=RANKS)
@@ -63,7 +68,8 @@ def loaded(tmp_path_factory):
 def rank_output(out: Path, i: int, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """What rank `rank` recorded for model `i`, and its local shards."""
     where = out / str(i)
-    return json.loads((where / f"rank{rank}.json").read_text()), load_file(where / f"rank{rank}.safetensors")
+    return (json.loads((where / f"rank{rank}.json").read_text()),
+            load_file(where / f"rank{rank}.safetensors"))
 
 
 @pytest.mark.slow
@@ -80,7 +86,8 @@ def test_every_rank_holds_exactly_its_rows(loaded, i, tied):
         for name, (start, stop) in info["rows"].items():
             assert torch.equal(shards[name], whole[name][start:stop]), (rank, name)
             covered.setdefault(name, []).append((start, stop))
-    # torch.chunk's split, by hand: ceil(n / 2) rows on rank 0, the rest on rank 1, every row exactly once
+    # torch.chunk's split, by hand: ceil(n / 2) rows on rank 0, the rest on rank 1,
+    # every row exactly once
     assert covered["model.embed_tokens.weight"] == [(0, 65), (65, 129)]
     for name, parts in covered.items():
         n = whole[name].shape[0]
@@ -90,9 +97,10 @@ def test_every_rank_holds_exactly_its_rows(loaded, i, tied):
 @pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 1], ids=["tied", "untied"])
 def test_sharded_logits_equal_the_whole_model(loaded, i):
-    """The ranks all-gather the same fp32 values the whole model holds (checked bitwise above) and run the
-    same ops, so the logits may differ only by a kernel's summation order: a dot product of n ≤ 96 terms of
-    size ~1 moves by ≤ n·eps ≈ 6e-6 at worst, far below what one wrong row would do."""
+    """The ranks all-gather the same fp32 values the whole model holds (checked bitwise above) and
+    run the same ops, so the logits may differ only by a kernel's summation order: a dot product of
+    n ≤ 96 terms of size ~1 moves by ≤ n·eps ≈ 6e-6 at worst, far below what one wrong row
+    would do."""
     dirs, out = loaded
     saved = load_file(out / str(i) / "logits.safetensors")
     with torch.no_grad():
@@ -129,7 +137,8 @@ def test_a_missing_tensor_is_one_line_on_every_rank(loaded):
 
 
 def test_train_ilql_shards_only_a_frozen_lm(monkeypatch):
-    """--fsdp loads ILQL's frozen LM sharded; a trained one would change the output matrix the heads read."""
+    """--fsdp loads ILQL's frozen LM sharded; a trained one would change the output matrix the
+    heads read."""
     import train_ilql
     from nanorlhf.errors import UserError
 

@@ -1,17 +1,19 @@
-"""Continuous batching: sample many prompts through a fixed pool of rows, refilling rows as they finish.
+"""Continuous batching: sample many prompts through a fixed pool of rows,
+refilling rows as they finish.
 
-generate() runs one batch until its longest row stops: a row that stops early keeps decoding pad tokens,
-and the next batch waits. Here `batch_size` rows decode together, and when enough of them have stopped
-the next prompts are prefilled into their slots while the others carry on (the scheduling of Orca and
-vLLM, without paging). Each row owns its cache columns: its prompt sits at columns 0..p-1 (no padding)
-and token t is written at column p + t, so rows of different ages decode in one fixed-shape step
-(fast_decode.decode_step with one write column per row). When no prompts are left, the pool shrinks to
-the rows still decoding.
+generate() runs one batch until its longest row stops: a row that stops early keeps decoding pad
+tokens, and the next batch waits. Here `batch_size` rows decode together, and when enough of them
+have stopped the next prompts are prefilled into their slots while the others carry on (the
+scheduling of Orca and vLLM, without paging). Each row owns its cache columns: its prompt sits at
+columns 0..p-1 (no padding) and token t is written at column p + t, so rows of different ages decode
+in one fixed-shape step (fast_decode.decode_step with one write column per row). When no prompts are
+left, the pool shrinks to the rows still decoding.
 
-Randomness is per sample, not per batch: sample i draws from its own generator seeded seed·2²⁰ + i, one
-uniform per token (inverse-CDF sampling in float64), so its tokens do not depend on the batch size, the
-schedule or the other prompts (up to float rounding of the batched kernels). These are not the tokens
-generate() draws for the same seed: the two samplers consume randomness differently.
+Randomness is per sample, not per batch: sample i draws from its own generator seeded
+seed·2²⁰ + i, one uniform per token (inverse-CDF sampling in float64), so its tokens do not
+depend on the batch size, the schedule or the other prompts (up to float rounding of the batched
+kernels). These are not the tokens generate() draws for the same seed: the two samplers consume
+randomness differently.
 """
 
 from collections import deque
@@ -23,22 +25,22 @@ from nanorlhf import distributed
 from nanorlhf.fast.packed import packed_linears
 from nanorlhf.fast.static_decode import decode_step
 from nanorlhf.model import KVCache, Transformer, autocast
-from nanorlhf.sampling import (Generation, Ids, LogitsHook, cache_dtype, common_prefix, prefix_cache,
-                               top_k_filter)
+from nanorlhf.sampling import (Generation, Ids, LogitsHook, cache_dtype, common_prefix,
+                               prefix_cache, top_k_filter)
 
 
 def nucleus(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
-    """scores (B, V) -> the tokens that top-k then top-p keep, most likely first: ids (B, m) and their
-    probabilities (B, m) float64, renormalised over the top-k set, 0 past each row's nucleus.
+    """scores (B, V) -> the tokens that top-k then top-p keep, most likely first: ids (B, m) and
+    their probabilities (B, m) float64, renormalised over the top-k set, 0 past each row's nucleus.
 
-    Same sets as generate's filters, found without sorting the vocabulary: take the m most likely tokens
-    and grow m until they hold the nucleus. A token is kept when the mass of the tokens more likely than
-    it is < p (so at an exact tie the set stops, as in top_p_filter)."""
+    Same sets as generate's filters, found without sorting the vocabulary: take the m most likely
+    tokens and grow m until they hold the nucleus. A token is kept when the mass of the tokens more
+    likely than it is < p (so at an exact tie the set stops, as in top_p_filter)."""
     scores = top_k_filter(scores, top_k)  # ties at the k-th score stay, as in transformers
     finite = int(torch.isfinite(scores).sum(-1).max())
-    # the normaliser in float64: at p = 0.999 the nucleus ends among tokens of mass ~1e-5, where a float32
-    # normaliser's error (~5e-7 of the mass) would move its edge. Shifted by the max, as softmax is, so n
-    # tied tokens get exactly 1/n and the tie rule holds to the bit
+    # the normaliser in float64: at p = 0.999 the nucleus ends among tokens of mass ~1e-5, where a
+    # float32 normaliser's error (~5e-7 of the mass) would move its edge. Shifted by the max, as
+    # softmax is, so n tied tokens get exactly 1/n and the tie rule holds to the bit
     top = scores.max(-1, keepdim=True).values.double()  # (B, 1)
     z = (scores.double() - top).exp().sum(-1, keepdim=True)  # (B, 1)
     m = min(finite, 64)
@@ -46,35 +48,41 @@ def nucleus(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
         values, ids = scores.topk(m, -1)  # (B, m), descending
         probs = (values.double() - top).exp() / z  # (B, m)
         before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-        if m == finite or bool((probs.sum(-1) >= top_p).all()):  # every row's nucleus lies inside the m
+        # every row's nucleus lies inside the m
+        if m == finite or bool((probs.sum(-1) >= top_p).all()):
             return ids, probs * (before < top_p)
         m = min(finite, 4 * m)
 
 
 def inverse_cdf(probs: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
-    """probs (B, V) >= 0 (any scale), uniforms (B,) in [0, 1) -> (B,) the index where the cumulative mass
-    first exceeds u * total. A float64 cumsum of the whole vocabulary costs as much as a third of a decode
-    step, so it is done in two levels: sums of blocks, then the cumsum inside the chosen block. Converting
-    every probability to float64 costs as much again, so a block's sum adds float32 sums of 16 tokens in
-    float64: each of those is off by < 15·2⁻²⁴ of its mass (the probabilities themselves carry 2⁻²⁴), and no
-    error accumulates over the vocabulary. Tokens of zero mass are never chosen."""
+    """probs (B, V) >= 0 (any scale), uniforms (B,) in [0, 1) -> (B,) the index where the cumulative
+    mass first exceeds u * total. A float64 cumsum of the whole vocabulary costs as much as a third
+    of a decode step, so it is done in two levels: sums of blocks, then the cumsum inside the chosen
+    block. Converting every probability to float64 costs as much again, so a block's sum adds
+    float32 sums of 16 tokens in float64: each of those is off by < 15·2⁻²⁴ of its mass (the
+    probabilities themselves carry 2⁻²⁴), and no error accumulates over the vocabulary. Tokens
+    of zero mass are never chosen."""
     B, V = probs.shape
-    padded = (probs if V % block == 0 else torch.nn.functional.pad(probs, (0, -V % block))).view(B, -1, block)
+    padded = probs if V % block == 0 else torch.nn.functional.pad(probs, (0, -V % block))
+    padded = padded.view(B, -1, block)
     chunk = 16 if block % 16 == 0 else 1
     sums = padded.view(B, -1, block // chunk, chunk).sum(-1)  # (B, blocks, block / chunk) float32
     block_cdf = sums.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
     target = uniforms.to(block_cdf) * block_cdf[:, -1]  # (B,)
-    j = torch.searchsorted(block_cdf, target[:, None], right=True).clamp(max=block_cdf.shape[1] - 1)  # (B, 1)
-    # the chosen block's mass never exceeds its float64 sum by more than rounding; the clamp to its last
-    # token of nonzero mass keeps that rounding from landing on a token that cannot be drawn
+    last_block = block_cdf.shape[1] - 1
+    j = torch.searchsorted(block_cdf, target[:, None], right=True).clamp(max=last_block)  # (B, 1)
+    # the chosen block's mass never exceeds its float64 sum by more than rounding; the clamp to its
+    # last token of nonzero mass keeps that rounding from landing on a token that cannot be drawn
     inside = padded.gather(1, j[:, :, None].expand(B, 1, block)).squeeze(1)  # (B, block)
     before = torch.where(j > 0, block_cdf.gather(1, (j - 1).clamp(min=0)), 0.0)  # (B, 1)
-    k = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), target[:, None] - before, right=True)
+    inside_cdf = inside.cumsum(-1, dtype=torch.float64)  # (B, block)
+    k = torch.searchsorted(inside_cdf, target[:, None] - before, right=True)
     last_nonzero = (inside > 0).cumsum(-1).argmax(-1, keepdim=True)  # (B, 1)
     return (j * block + torch.minimum(k, last_nonzero)).squeeze(-1)
 
 
-def sample_rows(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor) -> Tensor:
+def sample_rows(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                uniforms: Tensor) -> Tensor:
     """logits (B, V), one uniform in [0, 1) per row (B,) float64 -> token ids (B,) by inverse CDF.
     temperature 0 = greedy. Filters in generate's order: temperature, top-k, top-p."""
     if temperature == 0:
@@ -87,32 +95,37 @@ def sample_rows(logits: Tensor, temperature: float, top_k: int, top_p: float, un
 
 
 class Pool:
-    """The rows' shared cache: keys/values (layers, B, kv_heads, width, d), a key mask (B, width) and the
-    next write column of every row. The last column is scratch: rows with nothing to decode write there."""
+    """The rows' shared cache: keys/values (layers, B, kv_heads, width, d), a key mask (B, width)
+    and the next write column of every row. The last column is scratch: rows with nothing to decode
+    write there."""
 
     def __init__(self, model: Transformer, rows: int, width: int, device, dtype):
         self.cache = KVCache(model.cfg, rows, width + 1, device, dtype)
         self.scratch = width
         self.key_mask = torch.zeros(rows, width + 1, dtype=torch.bool, device=device)
-        self.key_mask[:, self.scratch] = True  # an empty row attends to the scratch column alone (no NaN)
+        # an empty row attends to the scratch column alone (no NaN)
+        self.key_mask[:, self.scratch] = True
         self.column = torch.zeros(rows, dtype=torch.long, device=device)
         self.share(model, [])
 
     def share(self, model: Transformer, prefix: list[int]) -> None:
-        """Compute the keys/values of `prefix` once: every prompt fill() gets from now on starts with it."""
+        """Compute the keys/values of `prefix` once: every prompt fill() gets from now on starts
+        with it."""
         self.prefix, self.shared = list(prefix), prefix_cache(model, prefix)
 
     def fill(self, model: Transformer, slots: list[int], prompts: list[list[int]],
              pad_id: int) -> tuple[Tensor, Tensor]:
-        """Prefill `prompts` into rows `slots` -> their next-token logits (n, V) fp32 and hidden (n, h).
-        Only what is new is computed: the shared prefix comes from share()'s cache, and identical prompts
-        (ReST's k samples of one prompt) are prefilled once and copied. The rest is right-padded, so each
-        prompt's keys land at columns 0..p-1 as the row needs them."""
+        """Prefill `prompts` into rows `slots` -> their next-token logits (n, V) fp32 and hidden
+        (n, h). Only what is new is computed: the shared prefix comes from share()'s cache, and
+        identical prompts (ReST's k samples of one prompt) are prefilled once and copied. The rest
+        is right-padded, so each prompt's keys land at columns 0..p-1 as the row needs them."""
         dev, S = self.column.device, len(self.prefix)
-        assert all(p[:S] == self.prefix for p in prompts), "every prompt starts with the shared prefix"
+        assert all(p[:S] == self.prefix for p in prompts), (
+            "every prompt starts with the shared prefix")
         unique = {tuple(p): None for p in prompts}  # insertion-ordered set
         index = {p: i for i, p in enumerate(unique)}
-        which = torch.tensor([index[tuple(p)] for p in prompts], device=dev)  # (n,): each slot's unique prompt
+        # (n,): each slot's unique prompt
+        which = torch.tensor([index[tuple(p)] for p in prompts], device=dev)
         n, width = len(unique), max(map(len, unique))
         ids = torch.full((n, width - S), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((n, width), dtype=torch.long, device=dev)
@@ -123,7 +136,8 @@ class Pool:
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[torch.arange(n), lengths - S - 1] = True  # (n, width - S): each prompt's last token
         fresh = self.shared.repeat(n, width)
-        logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)  # (n, V), (n, width - S, h)
+        # (n, V), (n, width - S, h)
+        logits, hidden = model(ids, mask, fresh, return_hidden=True, logits_at=last)
         rows = torch.tensor(slots, device=dev)
         self.cache.k[:, rows, :, :width] = fresh.k[:, which]
         self.cache.v[:, rows, :, :width] = fresh.v[:, which]
@@ -137,7 +151,8 @@ class Pool:
         -> logits (B, V) fp32 and hidden (B, h); only live rows' are meaningful."""
         at = torch.where(live, self.column, self.scratch)  # (B,)
         self.key_mask[live, self.column[live]] = True
-        logits, hidden = decode_step(model, token, self.column, at, self.key_mask, self.cache.k, self.cache.v)
+        logits, hidden = decode_step(model, token, self.column, at, self.key_mask,
+                                     self.cache.k, self.cache.v)
         self.column += live.long()
         return logits, hidden
 
@@ -164,13 +179,13 @@ def generate_stream(
     refill_at: int | None = None,
     progress=None,
 ) -> Generation:
-    """Up to `max_new_tokens` after each prompt, a row ending at its first stop id (kept), as generate()
-    does, through `batch_size` rows with continuous batching. Prompts are refilled once `refill_at`
-    rows (default batch_size // 8, at least 1) are free: each refill is a prefill forward, which
-    reads every weight once, so it pays to refill several rows at a time. The hook gets step as a (B,)
-    tensor, each row's own step. progress(n) is told after every step how many of the len(prompts) x
-    max_new_tokens token slots it used up (a stop frees the rest of its row's): a bar with that total
-    moves steadily even when every row ends at the same step."""
+    """Up to `max_new_tokens` after each prompt, a row ending at its first stop id (kept), as
+    generate() does, through `batch_size` rows with continuous batching. Prompts are refilled once
+    `refill_at` rows (default batch_size // 8, at least 1) are free: each refill is a prefill
+    forward, which reads every weight once, so it pays to refill several rows at a time. The hook
+    gets step as a (B,) tensor, each row's own step. progress(n) is told after every step how many
+    of the len(prompts) x max_new_tokens token slots it used up (a stop frees the rest of its
+    row's): a bar with that total moves steadily even when every row ends at the same step."""
     device = next(model.parameters()).device
     dtype = cache_dtype(model, device)
     rows = max(1, min(batch_size, len(prompts)))
@@ -185,7 +200,8 @@ def generate_stream(
     token = torch.full((rows,), pad_id, dtype=torch.long, device=device)
     live = torch.zeros(rows, dtype=torch.bool, device=device)  # rows holding a token to feed
     with autocast(device), packed_linears(model):  # oneDNN's packed matmuls: 2x MKL's on AMD CPUs
-        if len(prompts) > 1:  # e.g. the chat template's system prompt: its keys/values once, not per prompt
+        # e.g. the chat template's system prompt: its keys/values once, not per prompt
+        if len(prompts) > 1:
             pool.share(model, prompts[0][:common_prefix(prompts)])
         while queue or any(i >= 0 for i in item):
             if bool(live.any()):
@@ -197,7 +213,8 @@ def generate_stream(
                 slots = free[:len(queue)]
                 for r in slots:
                     item[r] = queue.popleft()
-                new_logits, new_hidden = pool.fill(model, slots, [prompts[item[r]] for r in slots], pad_id)
+                new_prompts = [prompts[item[r]] for r in slots]
+                new_logits, new_hidden = pool.fill(model, slots, new_prompts, pad_id)
                 logits[slots], hidden[slots] = new_logits, new_hidden.to(hidden.dtype)
             elif not queue and len(free) >= refill_at:  # nothing left to refill: drop the free rows
                 busy = [r for r, i in enumerate(item) if i >= 0]
@@ -209,8 +226,9 @@ def generate_stream(
             if logits_hook is not None:
                 steps = torch.tensor([len(out[i]) if i >= 0 else 0 for i in item], device=device)
                 scores = logits_hook(logits, hidden, steps)
-            uniforms = torch.tensor([float(torch.rand((), generator=generators[i], dtype=torch.float64))
-                                     if i >= 0 else 0.0 for i in item], dtype=torch.float64)
+            draws = [float(torch.rand((), generator=generators[i], dtype=torch.float64))
+                     if i >= 0 else 0.0 for i in item]
+            uniforms = torch.tensor(draws, dtype=torch.float64)
             token = sample_rows(scores, temperature, top_k, top_p, uniforms.to(device))
             finished, used = torch.isin(token, stops), 0
             for r, i in enumerate(item):
@@ -223,7 +241,8 @@ def generate_stream(
                     used += max_new_tokens - len(out[i])
             if progress is not None:
                 progress(used)
-            live = torch.tensor([i >= 0 for i in item], device=device)  # every row still decoding fed a token
+            # every row still decoding fed a token
+            live = torch.tensor([i >= 0 for i in item], device=device)
     texts = [tokenizer.decode(r) for r in out] if tokenizer is not None else None
     return Generation(out, texts)
 
@@ -232,7 +251,8 @@ def generate_streamed(model, prompts: Ids, max_new_tokens: int, stop_ids: list[i
                       batch_size: int, temperature: float, seed: int,
                       logits_hook: LogitsHook | None = None, desc: str = "sampling") -> Ids:
     """generate_stream() with a token progress bar: sampling.generate_batched's signature, so
-    sampling.sample_responses(..., sampler=generate_streamed) samples through continuous batching."""
+    sampling.sample_responses(..., sampler=generate_streamed) samples through
+    continuous batching."""
     bar = distributed.bar(total=len(prompts) * max_new_tokens, desc=desc, unit="tok", leave=False)
     ids = generate_stream(model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature,
                           seed=seed, logits_hook=logits_hook, progress=bar.update).ids
