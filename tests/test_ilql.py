@@ -17,13 +17,13 @@ from nanorlhf.checkpoint import load_model
 from nanorlhf.run import Run
 from nanorlhf.data import read_preferences
 from nanorlhf.sampling import generate
-from nanorlhf.tasks.pink import mention_starts
+from nanorlhf.tasks import pink_eval
+from nanorlhf.tasks.pink import load_eval_rows, mention_starts
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.ilql_heads import ILQLHeads, ilql_logits_hook, ilql_scores, load_heads
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from train_ilql import (awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices, ilql_loss, normalize_rewards,
-                        q_loss)
+from train_ilql import (ILQLHeads, awac_loss, cql_loss, expectile_loss, ilql_batch, ilql_indices,
+                        ilql_logits_hook, ilql_loss, ilql_scores, load_heads, normalize_rewards, q_loss)
 
 
 def write_pairs(path, n=6, pink=True):
@@ -34,6 +34,13 @@ def write_pairs(path, n=6, pink=True):
              **({"pink": "Paris", "grey": "elephant"} if pink else {})} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def train(cfg, model, heads, samples, pad_id, run):
+    """train_ilql.train on the CPU through what its main() prepares."""
+    dev = torch.device("cpu")
+    net, ilql, optimizer, micro_batches = train_ilql.prepare(cfg, model, heads, samples, pad_id, dev)
+    return train_ilql.train(cfg, net, ilql, optimizer, micro_batches, pad_id, dev, run)
 
 
 # --- §8.1 indices ---
@@ -205,7 +212,7 @@ def test_target_heads_start_identical_and_only_polyak_moves_them(tiny_chat_model
     assert all(not p.requires_grad for p in heads.target_q_heads.parameters())
     cfg = train_ilql.Config(batch_size=4, grad_accum=1, alpha=0.0, save_every=0, head_lr=1e-2)
     samples, _ = train_ilql.make_samples(read_preferences(write_pairs(tmp_path / "p.jsonl", 4)), tok, cfg, 320)
-    train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"), Run("t", tmp_path, "r", cfg))
+    train(cfg, model, heads, samples, tok.pad_id, Run("t", tmp_path, "r", cfg))
     assert all(torch.equal(t, s) for t, s in zip(heads.target_q_heads.parameters(), start))  # α = 0: untouched
     assert not all(torch.equal(o, s) for o, s in zip(heads.q_heads.parameters(), start))  # the online heads learned
 
@@ -221,8 +228,7 @@ def test_sync_count_in_a_run(tiny_chat_model, tmp_path, monkeypatch, every, expe
     heads = ILQLHeads(64, model.lm_head.weight, two_qs=True)
     calls, original = [], ILQLHeads.sync_targets
     monkeypatch.setattr(ILQLHeads, "sync_targets", lambda self, a: (calls.append(a), original(self, a)))
-    history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
-                               Run("t", tmp_path, "r", cfg))
+    history = train(cfg, model, heads, samples, tok.pad_id, Run("t", tmp_path, "r", cfg))
     assert [m["target_syncs"] for m in history] == expected and len(calls) == expected[-1]
     assert all(a == cfg.alpha for a in calls)
     pairs = zip(heads.target_q_heads.parameters(), heads.q_heads.parameters())  # the logged gap, in float64
@@ -260,8 +266,7 @@ def test_training_loop_moves_targets_by_the_polyak_recursion(tiny_chat_model, tm
 
     handle = register_optimizer_step_post_hook(after_step)
     try:
-        history = train_ilql.train(cfg, model, heads, samples, tok.pad_id, torch.device("cpu"),
-                                   Run("t", tmp_path, "r", cfg))
+        history = train(cfg, model, heads, samples, tok.pad_id, Run("t", tmp_path, "r", cfg))
     finally:
         handle.remove()
     assert len(steps) == len(history) == 3
@@ -453,7 +458,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
 
     crash_at_step(monkeypatch, 5, lambda: cli(monkeypatch, *common, "--run", "broken"))
     broken = tmp_path / "out" / "broken"
-    assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
+    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 4
     assert not (broken / "model").exists()
     cli(monkeypatch, "--resume", str(broken), "--lr", "5")  # flags other than --resume are ignored
 
@@ -502,7 +507,7 @@ def test_cli_run_writes_everything(tiny_chat_model, tmp_path, monkeypatch, capsy
     (["--reward", "dense"], "--reward 'dense': choose one of terminal, shaped"),
     (["--reward", "shaped"], "p.jsonl:1: --reward shaped needs a non-empty 'pink' field"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
-    (["--resume", "nowhere"], "--resume nowhere: no resumable checkpoint"),
+    (["--resume", "nowhere"], "--resume nowhere: no config.json there"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys, args, message):
     write_pairs(tmp_path / "p.jsonl", 2, pink=False)
@@ -515,3 +520,86 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+# --- --evaluate RUN_DIR: a finished run's heads evaluated again ---
+
+@pytest.fixture
+def eval_rows(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    rows = [{"pink": "Paris", "grey": "elephant", "prompt": f"Capital {i}?"} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def without_seconds(results: dict) -> dict:
+    return {name: {k: v for k, v in r.items() if k != "seconds"} for name, r in results.items()}
+
+
+def heads_run(run_dir, lm, **config):
+    """A run directory as train_ilql leaves it: the heads and config.json (a frozen LM unless told)."""
+    run_dir.mkdir()
+    train_ilql.save_heads(random_heads(lm), run_dir / "ilql_heads.safetensors")
+    config = {"script": "train_ilql", "train_lm": False, **config}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+@pytest.mark.parametrize("train_lm", ["false", "true"])
+def test_evaluate_reproduces_the_runs_own_eval(tiny_chat_model, eval_rows, tmp_path, monkeypatch,
+                                               train_lm):
+    """train_ilql's eval.json columns for β = 2 (its gen_style and top-k, its LM when it trained one,
+    NLL under the base), reproduced from the run directory alone."""
+    data = write_pairs(tmp_path / "p.jsonl", 2)
+    cli(monkeypatch, "--model", str(tiny_chat_model), "--data", str(data), "--eval-data", str(eval_rows),
+        "--out-dir", str(tmp_path / "out"), "--run", "r", "--eval-max-new-tokens", "6",
+        "--eval-betas", "2", "--gen-style", "trlx", "--eval-top-k", "3", "--train-lm", train_lm,
+        "--epochs", "1", "--batch-size", "4", "--head-lr", "1e-2", "--lr", "1e-3")
+    run, out = tmp_path / "out" / "r", tmp_path / "evaluated.json"
+    common = ["--evaluate", str(run), "--evaluate-out", str(out)]
+    cli(monkeypatch, *common)
+    own, evaluated = (without_seconds(json.loads(p.read_text())) for p in (run / "eval.json", out))
+    assert evaluated["ILQL β=2"] == own["ILQL β=2"] and evaluated["base"] == own["base"]
+
+    # flags override the run's decoding: here Snell's style without top-k, checked against evaluate()
+    cli(monkeypatch, *common, "--gen-style", "snell", "--eval-top-k", "0")
+    tok, base = Tokenizer(tiny_chat_model), load_model(tiny_chat_model).eval()
+    policy = load_model(run / "model").eval() if train_lm == "true" else base
+    hook = ilql_logits_hook(load_heads(run / "ilql_heads.safetensors", policy), 2.0, 0.7, 0, "snell")
+    expected = pink_eval.evaluate(policy, tok, load_eval_rows(eval_rows), base, n=2, max_new_tokens=6,
+                                  logits_hook=hook)
+    overridden = without_seconds(json.loads(out.read_text()))["ILQL β=2"]
+    assert overridden == without_seconds({"x": expected})["x"] and overridden != own["ILQL β=2"]
+
+
+def test_evaluate_a_sharded_runs_heads_in_one_process(tiny_chat_model, eval_rows, tmp_path,
+                                                      monkeypatch):
+    """A run trained under torchrun with --fsdp (and resumed once) is evaluated by one process."""
+    run = heads_run(tmp_path / "run", load_model(tiny_chat_model), fsdp=True, resume="elsewhere",
+                    model=str(tiny_chat_model), eval_data=str(eval_rows), eval_betas="0,2",
+                    eval_max_new_tokens=4)
+    cli(monkeypatch, "--evaluate", str(run), "--evaluate-out", str(tmp_path / "out.json"))
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert list(results) == ["base", "ILQL β=0", "ILQL β=2"] and results["base"]["samples"] == 6
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "--evaluate {run}: no ilql_heads.safetensors and config.json there"),
+    ("vocab", "heads for vocabulary 128 and hidden size 64, but the model has 320 and 64"),
+    ("resume", "--evaluate and --resume: evaluate a finished run or continue an interrupted one"),
+])
+def test_bad_evaluate_input_is_one_line(tiny_chat_model, tiny_dirs, eval_rows, tmp_path, monkeypatch,
+                                        capsys, case, message):
+    run = tmp_path / "run"
+    if case != "missing":  # heads trained on another model (vocabulary 128, not 320)
+        heads_run(run, load_model(tiny_dirs["llama-gqa-tied"]))
+    args = ["--evaluate", str(run), "--eval-betas", "8"]
+    monkeypatch.setattr("sys.argv", ["train_ilql.py", "--model", str(tiny_chat_model),
+                                     "--eval-data", str(eval_rows),
+                                     "--evaluate-out", str(tmp_path / "out.json"), *args,
+                                     *(["--resume", str(run)] if case == "resume" else [])])
+    with pytest.raises(SystemExit) as info:
+        train_ilql.run_cli(train_ilql.main)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    assert message.format(run=run) in err and not (tmp_path / "out.json").exists()
