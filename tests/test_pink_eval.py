@@ -43,10 +43,11 @@ FLAGS = ["--n", "2", "--max-new-tokens", "6", "--seed", "3"]
 
 
 def test_cli_equals_evaluate_in_memory(tiny_chat_model, second_model, eval_rows, tmp_path):
-    """What the CLI did before it loaded one model at a time: every model resident, evaluate() on each."""
+    """What the CLI did before it loaded one model at a time: every model resident, evaluate() on
+    each."""
     out = tmp_path / "out.json"
-    pink_eval_cli.main(["--model", str(tiny_chat_model), "--model", str(second_model), "--data", str(eval_rows),
-                    *FLAGS, "--out", str(out)])
+    pink_eval_cli.main(["--model", str(tiny_chat_model), "--model", str(second_model),
+                        "--data", str(eval_rows), *FLAGS, "--out", str(out)])
     tok, rows = Tokenizer(tiny_chat_model), load_eval_rows(eval_rows)
     base, other = load_model(tiny_chat_model).eval(), load_model(second_model).eval()
     expected = {str(d): pink_eval.evaluate(m, tok, rows, base, n=2, max_new_tokens=6, seed=3)
@@ -54,9 +55,9 @@ def test_cli_equals_evaluate_in_memory(tiny_chat_model, second_model, eval_rows,
     assert without_seconds(json.loads(out.read_text())) == without_seconds(expected)
 
 
-def test_one_model_resident_at_a_time_on_the_run_device(tiny_chat_model, second_model, eval_rows, tmp_path,
-                                                        monkeypatch):
-    marker, loads, live = object(), [], []  # a fake device: load_model must be handed cli.device()
+def test_one_model_resident_at_a_time_on_the_run_device(tiny_chat_model, second_model, eval_rows,
+                                                        tmp_path, monkeypatch):
+    marker, loads, live = object(), [], []  # a fake device: load_model must be handed device()
 
     def counting_load(path, dtype=torch.float32, device="cpu"):
         loads.append((path, device, sum(ref() is not None for ref in live)))

@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, __doc__, argv, prog="python tools/pink_eval.py")
     rows = load_eval_rows(cfg.data)
     dirs = [resolve_model(m) for m in cfg.model]
-    tok, dev = Tokenizer(dirs[0]), device()  # on CUDA generate() and the NLL run under bf16 autocast
+    tok, dev = Tokenizer(dirs[0]), device()  # on CUDA, sampling and the NLL run under bf16 autocast
 
     # One model resident at a time: each samples and is freed (its last reference goes when the
     # sampling returns), then the base scores every model's samples.
-    sampled = {name: sample_eval(load_model(d, device=dev).eval(), tok, rows, cfg.n, cfg.temperature,
-                                 cfg.seed, cfg.max_new_tokens, cfg.batch_size, desc=name)
+    sampled = {name: sample_eval(load_model(d, device=dev).eval(), tok, rows, cfg.n,
+                                 cfg.temperature, cfg.seed, cfg.max_new_tokens, cfg.batch_size,
+                                 desc=name)
                for name, d in zip(cfg.model, dirs)}
     base = load_model(dirs[0], device=dev).eval()
     results = {name: score_nll(r, base, prompts, responses, tok.pad_id)
