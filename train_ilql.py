@@ -517,8 +517,7 @@ def train(cfg: Config, net: nn.Module, ilql: ILQLNet, optimizer: torch.optim.Opt
         # ilql_loss divides by this n, so the micro-batch losses add up to the step's loss, not to a
         # mean of means.
         n = sum(len(s["actions_ixs"]) for b in micro_batches[part] for s in b)
-        # [(this rank's samples, real?)]
-        shards = [distributed.shard(b) for b in micro_batches[part]]
+        shards = [distributed.shard(b) for b in micro_batches[part]]  # [(this rank's share, real?)]
         # named totals of this rank's micro-batches, summed over the ranks below
         sums: dict[str, float] = {}
         for i, (samples_i, real) in enumerate(shards):
@@ -736,7 +735,7 @@ def main() -> None:
     else:
         model = load_model(model_dir, device=dev).eval()
     if cfg.train_lm:  # how the LM trains (Config.check refuses these on a frozen LM)
-        lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # rank 0: none
+        lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # rank 0: off
         model.model.grad_checkpointing = cfg.grad_checkpointing
         if cfg.onednn:  # the optional speed layer, imported only where its flag is read
             from nanorlhf.fast.packed import pack_linears
