@@ -13,14 +13,12 @@ of the samples under the *base* model (a policy that drifts into gibberish score
 """
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from nanorlhf import run as cli
 from nanorlhf.logprobs import response_logps_batched
 from nanorlhf.sampling import Ids, LogitsHook, sample_responses
-from nanorlhf.tasks.pink import AVOID_TEMPLATE, HELDOUT_PATH, judge
+from nanorlhf.tasks.pink import AVOID_TEMPLATE, judge
 from nanorlhf.tokenizer import Tokenizer
 
 
@@ -84,21 +82,10 @@ def evaluate(model, tok: Tokenizer, rows: list[dict], base_model=None, n: int = 
     return score_nll(result, base_model or model, prompts, responses, tok.pad_id)
 
 
-@dataclass
-class EvalConfig:
-    """The held-out evaluation flags of the training scripts (their Config inherits them)."""
-    eval_data: str = cli.flag(str(HELDOUT_PATH),
-                              "pink-elephant eval jsonl ({pink, grey, prompt}); '' skips")
-    eval_n: int = cli.flag(2, "samples per eval prompt", min=1)
-    eval_temperature: float = cli.flag(0.7, "eval sampling temperature (0 = greedy)", min=0.0)
-    eval_max_new_tokens: int = cli.flag(80, "eval response length cap", min=1)
-    eval_batch_size: int = cli.flag(56, "eval generation batch size", min=1)
-
-
-def evaluate_as(cfg: EvalConfig, seed: int, model, tok: Tokenizer, rows: list[dict],
-                base_model=None, logits_hook: LogitsHook | None = None,
-                desc: str = "eval") -> dict:
-    """evaluate() with a training script's eval flags."""
+def evaluate_as(cfg, seed: int, model, tok: Tokenizer, rows: list[dict], base_model=None,
+                logits_hook: LogitsHook | None = None, desc: str = "eval") -> dict:
+    """evaluate() with a training script's eval flags: `cfg` is its Config, read for eval_n,
+    eval_temperature, eval_max_new_tokens and eval_batch_size."""
     return evaluate(model, tok, rows, base_model, cfg.eval_n, cfg.eval_temperature, seed,
                     cfg.eval_max_new_tokens, cfg.eval_batch_size, logits_hook, desc)
 
