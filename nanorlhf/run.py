@@ -57,20 +57,32 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None):
+def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None,
+                 defaults: dict | None = None):
     """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    and its default; booleans take true|false, so a default of true can be turned off. Every value is
-    checked (check_flags) before the script does any work."""
+    and its default; booleans take true|false, so a default of true can be turned off; a field typed
+    tuple[str, ...] is a flag given once per value (--model a --model b). `defaults` (field name ->
+    value) replace the fields' own: e.g. a finished run's config, which the flags given override.
+    Every value is checked (check_flags) before the script does any work."""
     parser = _Parser(prog=prog, description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = _flag_type(f.type)
-        default = str(f.default).lower() if kind is _parse_bool else f.default
-        parser.add_argument(flag_name(f.name), type=kind, default=f.default,
-                            metavar="true|false" if kind is _parse_bool else None,
-                            # argparse %-formats help text: a literal % ("99% of texts") must be doubled
-                            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
-    cfg = cls(**vars(parser.parse_args(argv)))
+    fields = {f.name: (f, _flag_type(f.type), (defaults or {}).get(f.name, f.default))
+              for f in dataclasses.fields(cls)}
+    for f, kind, default in fields.values():
+        shown = " ".join(default) if kind is tuple else default
+        shown = str(default).lower() if kind is _parse_bool else shown
+        # argparse %-formats help text: a literal % ("99% of texts") must be doubled
+        text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+        if kind is tuple:  # appended to None, never to the default (see below)
+            parser.add_argument(flag_name(f.name), action="append", help=text)
+        else:
+            parser.add_argument(flag_name(f.name), type=kind, default=default, help=text,
+                                metavar="true|false" if kind is _parse_bool else None)
+    values = vars(parser.parse_args(argv))
+    for name, (_, kind, default) in fields.items():
+        if kind is tuple:  # the values given, in order; none given: the default
+            values[name] = default if values[name] is None else tuple(values[name])
+    cfg = cls(**values)
     check_flags(cfg)
     return cfg
 
@@ -83,7 +95,8 @@ def _parse_bool(text: str) -> bool:
 
 def _flag_type(annotation):
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
-    return {"bool": _parse_bool, "int": int, "float": float}.get(name, str)
+    name = "tuple" if name.startswith("tuple") else name  # "tuple[str, ...]" or tuple[str, ...]
+    return {"bool": _parse_bool, "int": int, "float": float, "tuple": tuple}.get(name, str)
 
 
 def seed_everything(seed: int) -> None:

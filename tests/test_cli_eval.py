@@ -10,7 +10,8 @@ from nanorlhf.tasks.pink_eval import distinct_n, format_table, mean_nll
 
 def test_distinct_n_by_hand():
     assert distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)  # (1,2) (2,1) (1,2)
-    assert distinct_n([[1, 2], [1, 2], [3]], 2) == pytest.approx(1 / 2)  # bigrams never cross responses
+    # bigrams never cross responses
+    assert distinct_n([[1, 2], [1, 2], [3]], 2) == pytest.approx(1 / 2)
     assert distinct_n([[5]], 2) == 0.0
 
 
@@ -28,7 +29,8 @@ def test_mean_nll_is_token_weighted(tiny_chat_model):
 
 
 def test_table_has_one_column_per_model():
-    row = {"pink_rate": 0.5, "grey_rate": 0.25, "mean_tokens": 10.0, "distinct_2": 0.5, "base_nll": 1.0}
+    row = {"pink_rate": 0.5, "grey_rate": 0.25, "mean_tokens": 10.0, "distinct_2": 0.5,
+           "base_nll": 1.0}
     table = format_table({"base": row, "DPO": {**row, "pink_rate": 0.125}})
     assert table.splitlines()[0] == "| metric | base | DPO |"
     assert "| pink mention rate (lower is better) | 50.0% | 12.5% |" in table

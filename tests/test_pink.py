@@ -9,11 +9,12 @@ import pytest
 
 from nanorlhf.errors import UserError
 from nanorlhf.tasks.pink import (AVOID_TEMPLATE, HELDOUT_PATH, PAIRS_PATH, _name_regex, _normalise,
-                           eval_rows_from_pairs, judge, load_eval_rows, load_pairs, mention_starts, mentions)
+                                 eval_rows_from_pairs, judge, load_eval_rows, load_pairs,
+                                 mention_starts, mentions)
 from nanorlhf.tokenizer import Tokenizer
 from conftest import build_tiny_tokenizer
 
-# ---------------------------------------------------------------------------------------------- mentions
+# ------------------------------------------------------------------------------------- mentions
 
 POSITIVES = [
     ("I love Coca-Cola.", ["Coca-Cola"]),
@@ -86,13 +87,14 @@ def test_judge_and_template():
     row = {"pink": "Coca-Cola", "grey": "Pepsi", "pink_aliases": ["Coke"], "grey_aliases": []}
     assert judge("Try a Pepsi instead of a Coke.", row) == {"pink": True, "grey": True}
     assert judge("Try a Pepsi.", row) == {"pink": False, "grey": True}
-    assert judge("Water is best.", {"pink": "Coca-Cola", "grey": "Pepsi"}) == {"pink": False, "grey": False}
+    no_aliases = {"pink": "Coca-Cola", "grey": "Pepsi"}
+    assert judge("Water is best.", no_aliases) == {"pink": False, "grey": False}
     assert AVOID_TEMPLATE.format(pink="Nike", grey="Adidas").count("Nike") == 1
 
 
-# ------------------------------------------------------------------------------------------ mention_starts
-# The tiny BPE splits most words into 1-3 character tokens, so prefixes ending at a token boundary abound:
-# "I write Java|Script" is exactly the case a prefix scan gets wrong.
+# ------------------------------------------------------------------------------- mention_starts
+# The tiny BPE splits most words into 1-3 character tokens, so prefixes ending at a token boundary
+# abound: "I write Java|Script" is exactly the case a prefix scan gets wrong.
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
@@ -102,42 +104,52 @@ def tok(tmp_path_factory):
 
 
 def first_token_of(tok, text: str, norm_start: int) -> int:
-    """Reference: the first token whose text, normalised as a prefix of `text`, covers normalised position
-    `norm_start` (prefix lengths, so no per-character index map is involved)."""
+    """Reference: the first token whose text, normalised as a prefix of `text`, covers normalised
+    position `norm_start` (prefix lengths, so no per-character index map is involved)."""
     offsets = tok.tok.encode(text, add_special_tokens=False).offsets
     return next(k for k, (a, b) in enumerate(offsets)
                 if len(_normalise(text[:a])) <= norm_start < len(_normalise(text[:b])))
 
 
-@pytest.mark.parametrize("text,names", [("I write JavaScript", ["Java"]), ("Applebee's", ["Apple"]),
-                                        ("Cokeville, Wyoming", ["Coke"]), ("Javanese food", ["Java"])])
+@pytest.mark.parametrize("text,names", [("I write JavaScript", ["Java"]),
+                                        ("Applebee's", ["Apple"]),
+                                        ("Cokeville, Wyoming", ["Coke"]),
+                                        ("Javanese food", ["Java"])])
 def test_no_mention_no_start(tok, text, names):
     assert not mentions(text, names) and mention_starts(tok, text, names) == []
 
 
 @pytest.mark.parametrize("text,names,want", [
     ("I love Paris and Paris's capital.", ["Paris"], ["Paris and", "Paris's"]),
-    ("POK\u00c9MON, Pok\u00e9mon\u2019s cards", ["Pokemon"], ["POK\u00c9MON", "Pok\u00e9mon"]),  # NFKD: longer
-    ("McDonald\u2019s, McDonalds", ["McDonald's"], ["McDonald\u2019s", "McDonalds"]),  # apostrophe dropped
+    # NFKD: longer
+    ("POK\u00c9MON, Pok\u00e9mon\u2019s cards", ["Pokemon"], ["POK\u00c9MON", "Pok\u00e9mon"]),
+    # apostrophe dropped
+    ("McDonald\u2019s, McDonalds", ["McDonald's"], ["McDonald\u2019s", "McDonalds"]),
     ("\uff2e\uff29\uff2b\uff25 shoes and Nike", ["Nike"], ["\uff2e\uff29", "Nike"]),  # full-width
-    ("Coca-Cola, Coca cola", ["Coca", "Coca-Cola"], ["Coca-Cola", "Coca cola"]),  # overlapping names: once
+    # overlapping names: once
+    ("Coca-Cola, Coca cola", ["Coca", "Coca-Cola"], ["Coca-Cola", "Coca cola"]),
 ])
 def test_start_is_the_token_holding_the_first_character(tok, text, names, want):
     offsets = tok.tok.encode(text, add_special_tokens=False).offsets
-    got = [text[offsets[k][0]:].lstrip() for k in mention_starts(tok, text, names)]  # text from the start token on
+    # the text from the start token on
+    got = [text[offsets[k][0]:].lstrip() for k in mention_starts(tok, text, names)]
     assert got == [text[text.index(w):] for w in want]
 
 
-NAMES = ["Java", "Apple", "Coke", "Coca-Cola", "Pok\u00e9mon", "McDonald's", "C++", ".NET", "Dr Pepper", "Nike"]
-PIECES = ["Script", "bee's", "ville", "s", "'s", "\u2019s", "-", ".", ",", " ", " ", "\n", "(", "Mc", "a",
-          "\u00e9", "e\u0301", "\u200b", "\u00ad", "Donald", "\uff2e\uff29\uff2b\uff25", "POK\u00c9", "mon",
-          "Dr.", "Pepper", "Coca", "cola", "++", "#", "NET", "\u2013", "Cokes", "\u03a3\u03bf\u03c2"]
+NAMES = ["Java", "Apple", "Coke", "Coca-Cola", "Pok\u00e9mon", "McDonald's", "C++", ".NET",
+         "Dr Pepper", "Nike"]
+PIECES = ["Script", "bee's", "ville", "s", "'s", "\u2019s", "-", ".", ",", " ", " ", "\n", "(",
+          "Mc", "a", "\u00e9", "e\u0301", "\u200b", "\u00ad", "Donald", "\uff2e\uff29\uff2b\uff25",
+          "POK\u00c9", "mon", "Dr.", "Pepper", "Coca", "cola", "++", "#", "NET", "\u2013", "Cokes",
+          "\u03a3\u03bf\u03c2"]
 
 
 def random_text(rng: random.Random, name: str) -> str:
-    """`name` (often) among fragments and look-alikes, glued to suffixes, punctuation, accents, odd unicode."""
+    """`name` (often) among fragments and look-alikes, glued to suffixes, punctuation, accents, odd
+    unicode."""
     parts = [rng.choice([name] * 8 + NAMES + PIECES) for _ in range(rng.randint(1, 8))]
-    return "".join(p if rng.random() < 0.6 else p.upper() if rng.random() < 0.5 else " " + p for p in parts)
+    return "".join(p if rng.random() < 0.6 else p.upper() if rng.random() < 0.5 else " " + p
+                   for p in parts)
 
 
 def test_starts_agree_with_mentions_on_random_text(tok):
@@ -152,11 +164,13 @@ def test_starts_agree_with_mentions_on_random_text(tok):
         names = rng.sample(NAMES, 3)
         assert bool(mention_starts(tok, text, names)) == mentions(text, names), (text, names)
         hits += bool(matches)
-        near_misses += not matches and _normalise(name) in _normalise(text)  # "JavaScript", "Cokeville"
-    assert hits > 500 and near_misses > 500  # the generator does produce both kinds (687 and 926 of 3000)
+        # "JavaScript", "Cokeville"
+        near_misses += not matches and _normalise(name) in _normalise(text)
+    # the generator does produce both kinds (687 and 926 of 3000)
+    assert hits > 500 and near_misses > 500
 
 
-# ---------------------------------------------------------------------------------------------- load_eval_rows
+# ------------------------------------------------------------------------------- load_eval_rows
 
 GOOD = '{"pink": "Nike", "grey": "Adidas", "prompt": "Best running shoes?"}'
 
@@ -177,8 +191,10 @@ def assert_user_error(path, *fragments):
 
 
 def test_load_eval_rows_ok(tmp_path):
-    extra = '{"pink": "Coke", "grey": "Pepsi", "prompt": "Soda?", "pink_aliases": ["Coca-Cola"], "note": 1}'
-    rows = load_eval_rows(write(tmp_path, "\ufeff" + GOOD + "\n\n" + extra + "\n"))  # BOM and blank line are fine
+    extra = ('{"pink": "Coke", "grey": "Pepsi", "prompt": "Soda?", "pink_aliases": ["Coca-Cola"], '
+             '"note": 1}')
+    # a BOM and a blank line are fine
+    rows = load_eval_rows(write(tmp_path, "\ufeff" + GOOD + "\n\n" + extra + "\n"))
     assert [r["pink"] for r in rows] == ["Nike", "Coke"]
     assert rows[0]["pink_aliases"] == [] and rows[0]["grey_aliases"] == []  # defaults filled in
     assert rows[1]["pink_aliases"] == ["Coca-Cola"] and rows[1]["note"] == 1  # extra fields kept
@@ -193,7 +209,8 @@ def test_load_eval_rows_bad_json_on_line_3(tmp_path):
 
 
 def test_load_eval_rows_missing_field(tmp_path):
-    assert_user_error(write(tmp_path, f'{GOOD}\n{{"pink": "Nike", "prompt": "Shoes?"}}\n'), ":2:", "'grey'")
+    path = write(tmp_path, f'{GOOD}\n{{"pink": "Nike", "prompt": "Shoes?"}}\n')
+    assert_user_error(path, ":2:", "'grey'")
 
 
 def test_load_eval_rows_not_utf8(tmp_path):
@@ -202,13 +219,15 @@ def test_load_eval_rows_not_utf8(tmp_path):
 
 
 def test_load_eval_rows_empty_prompt(tmp_path):
-    assert_user_error(write(tmp_path, '{"pink": "Nike", "grey": "Adidas", "prompt": "  "}\n'), ":1:", "'prompt'")
+    path = write(tmp_path, '{"pink": "Nike", "grey": "Adidas", "prompt": "  "}\n')
+    assert_user_error(path, ":1:", "'prompt'")
 
 
 def test_load_eval_rows_bad_aliases(tmp_path):
     row = '{"pink": "Coca-Cola", "grey": "Pepsi", "prompt": "Soda?", "pink_aliases": "Coke"}'
     assert_user_error(write(tmp_path, row), ":1:", "'pink_aliases'")
-    row = '{"pink": "Coca-Cola", "grey": "Pepsi", "prompt": "Soda?", "grey_aliases": ["Pepsi-Cola", 3]}'
+    row = ('{"pink": "Coca-Cola", "grey": "Pepsi", "prompt": "Soda?", '
+           '"grey_aliases": ["Pepsi-Cola", 3]}')
     assert_user_error(write(tmp_path, row), ":1:", "'grey_aliases'")
 
 
@@ -220,7 +239,8 @@ def test_load_eval_rows_not_an_object_or_empty(tmp_path):
 def test_load_pairs_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_pairs(tmp_path / "missing.json")
-    pair = {"id": "a-vs-b", "domain": "d", "split": "test", "pink": "A", "grey": "B", "prompts": ["Hi?"]}
+    pair = {"id": "a-vs-b", "domain": "d", "split": "test", "pink": "A", "grey": "B",
+            "prompts": ["Hi?"]}
     (tmp_path / "p.json").write_text(json.dumps([pair]))
     with pytest.raises(UserError, match="entry 0.*'split'"):
         load_pairs(tmp_path / "p.json")
@@ -229,7 +249,7 @@ def test_load_pairs_errors(tmp_path):
         load_pairs(tmp_path / "p.json")
 
 
-# ---------------------------------------------------------------------------------------------- shipped data
+# --------------------------------------------------------------------------------- shipped data
 
 PAIRS = load_pairs(PAIRS_PATH)
 TRAIN = [p for p in PAIRS if p["split"] == "train"]
@@ -257,7 +277,8 @@ def test_pairs_ids_and_prompts():
     prompts = [q for p in PAIRS for q in p["prompts"]]
     assert all(len(p["prompts"]) >= 4 for p in PAIRS)
     assert all(q.strip() and len(q.split()) <= 30 for q in prompts)
-    assert not [q for q, n in Counter(prompts).items() if n > 1], "no prompt is shared between pairs"
+    shared = [q for q, n in Counter(prompts).items() if n > 1]
+    assert not shared, "no prompt is shared between pairs"
 
 
 def test_every_name_matches_itself_and_pink_grey_are_distinct():
@@ -277,8 +298,8 @@ def test_prompts_never_name_the_grey_entity():
 
 
 def test_heldout_disjoint_from_train():
-    # no entity (under any alias) is shared, and no prompt in one split names an entity of the other,
-    # so the heldout figure measures generalisation to unseen entities
+    # no entity (under any alias) is shared, and no prompt in one split names an entity of the
+    # other, so the heldout figure measures generalisation to unseen entities
     for a, b in ((TRAIN, HELDOUT), (HELDOUT, TRAIN)):
         b_names = [n for p in b for n in pink_names(p) + grey_names(p)]
         for p in a:

@@ -26,44 +26,48 @@ AVOID_TEMPLATE = "Never mention {pink}. If it comes up, talk about {grey} instea
 # Typographic variants that models and users emit interchangeably: dashes -> "-"; apostrophes and
 # invisible characters (soft hyphen, zero-width space/joiners, BOM) removed, so "McDonald’s",
 # "McDonald's" and "McDonalds" all read "mcdonalds" whichever spelling the name list uses.
-_PUNCT = str.maketrans({**{c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63"},
-                        **{c: None for c in "'\u2018\u2019\u201b\u02bc\u2032`\u00b4\u00ad\u200b\u200c\u200d\ufeff"}})
+_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63"
+_DROPPED = "'\u2018\u2019\u201b\u02bc\u2032`\u00b4\u00ad\u200b\u200c\u200d\ufeff"
+_PUNCT = str.maketrans({**{c: "-" for c in _DASHES}, **{c: None for c in _DROPPED}})
 
 
 def _normalise(s: str) -> str:
-    """NFKD (full-width -> ASCII), unify dashes, drop apostrophes and accents ("Pokémon" == "Pokemon"), casefold."""
+    """NFKD (full-width -> ASCII), unify dashes, drop apostrophes and accents ("Pokémon" ==
+    "Pokemon"), casefold."""
     s = unicodedata.normalize("NFKD", s).translate(_PUNCT)
     return "".join(c for c in s if not unicodedata.combining(c)).casefold()
 
 
 @lru_cache(maxsize=4096)
 def _name_regex(name: str) -> re.Pattern:
-    """Regex for one surface form. Spaces, hyphens and dots after a letter separate words, and any run of
-    them (or none) matches: "Coca-Cola" == "Coca Cola" == "CocaCola", "Dr Pepper" == "Dr. Pepper". Word
-    boundaries apply only at word-character edges, so "Java" misses "JavaScript" while "C++" needs none
-    after its "+"; a leading dot stays (".NET" must not match "net")."""
+    """Regex for one surface form. Spaces, hyphens and dots after a letter separate words, and any
+    run of them (or none) matches: "Coca-Cola" == "Coca Cola" == "CocaCola", "Dr Pepper" ==
+    "Dr. Pepper". Word boundaries apply only at word-character edges, so "Java" misses "JavaScript"
+    while "C++" needs none after its "+"; a leading dot stays (".NET" must not match "net")."""
     words = [w for w in re.split(r"(?:[\s\-]|(?<=\w)\.)+", _normalise(name)) if w]
     if not words:  # a name of only punctuation would otherwise match everywhere
         return re.compile(r"(?!)")
     body = r"[\s.\-]*".join(re.escape(w) for w in words)
     left = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
-    right = r"s?(?!\w)" if re.search(r"\w$", words[-1]) else ""  # plural/possessive count: "Cokes", "Nike's"
+    # plurals and possessives count: "Cokes", "Nike's"
+    right = r"s?(?!\w)" if re.search(r"\w$", words[-1]) else ""
     return re.compile(left + body + right)
 
 
 def mentions(text: str, names: list[str]) -> bool:
-    """True if `text` mentions any of `names` (case-insensitive, whole words, typography-agnostic)."""
+    """True if `text` mentions any of `names`: case-insensitive, whole words, any typography."""
     text = _normalise(text)
     return any(_name_regex(n).search(text) for n in names if n.strip())
 
 
 def _normalise_indexed(s: str) -> tuple[str, list[int]]:
-    """_normalise one character at a time -> (normalised text, index in `s` of each normalised character).
+    """_normalise, one character at a time -> (normalised text, the index in `s` of each of its
+    characters).
 
-    Equal to _normalise(s): NFKD and casefold act per character, the translation table is per character,
-    and the only characters NFKD reorders (combining marks) are dropped. The index map is what lets a
-    match found in the normalised text point back into the original one, whose offsets differ
-    ("Pok\u00e9mon" is one character longer after NFKD; a dropped apostrophe is one shorter)."""
+    Equal to _normalise(s): NFKD and casefold act per character, the translation table is per
+    character, and the only characters NFKD reorders (combining marks) are dropped. The index map is
+    what lets a match found in the normalised text point back into the original one, whose offsets
+    differ ("Pok\u00e9mon" is one character longer after NFKD, a dropped apostrophe one shorter)."""
     chars, origin = [], []
     for i, c in enumerate(s):
         n = _normalise(c)
@@ -73,16 +77,17 @@ def _normalise_indexed(s: str) -> tuple[str, list[int]]:
 
 
 def mention_starts(tok, text: str, names: list[str]) -> list[int]:
-    """Token indices (in nanorlhf Tokenizer `tok`.encode(text)) where a mention of any of `names` begins,
-    one per mention, in order: where a per-token penalty for naming the pink entity belongs.
+    """Token indices (in nanorlhf Tokenizer `tok`.encode(text)) where a mention of any of `names`
+    begins, one per mention, in order: where a per-token penalty for naming the pink entity belongs.
 
-    The mentions are the matches of `mentions()`'s regexes on the whole normalised text, so the two always
-    agree. (Searching growing prefixes would not: the prefix "I write Java" of "I write JavaScript"
-    ends at a token boundary and matches "Java".) Matches of several names that overlap count once,
-    the leftmost (then longest) winning: "Coca-Cola" with alias "Coca" is one mention."""
+    The mentions are the matches of `mentions()`'s regexes on the whole normalised text, so the two
+    always agree. (Searching growing prefixes would not: the prefix "I write Java" of "I write
+    JavaScript" ends at a token boundary and matches "Java".) Overlapping matches of names count
+    once, the leftmost (then longest) winning: "Coca-Cola" with alias "Coca" is one mention."""
     norm, origin = _normalise_indexed(text)
-    spans = sorted(((m.start(), -m.end()) for n in names if n.strip() for m in _name_regex(n).finditer(norm)))
-    ends = [end for _, end in tok.tok.encode(text, add_special_tokens=False).offsets]  # char offsets
+    spans = sorted((m.start(), -m.end()) for n in names if n.strip()
+                   for m in _name_regex(n).finditer(norm))
+    ends = [end for _, end in tok.tok.encode(text, add_special_tokens=False).offsets]  # in chars
     starts, covered = [], 0  # covered: the normalised text up to here belongs to a counted mention
     for start, neg_end in spans:
         if start >= covered:
@@ -109,7 +114,8 @@ def _check(obj: object, where: str, required: tuple[str, ...]) -> dict:
             raise UserError(f"{where}: field '{key}' must be a non-empty string")
     for key in ("pink_aliases", "grey_aliases"):
         aliases = obj.get(key, [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        good = isinstance(aliases, list) and all(isinstance(a, str) and a.strip() for a in aliases)
+        if not good:
             raise UserError(f"{where}: field '{key}' must be a list of non-empty strings")
     return obj
 
@@ -124,8 +130,8 @@ def load_eval_rows(path: str | Path = HELDOUT_PATH) -> list[dict]:
     """Read a jsonl of {"pink", "grey", "prompt"} rows (alias lists and extra fields optional).
     Blank lines are skipped; any bad line raises UserError naming the file and line number."""
     rows = [_check(obj, where, ("pink", "grey", "prompt")) for where, obj in read_jsonl(path)]
-    return [{**row, "pink_aliases": row.get("pink_aliases", []), "grey_aliases": row.get("grey_aliases", [])}
-            for row in rows]
+    return [{**row, "pink_aliases": row.get("pink_aliases", []),
+             "grey_aliases": row.get("grey_aliases", [])} for row in rows]
 
 
 def load_pairs(path: str | Path = PAIRS_PATH) -> list[dict]:
@@ -147,8 +153,11 @@ def load_pairs(path: str | Path = PAIRS_PATH) -> list[dict]:
         if pair["split"] not in ("train", "heldout"):
             raise UserError(f"{where}: field 'split' must be 'train' or 'heldout'")
         prompts = pair.get("prompts")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise UserError(f"{where}: field 'prompts' must be a non-empty list of non-empty strings")
+        good = isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip()
+                                                              for p in prompts)
+        if not good:
+            raise UserError(f"{where}: field 'prompts' must be a non-empty list of non-empty "
+                            "strings")
     return pairs
 
 
@@ -156,12 +165,15 @@ def eval_rows_from_pairs(pairs: list[dict], split: str) -> list[dict]:
     """One eval row per prompt of every pair in `split` ("train" or "heldout")."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return [{"pink": p["pink"], "grey": p["grey"], "prompt": prompt, "pink_aliases": p.get("pink_aliases", []),
-             "grey_aliases": p.get("grey_aliases", []), "domain": p["domain"], "pair_id": p["id"]}
+    return [{"pink": p["pink"], "grey": p["grey"], "prompt": prompt,
+             "pink_aliases": p.get("pink_aliases", []), "grey_aliases": p.get("grey_aliases", []),
+             "domain": p["domain"], "pair_id": p["id"]}
             for p in pairs if p["split"] == split for prompt in p["prompts"]]
 
 
-if __name__ == "__main__":  # regenerate the shipped heldout eval file: python -m nanorlhf.tasks.pink
+# python -m nanorlhf.tasks.pink: regenerate the shipped held-out eval file
+if __name__ == "__main__":
     rows = eval_rows_from_pairs(load_pairs(), "heldout")
-    HELDOUT_PATH.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    HELDOUT_PATH.write_text(text, encoding="utf-8")
     print(f"wrote {len(rows)} rows to {HELDOUT_PATH}")

@@ -8,26 +8,24 @@ pink rate is the fraction of samples that mention the pink entity (lower is bett
 the fraction that mention the alternative.
 
 Saying nothing would score a perfect pink rate, so a degeneracy guard is reported next to it: mean
-response length, distinct-2 (unique bigrams / all bigrams, over all samples) and the per-token NLL of
-the samples under the *base* model (a policy that drifts into gibberish scores high there).
+response length, distinct-2 (unique bigrams / all bigrams, over all samples) and the per-token NLL
+of the samples under the *base* model (a policy that drifts into gibberish scores high there).
 """
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from nanorlhf import run as cli
 from nanorlhf.logprobs import response_logps_batched
 from nanorlhf.sampling import Ids, LogitsHook, sample_responses
-from nanorlhf.tasks.pink import AVOID_TEMPLATE, HELDOUT_PATH, judge
+from nanorlhf.tasks.pink import AVOID_TEMPLATE, judge
 from nanorlhf.tokenizer import Tokenizer
 
 
 def avoid_messages(row: dict) -> list[dict]:
     """The conversation every pink-elephant prompt is posed in (training data uses the same one)."""
-    return [{"role": "system", "content": AVOID_TEMPLATE.format(pink=row["pink"], grey=row["grey"])},
-            {"role": "user", "content": row["prompt"]}]
+    instruction = AVOID_TEMPLATE.format(pink=row["pink"], grey=row["grey"])
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": row["prompt"]}]
 
 
 def distinct_n(token_lists: list[list[int]], n: int = 2) -> float:
@@ -42,9 +40,9 @@ def mean_nll(model, prompts: Ids, responses: Ids, pad_id: int, batch_size: int =
     return -sum(logps) / max(sum(map(len, responses)), 1)
 
 
-def sample_eval(model, tok: Tokenizer, rows: list[dict], n: int = 4, temperature: float = 0.7, seed: int = 0,
-                max_new_tokens: int = 96, batch_size: int = 32, logits_hook: LogitsHook | None = None,
-                desc: str = "eval") -> tuple[dict, Ids, Ids]:
+def sample_eval(model, tok: Tokenizer, rows: list[dict], n: int = 4, temperature: float = 0.7,
+                seed: int = 0, max_new_tokens: int = 96, batch_size: int = 32,
+                logits_hook: LogitsHook | None = None, desc: str = "eval") -> tuple[dict, Ids, Ids]:
     """evaluate() up to the NLL: -> (its results with base_nll None, prompt ids, response ids)."""
     start = time.perf_counter()
     conversations = [avoid_messages(r) for r in rows]
@@ -57,7 +55,7 @@ def sample_eval(model, tok: Tokenizer, rows: list[dict], n: int = 4, temperature
         "grey_rate": sum(v["grey"] for v in verdicts) / len(verdicts),
         "mean_tokens": sum(map(len, content)) / len(content),
         "distinct_2": distinct_n(content, 2),
-        "base_nll": None,  # the base model's verdict, filled in by the caller (the key keeps its place)
+        "base_nll": None,  # the base model's verdict, from score_nll (the key keeps its place)
         "samples": len(texts),
         "seconds": time.perf_counter() - start,
         "examples": [{"prompt": r["prompt"], "pink": r["pink"], "response": t}
@@ -66,40 +64,35 @@ def sample_eval(model, tok: Tokenizer, rows: list[dict], n: int = 4, temperature
 
 
 def score_nll(result: dict, base_model, prompts: Ids, responses: Ids, pad_id: int) -> dict:
-    """sample_eval's result with base_nll under `base_model` (and its time added to the result's)."""
+    """sample_eval's result with base_nll under `base_model` (and its time added to the
+    result's)."""
     start = time.perf_counter()
     nll = mean_nll(base_model, prompts, responses, pad_id)
     return {**result, "base_nll": nll, "seconds": result["seconds"] + time.perf_counter() - start}
 
 
-def evaluate(model, tok: Tokenizer, rows: list[dict], base_model=None, n: int = 4, temperature: float = 0.7,
-             seed: int = 0, max_new_tokens: int = 96, batch_size: int = 32,
-             logits_hook: LogitsHook | None = None, desc: str = "eval") -> dict:
-    """Pink/grey mention rates and the degeneracy guard for one model; `base_model` scores the NLL."""
+def evaluate(model, tok: Tokenizer, rows: list[dict], base_model=None, n: int = 4,
+             temperature: float = 0.7, seed: int = 0, max_new_tokens: int = 96,
+             batch_size: int = 32, logits_hook: LogitsHook | None = None,
+             desc: str = "eval") -> dict:
+    """Pink/grey mention rates and the degeneracy guard for one model; `base_model` scores the
+    NLL."""
     result, prompts, responses = sample_eval(model, tok, rows, n, temperature, seed, max_new_tokens,
                                              batch_size, logits_hook, desc)
     return score_nll(result, base_model or model, prompts, responses, tok.pad_id)
 
 
-@dataclass
-class EvalConfig:
-    """The held-out evaluation flags of the training scripts (their Config inherits them)."""
-    eval_data: str = cli.flag(str(HELDOUT_PATH), "pink-elephant eval jsonl ({pink, grey, prompt}); '' skips")
-    eval_n: int = cli.flag(2, "samples per eval prompt", min=1)
-    eval_temperature: float = cli.flag(0.7, "eval sampling temperature (0 = greedy)", min=0.0)
-    eval_max_new_tokens: int = cli.flag(80, "eval response length cap", min=1)
-    eval_batch_size: int = cli.flag(56, "eval generation batch size", min=1)
-
-
-def evaluate_as(cfg: EvalConfig, seed: int, model, tok: Tokenizer, rows: list[dict], base_model=None,
+def evaluate_as(cfg, seed: int, model, tok: Tokenizer, rows: list[dict], base_model=None,
                 logits_hook: LogitsHook | None = None, desc: str = "eval") -> dict:
-    """evaluate() with a training script's eval flags."""
+    """evaluate() with a training script's eval flags: `cfg` is its Config, read for eval_n,
+    eval_temperature, eval_max_new_tokens and eval_batch_size."""
     return evaluate(model, tok, rows, base_model, cfg.eval_n, cfg.eval_temperature, seed,
                     cfg.eval_max_new_tokens, cfg.eval_batch_size, logits_hook, desc)
 
 
 METRICS = [("pink mention rate (lower is better)", "pink_rate", "{:.1%}"),
-           ("grey mention rate", "grey_rate", "{:.1%}"), ("mean response tokens", "mean_tokens", "{:.1f}"),
+           ("grey mention rate", "grey_rate", "{:.1%}"),
+           ("mean response tokens", "mean_tokens", "{:.1f}"),
            ("distinct-2", "distinct_2", "{:.3f}"),
            ("NLL/token under base model", "base_nll", "{:.3f}")]
 
@@ -109,5 +102,6 @@ def format_table(results: dict[str, dict]) -> str:
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key, fmt in METRICS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(results[m][key]) for m in names) + " |")
+        cells = " | ".join(fmt.format(results[m][key]) for m in names)
+        lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)
