@@ -59,13 +59,14 @@ def test_fp32_judge_runs_the_packed_matmuls_and_stays_within_fp32_rounding(tiny_
     # QDAIF's fp32 judge multiplies through oneDNN (nanorlhf/packed.py) when this torch has it. Against the
     # float64 reference: the tiny models' fp32 logits carry ~1e-5 of rounding (tests/test_fast_decode.py's
     # bound) and an option sums up to 4 log-softmax terms, so 1e-4; a wrong weight moves them by O(1e-2)
-    from nanorlhf.fast.packed import PackedLinear, available
+    from nanorlhf.fast.packed import PackedLinear, available, packed_linears
 
     model = load_model(tiny_dirs["qwen2-bias"]).eval()
     kinds = []
     model.lm_head.register_forward_pre_hook(lambda mod, args: kinds.append(type(mod)))
     texts = prompts_for(torch.Generator().manual_seed(1), 7)
-    got = option_logprobs(model, texts, OPTIONS, pad_id=0)
+    with packed_linears(model):  # as qdaif.py's PoetryDomain.ask runs the judge
+        got = option_logprobs(model, texts, OPTIONS, pad_id=0)
     assert kinds and set(kinds) == {PackedLinear if available() else torch.nn.Linear}  # every forward packed
     exact = model.double()
     for q, options in enumerate(OPTIONS):

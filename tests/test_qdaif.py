@@ -12,8 +12,10 @@ import transformers
 import torch
 
 import qdaif
+from conftest import crash_at_step
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
+from nanorlhf.run import resume_run
 from nanorlhf.tasks.qdaif_report import by_tone
 from nanorlhf.tokenizer import Tokenizer
 
@@ -201,18 +203,27 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert (runs[0] / "elites.jsonl").read_bytes() == (runs[1] / "elites.jsonl").read_bytes()
 
 
-def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
+def resumed(run_dir) -> qdaif.Config:
+    """--resume RUN_DIR: the interrupted run's own config, as main() reads it."""
+    return resume_run(qdaif.Config, str(run_dir), "qdaif")[0]
+
+
+def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full = qdaif.run(cfg_for(tmp_path, "full", iterations=160), MockReward())[2]
-    part = qdaif.run(cfg_for(tmp_path, "part", iterations=72), MockReward())[2]
-    with open(part / "history.jsonl", "a") as fh:  # a crash after writing candidates, before the snapshot
-        fh.write('{"id": 72, "half": "written"}\n')
-    qdaif.run(cfg_for(tmp_path, "part", iterations=160, resume=True), MockReward())
-    for name in ("history.jsonl", "elites.jsonl", "metrics.jsonl", "snapshot.json", "summary.json"):
+    part = tmp_path / "part"  # a crash after writing batch 10's candidates, before its state (72 done)
+    crash_at_step(monkeypatch, 10, lambda: qdaif.run(cfg_for(tmp_path, "part", iterations=160),
+                                                     MockReward()))
+    with open(part / "history.jsonl", "a") as fh:  # and a line half written
+        fh.write('{"id": 80, "half": "written"}\n')
+    qdaif.run(resumed(part), MockReward())
+    for name in ("history.jsonl", "elites.jsonl", "metrics.jsonl", "state/state.json",
+                 "state/state.safetensors", "summary.json"):
         assert (full / name).read_bytes() == (part / name).read_bytes(), name
-    with pytest.raises(UserError, match="was run with --grid"):
-        qdaif.run(cfg_for(tmp_path, "part", resume=True, grid="genre=haiku;tone=dark"), MockReward())
-    with pytest.raises(UserError, match="no snapshot.json"):
-        qdaif.run(cfg_for(tmp_path, "nothing", resume=True), MockReward())
+    crash_at_step(monkeypatch, 1, lambda: qdaif.run(cfg_for(tmp_path, "early"), MockReward()))
+    with pytest.raises(UserError, match="no resumable state"):  # it crashed before its first state
+        resumed(tmp_path / "early")
+    with pytest.raises(UserError, match="no config.json"):
+        resumed(tmp_path / "nothing")
 
 
 def test_heatmaps_show_the_planted_reward_table(tmp_path, capsys):
@@ -301,14 +312,35 @@ def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path
         assert g.key(r["target"]) is not None
         if r["text"].strip():
             assert g.key(r["judged"]) is not None and r["cell"] == r["judged"] and 0 <= r["fitness"] <= 1
-    for name in ("elites.svg", "mean_fitness.svg", "qd_score.svg", "summary.json", "snapshot.json", "config.json"):
+    for name in ("elites.svg", "mean_fitness.svg", "qd_score.svg", "summary.json", "state/state.json",
+                 "config.json"):
         assert (tmp_path / "tiny" / name).exists()
     assert "coverage" in capsys.readouterr().out
 
 
+def test_main_resumes_an_interrupted_run_with_its_own_flags(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """python qdaif.py --resume RUN_DIR on the LM: the judge's priors are recomputed, the sampler is the run's own
+    (stream here; --sampler batch given beside --resume is ignored), and the outputs equal an uninterrupted run's.
+    A used --run is refused with a line that offers --resume."""
+    def main(*argv):
+        monkeypatch.setattr("sys.argv", ["qdaif.py", *argv])
+        qdaif.main()
+
+    flags = ["--model", str(tiny_chat_model), "--out-dir", str(tmp_path), "--iterations", "6",
+             "--init-iterations", "2", "--batch-size", "2", "--max-new-tokens", "8", "--sampler", "stream"]
+    main(*flags, "--run", "full")
+    crash_at_step(monkeypatch, 3, lambda: main(*flags, "--run", "part"))
+    main("--resume", str(tmp_path / "part"), "--sampler", "batch", "--iterations", "2")
+    assert f"QDAIF: resuming {tmp_path / 'part'} after batch 2, torch threads: " in capsys.readouterr().out
+    for name in ("history.jsonl", "elites.jsonl", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes(), name
+    with pytest.raises(UserError, match=f"already holds a run: .* --resume {tmp_path / 'full'}$"):
+        main(*flags, "--run", "full")
+
+
 def test_poetry_domain_prompts():
     cfg = qdaif.Config()
-    domain = qdaif.PoetryDomain(None, None, grid(), cfg)
+    domain = qdaif.PoetryDomain(None, None, grid(), cfg, qdaif.generate)
     seen = []
     domain._generate = lambda prompts, seed: seen.extend(prompts) or [""] * len(prompts)
     domain.init_batch([{"genre": "haiku", "tone": "dark"}], seed=3)
@@ -319,6 +351,23 @@ def test_poetry_domain_prompts():
                     "Here is a sonnet:\n\nGrey sky,\nfields of green.\n\nRewrite it as a mysterious limerick of very "
                     "high, award-winning quality. Reply with the poem only."]
     assert domain.fitness_range == (0.0, 1.0)
+
+
+def test_the_judge_multiplies_through_packed_matmuls_and_the_writer_does_not(tiny_chat_model):
+    """The numbers QDAIF has published: its judge runs oneDNN's packed matmuls (nanorlhf/fast/packed.py, where
+    this torch has them), its writer torch's own. The choice is qdaif.py's (PoetryDomain.ask), not the judge's."""
+    from nanorlhf.fast.packed import PackedLinear, available
+
+    model, kinds = load_model(tiny_chat_model).eval(), []
+    model.lm_head.register_forward_pre_hook(lambda mod, args: kinds.append(type(mod)))
+    domain = qdaif.PoetryDomain(model, Tokenizer(tiny_chat_model), grid(), qdaif.Config(max_new_tokens=4),
+                                qdaif.generate)
+    poems = domain.init_batch([{"genre": "haiku", "tone": "dark"}], seed=0)
+    assert kinds and set(kinds) == {torch.nn.Linear}
+    kinds.clear()
+    domain.labels_batch(poems + ["a poem"])
+    assert kinds and set(kinds) == {PackedLinear if available() else torch.nn.Linear}
+    assert type(model.lm_head) is torch.nn.Linear  # unpacked again after the judge
 
 
 def test_calibration_divides_by_the_mean_content_free_distribution():
@@ -370,7 +419,7 @@ def test_calibrated_labels_and_fitness_match_a_float64_recomputation(tiny_chat_m
     forwards = []  # the judge's forwards: one for the content-free priors, one for the poems' labels and fitness
     real_option_logprobs = qdaif.option_logprobs
     monkeypatch.setattr(qdaif, "option_logprobs", lambda *a: forwards.append(a) or real_option_logprobs(*a))
-    domain = qdaif.PoetryDomain(load_model(judge_dir).eval(), tok, grid(), qdaif.Config())
+    domain = qdaif.PoetryDomain(load_model(judge_dir).eval(), tok, grid(), qdaif.Config(), qdaif.generate)
     judged = domain.labels_batch(poems)
     fitness = domain.fitness_batch(poems, judged)
     assert len(seen) == 2 and len(forwards) == 2
@@ -414,8 +463,10 @@ def test_rm_fitness_loads_on_the_lm_device_bf16_on_cuda(tiny_chat_model, tmp_pat
         raise Loaded
 
     monkeypatch.setattr(nanorlhf.reward, "load_reward_model", load_reward_model)
+    monkeypatch.setattr("sys.argv", ["qdaif.py", "--model", str(tiny_chat_model), "--fitness",
+                                     f"rm:{tiny_chat_model}", "--out-dir", str(tmp_path)])
     with pytest.raises(Loaded):
-        qdaif.run(qdaif.Config(model=str(tiny_chat_model), fitness=f"rm:{tiny_chat_model}", out_dir=str(tmp_path)))
+        qdaif.main()
     assert asked == {"lm": torch.device(lm_device), "rm": (torch.device(lm_device), dtype)}
 
 
@@ -462,8 +513,7 @@ def test_echo_flag_per_candidate_and_echo_elites_false_keeps_them_out(tmp_path, 
     assert not any(e["echo"] for e in archive.elites.values()) and summary["echo"]["elites"] == 0
     assert summary["cells"]["haiku/happy"]["count"] == sum(r["cell"] == {"genre": "haiku", "tone": "happy"}
                                                            for r in rows)  # echoes still count as candidates
-    with pytest.raises(UserError, match="--echo-elites false"):
-        qdaif.run(cfg_for(tmp_path, "no", resume=True), MockEcho())
+    assert resumed(run_dir).echo_elites is False  # a resume goes on with the run's own flag
 
 
 def test_sentiment_is_vaders_compound_for_every_candidate(tmp_path):
@@ -558,7 +608,7 @@ def test_seeds_aggregate_hand_made_summaries(tmp_path, capsys):
             qdaif_seeds.main([str(bad)])
 
 
-def test_resume_and_report_keep_poems_that_hold_unicode_line_separators(tmp_path):
+def test_resume_and_report_keep_poems_that_hold_unicode_line_separators(tmp_path, monkeypatch):
     """json.dumps leaves U+2028 and U+0085 in a poem as they are, and str.splitlines splits at them: history.jsonl
     must be read line by line at '\\n' only, or the report misreads it and a resume cuts it in the wrong place."""
     class Separators(MockReward):
@@ -567,8 +617,9 @@ def test_resume_and_report_keep_poems_that_hold_unicode_line_separators(tmp_path
             return text and text + " one\u2028two\x85three"
 
     full = qdaif.run(cfg_for(tmp_path, "full", iterations=80), Separators())[2]
-    part = qdaif.run(cfg_for(tmp_path, "part", iterations=40), Separators())[2]
-    qdaif.run(cfg_for(tmp_path, "part", iterations=80, resume=True), Separators())
+    part = tmp_path / "part"
+    crash_at_step(monkeypatch, 6, lambda: qdaif.run(cfg_for(tmp_path, "part", iterations=80), Separators()))
+    qdaif.run(resumed(part), Separators())
     assert (full / "history.jsonl").read_bytes() == (part / "history.jsonl").read_bytes()
     rows = [json.loads(line) for line in (full / "history.jsonl").read_text().split("\n")[:-1]]
     assert len(rows) == 80 and sum("\u2028" in r["text"] for r in rows) > 0
