@@ -32,6 +32,12 @@ def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=No
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
+def positional(help: str):
+    """A Config field given by position, not as a --flag (a tool's paths): required, so it comes first
+    in the dataclass. Annotated list[str] it takes one or more values, as a list[str] flag does."""
+    return dataclasses.field(metadata={"help": help, "positional": True})
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -59,14 +65,20 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None):
     """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    and its default; booleans take true|false, so a default of true can be turned off. Every value is
-    checked (check_flags) before the script does any work."""
+    and its default, or a positional argument (positional()); booleans take true|false, so a default
+    of true can be turned off; a list[str] field takes one or more values. Every value is checked
+    (check_flags) before the script does any work. `prog`: the command --help shows."""
     parser = _Parser(prog=prog, description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = _flag_type(f.type)
-        default = str(f.default).lower() if kind is _parse_bool else f.default
-        parser.add_argument(flag_name(f.name), type=kind, default=f.default,
+        kind, nargs = _flag_type(f.type), "+" if str(f.type).startswith("list") else None
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, nargs=nargs, metavar=f.name.upper(),
+                                help=f.metadata["help"].replace("%", "%%"))
+            continue
+        default = (str(f.default).lower() if kind is _parse_bool
+                   else " ".join(f.default) if nargs else f.default)
+        parser.add_argument(flag_name(f.name), type=kind, nargs=nargs, default=f.default,
                             metavar="true|false" if kind is _parse_bool else None,
                             # argparse %-formats help text: a literal % ("99% of texts") must be doubled
                             help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))

@@ -408,12 +408,12 @@ def test_dst_exists(sharded_src, capsys):
     dst = sharded_src.parent / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    assert "exists and is not empty (--force replaces it)" in cli_error([sharded_src, dst], capsys)
+    assert "exists and is not empty (--force true replaces it)" in cli_error([sharded_src, dst], capsys)
     assert (dst / "keep.txt").read_text() == "mine" and [p.name for p in dst.iterdir()] == ["keep.txt"]
     (sharded_src.parent / "file").write_text("")
     assert "exists and is a file" in cli_error([sharded_src, sharded_src.parent / "file"], capsys)
     assert "must be outside SRC" in cli_error([sharded_src, sharded_src / "out"], capsys)
-    convert.main([str(sharded_src), str(dst), "--force"])  # --force replaces it, whole
+    convert.main([str(sharded_src), str(dst), "--force", "true"])  # --force true replaces it, whole
     assert sorted(p.name for p in dst.iterdir()) == ["CHECKSUMS", "config.json", "model-00001-of-00002.safetensors",
                                                      "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     assert load_file(dst / "model-00002-of-00002.safetensors")["b"].tolist() == [0.0, 0.0, 0.0]
