@@ -114,7 +114,7 @@ class Config:
                           "the cell")
     rm_batch_size: int = flag(8, "reward-model scoring batch", min=1)
     out_dir: str = flag("out/qdaif", "runs are written to OUT_DIR/RUN")
-    run: str = flag("", "run name (default: a timestamp)")
+    run: str = flag("", "run name (empty: a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
     save_every: int = flag(1, "write RUN/state/ (for --resume) every N batches", min=1)
     seed: int = flag(0, "seed for targets, parents and sampling")
