@@ -32,6 +32,12 @@ def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=No
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
+def positional(help: str):
+    """A Config field given by position, not as a --flag (a tool's paths): required, so it comes first
+    in the dataclass. Annotated list[str] it takes one or more values, as a list[str] flag does."""
+    return dataclasses.field(metadata={"help": help, "positional": True})
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -60,28 +66,34 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None,
                  defaults: dict | None = None):
     """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    and its default; booleans take true|false, so a default of true can be turned off; a field typed
-    tuple[str, ...] is a flag given once per value (--model a --model b). `defaults` (field name ->
-    value) replace the fields' own: e.g. a finished run's config, which the flags given override.
-    Every value is checked (check_flags) before the script does any work."""
+    and its default, or a positional argument (positional()); booleans take true|false, so a default
+    of true can be turned off; a field typed list[str] or tuple[str, ...] takes one or more values
+    (--model a b, or --model a --model b). `defaults` (field name -> value) replace the fields' own:
+    e.g. a finished run's config, which the flags given override. Every value is checked
+    (check_flags) before the script does any work. `prog`: the command --help shows."""
     parser = _Parser(prog=prog, description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: (f, _flag_type(f.type), (defaults or {}).get(f.name, f.default))
               for f in dataclasses.fields(cls)}
     for f, kind, default in fields.values():
-        shown = " ".join(default) if kind is tuple else default
-        shown = str(default).lower() if kind is _parse_bool else shown
+        many = _many(f)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, nargs="+" if many else None,
+                                metavar=f.name.upper(), help=f.metadata["help"].replace("%", "%%"))
+            continue
+        shown = " ".join(default) if many else str(default).lower() if kind is _parse_bool else default
         # argparse %-formats help text: a literal % ("99% of texts") must be doubled
         text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
-        if kind is tuple:  # appended to None, never to the default (see below)
-            parser.add_argument(flag_name(f.name), action="append", help=text)
+        if many:  # extended onto None, never onto the default (see below)
+            parser.add_argument(flag_name(f.name), action="extend", nargs="+", help=text)
         else:
             parser.add_argument(flag_name(f.name), type=kind, default=default, help=text,
                                 metavar="true|false" if kind is _parse_bool else None)
     values = vars(parser.parse_args(argv))
-    for name, (_, kind, default) in fields.items():
-        if kind is tuple:  # the values given, in order; none given: the default
-            values[name] = default if values[name] is None else tuple(values[name])
+    for name, (f, _, default) in fields.items():
+        if _many(f):  # the values given, in order (none given: the default), as the field's type
+            given = default if values[name] is None else values[name]
+            values[name] = tuple(given) if str(f.type).startswith("tuple") else list(given)
     cfg = cls(**values)
     check_flags(cfg)
     return cfg
@@ -93,10 +105,14 @@ def _parse_bool(text: str) -> bool:
     return text.lower() in ("true", "1", "yes")
 
 
+def _many(f: dataclasses.Field) -> bool:
+    """A list[str] or tuple[str, ...] field: one or more values."""
+    return str(f.type).startswith(("list", "tuple"))
+
+
 def _flag_type(annotation):
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
-    name = "tuple" if name.startswith("tuple") else name  # "tuple[str, ...]" or tuple[str, ...]
-    return {"bool": _parse_bool, "int": int, "float": float, "tuple": tuple}.get(name, str)
+    return {"bool": _parse_bool, "int": int, "float": float}.get(name, str)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,38 +1,44 @@
-"""Ask a model one question: python tools/chat.py --model llama "What is the capital of France?" """
+"""Ask a model one question.
 
-import argparse
+    python tools/chat.py --model llama "What is the capital of France?"
+"""
+
 import time
-
-import torch
+from dataclasses import dataclass
 
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
+from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.model import device
+from nanorlhf.run import flag, parse_config, positional
 from nanorlhf.sampling import generate
 from nanorlhf.tokenizer import Tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("prompt", help="the user message")
-    parser.add_argument("--model", default="llama",
-                        help="checkpoint directory, local HF cache id, or 'llama' (embedded)")
-    parser.add_argument("--system", default=None, help="system message (default: the model's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+@dataclass
+class Config:
+    prompt: str = positional("the user message")
+    model: str = flag("llama", "checkpoint directory, local HF cache id, or 'llama' (embedded)")
+    system: str = flag("", "system message (empty: the model's own)")
+    max_new_tokens: int = flag(128, "answer length cap, in tokens", min=1)
+    temperature: float = flag(0.0, "sampling temperature (0: greedy)", min=0)
+    top_p: float = flag(1.0, "nucleus sampling (1: off)", gt=0, max=1)
+    seed: int = flag(0, "sampling seed")
+    threads: int = flag(0, THREADS_HELP, min=0)
 
-    model_dir = resolve_model(args.model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(model_dir, device=device).eval(), Tokenizer(model_dir)
-    prompt = tokenizer.chat_prompt(args.prompt, system=args.system)
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, __doc__, argv, prog="python tools/chat.py")
+    threads = choose_threads(cfg.threads)
+    model_dir = resolve_model(cfg.model)
+    model, tokenizer = load_model(model_dir, device=device()).eval(), Tokenizer(model_dir)
+    prompt = tokenizer.chat_prompt(cfg.prompt, system=cfg.system or None)
     start = time.perf_counter()
-    out = generate(model, [prompt], args.max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, tokenizer=tokenizer)
+    out = generate(model, [prompt], cfg.max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer)
     seconds = time.perf_counter() - start
     print(out.texts[0])
-    print(f"[{len(out.ids[0])} tokens in {seconds:.1f}s]")
+    print(f"[{len(out.ids[0])} tokens in {seconds:.1f}s, torch threads: {threads}]")
 
 
 if __name__ == "__main__":

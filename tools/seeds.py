@@ -1,20 +1,35 @@
-"""Mean ± standard error over seeds, per step, from runs' metrics.jsonl: one result is a table, not one run.
+"""Mean ± standard error over seeds, per step, from runs' metrics.jsonl: one result is a table, not
+one run.
 
     python tools/seeds.py --by iteration --keys gold,proxy_acc,kl out/rest_loop/iter-s{0,1,2}
-    python tools/seeds.py --by iteration --keys gold out/rest_loop/iter-s{0,1,2} --vs out/rest_loop/one-s{0,1,2}
+    python tools/seeds.py --by iteration --keys gold out/rest_loop/iter-s{0,1,2} \\
+        --vs out/rest_loop/one-s{0,1,2}
 
-Every run is one independent sample (its own seed), so the SE of a mean over n runs is the sample standard
-deviation (n - 1 in the denominator) over sqrt(n). With --vs, the difference of the two groups' means per
-step, with the SE of a difference of independent means, sqrt(se_a² + se_b²).
+Every run is one independent sample (its own seed), so the SE of a mean over n runs is the sample
+standard deviation (n - 1 in the denominator) over sqrt(n). With --vs, the difference of the two
+groups' means per step, with the SE of a difference of independent means, sqrt(se_a² + se_b²).
 """
 
-import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanorlhf.errors import UserError, run_cli
+from nanorlhf.run import flag, parse_config, positional
 from nanorlhf.tasks.stats import mean_se
+
+
+@dataclass
+class Config:
+    runs: list[str] = positional("run directories (one per seed)")
+    keys: str = flag("", "comma-separated metrics to average (at least one)")
+    by: str = flag("step", "the step column of metrics.jsonl (rest_loop: iteration)")
+    vs: list[str] = flag((), "a second group of runs (the baseline)")
+
+    def check(self) -> None:
+        if not [k for k in self.keys.split(",") if k]:
+            raise UserError("--keys: name the metrics to average, e.g. --keys gold,kl")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -31,7 +46,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def per_step(runs: list[list[dict]], by: str, keys: list[str]) -> dict:
-    """runs' metric rows -> {step: {key: (mean, se, n)}} over the runs that logged that key at that step."""
+    """runs' metric rows -> {step: {key: (mean, se, n)}} over the runs that logged that key at that
+    step."""
     table: dict = {}
     for rows in runs:
         for row in rows:
@@ -40,7 +56,8 @@ def per_step(runs: list[list[dict]], by: str, keys: list[str]) -> dict:
             for key in keys:
                 if row.get(key) is not None:
                     table.setdefault(row[by], {}).setdefault(key, []).append(float(row[key]))
-    return {step: {k: (*mean_se(vs), len(vs)) for k, vs in cols.items()} for step, cols in sorted(table.items())}
+    return {step: {k: (*mean_se(vs), len(vs)) for k, vs in cols.items()}
+            for step, cols in sorted(table.items())}
 
 
 def format_table(a: dict, keys: list[str], by: str, b: dict | None = None) -> str:
@@ -61,18 +78,14 @@ def format_table(a: dict, keys: list[str], by: str, b: dict | None = None) -> st
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (one per seed)")
-    parser.add_argument("--by", default="step", help="the step column of metrics.jsonl (rest_loop: iteration)")
-    parser.add_argument("--keys", required=True, help="comma-separated metrics to average")
-    parser.add_argument("--vs", nargs="*", default=None, help="a second group of runs (the baseline)")
-    args = parser.parse_args()
-    keys = [k for k in args.keys.split(",") if k]
-    group = lambda dirs: per_step([read_metrics(d) for d in dirs], args.by, keys)
-    a, b = group(args.runs), group(args.vs) if args.vs else None
-    print(f"{len(args.runs)} runs" + (f" vs {len(args.vs)} runs" if args.vs else "") + ": mean ± SE over seeds")
-    print(format_table(a, keys, args.by, b))
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, __doc__, argv, prog="python tools/seeds.py")
+    keys = [k for k in cfg.keys.split(",") if k]
+    group = lambda dirs: per_step([read_metrics(d) for d in dirs], cfg.by, keys)
+    a, b = group(cfg.runs), group(cfg.vs) if cfg.vs else None
+    versus = f" vs {len(cfg.vs)} runs" if cfg.vs else ""
+    print(f"{len(cfg.runs)} runs{versus}: mean ± SE over seeds")
+    print(format_table(a, keys, cfg.by, b))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""map.html: a QDAIF archive to click through, one self-contained file (no server, no network, no other file).
+"""map.html: a QDAIF archive to click through, one self-contained file (no server, no network, no
+other file).
 
-The heatmap has three views (elite fitness, mean fitness of every valid candidate, candidate count). A click
-on a cell shows its elite poem, its score, and its lineage: the parent, the parent's parent, ... back to the
-fresh poem it started from, each with its operation, cell, fitness and text. `map.html#cell=sonnet/dark`
-opens a cell (add `&view=count` for a view), so a link can point at a poem.
-
-Poems are model output, so nothing from the data becomes markup: the page builds every element with
-textContent, and the data sits in a JSON script block with <, > and & written as \\u escapes, so a poem
+The heatmap has three views (elite fitness, mean fitness of every valid candidate, candidate count).
+A click on a cell shows its elite poem, its score, and its lineage: the parent, the parent's parent,
+... back to the fresh poem it started from, each with its operation, cell, fitness and text.
+`map.html#cell=sonnet/dark` opens a cell (add `&view=count` for a view), so a link can point at a
+poem.
+ Poems are model output, so nothing from the data becomes markup: the page builds every element with
+textContent, and the data sits in a JSON script block with <, > and & written as \\u escapes, so a
+poem
 holding `</script>` cannot end the block.
 """
 
@@ -16,11 +18,13 @@ from pathlib import Path
 
 from nanorlhf.atomic import atomic_write_text
 
-FIELDS = ("id", "batch", "op", "parent", "target", "judged", "cell", "fitness", "status", "echo", "sentiment", "text")
+FIELDS = ("id", "batch", "op", "parent", "target", "judged", "cell", "fitness", "status", "echo",
+          "sentiment", "text")
 
 
 def lineages(elites: dict[str, dict], history: list[dict]) -> dict[str, dict]:
-    """Every elite and all its ancestors (parent ids walked through the history), by id, cut to FIELDS."""
+    """Every elite and all its ancestors (parent ids walked through the history), by id, cut to
+    FIELDS."""
     by_id, poems = {h["id"]: h for h in history}, {}
     for elite in elites.values():
         poem = elite
@@ -31,16 +35,18 @@ def lineages(elites: dict[str, dict], history: list[dict]) -> dict[str, dict]:
 
 
 def embed_json(data) -> str:
-    """JSON safe inside <script>: '<', '>' and '&' only occur in strings, where \\u003c etc. mean the same."""
+    """JSON safe inside <script>: '<', '>' and '&' only occur in strings, where \\u003c etc. mean
+    the same."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def write_map(path: str | Path, title: str, row_axis: str, col_axis: str, rows: list[str], cols: list[str],
-              cells: dict[str, dict], elites: dict[str, dict], history: list[dict], summary: dict,
-              scale: tuple[float, float], curve_svg: str) -> Path:
-    """cells: 'row/col' -> {elite, mean, count} (qdaif_report.cell_stats); elites: 'row/col' -> candidate;
-    scale: the fitness colour range; curve_svg: the QD curve, our own SVG markup, inlined as it is."""
+def write_map(path: str | Path, title: str, row_axis: str, col_axis: str, rows: list[str],
+              cols: list[str], cells: dict[str, dict], elites: dict[str, dict], history: list[dict],
+              summary: dict, scale: tuple[float, float], curve_svg: str) -> Path:
+    """cells: 'row/col' -> {elite, mean, count} (qdaif_report.cell_stats); elites: 'row/col' ->
+    candidate; scale: the fitness colour range; curve_svg: the QD curve, our own SVG markup, inlined
+    as it is."""
     data = {"title": title, "row_axis": row_axis, "col_axis": col_axis, "rows": rows, "cols": cols,
             "scale": list(scale), "cells": {k: {**c, "id": elites[k]["id"] if k in elites else None}
                                             for k, c in cells.items()},
@@ -58,7 +64,8 @@ PAGE = """<!doctype html>
 <title>{{title}}</title>
 <style>
 body { font-family: sans-serif; font-size: 14px; margin: 16px 24px; color: #222; background: #fff; }
-h1 { font-size: 20px; } h2 { font-size: 16px; margin: 8px 0; } h3 { font-size: 14px; margin: 12px 0 4px; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin: 8px 0; }
+h3 { font-size: 14px; margin: 12px 0 4px; }
 .meta { color: #555; }
 #views label { margin-right: 14px; cursor: pointer; }
 #layout { display: flex; gap: 28px; align-items: flex-start; flex-wrap: wrap; }
@@ -70,7 +77,8 @@ td.cell.empty { background: #d0d0d0; color: #555; }
 td.cell.selected { outline: 3px solid #e6194b; outline-offset: -3px; }
 td.cell .flag { display: block; font-size: 10px; }
 #detail { flex: 1 1 24em; max-width: 46em; }
-pre.poem { white-space: pre-wrap; background: #f5f5f5; padding: 8px 10px; border-left: 3px solid #999; margin: 4px 0; }
+pre.poem { white-space: pre-wrap; background: #f5f5f5; padding: 8px 10px;
+           border-left: 3px solid #999; margin: 4px 0; }
 ol#lineage li { margin-bottom: 10px; }
 </style>
 </head>
@@ -92,10 +100,12 @@ ol#lineage li { margin-bottom: 10px; }
 <script>
 "use strict";
 const D = JSON.parse(document.getElementById("data").textContent);
-const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // as svg.py
+// as svg.py
+const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 let view = "elite", selected = null;
 
-function el(tag, attrs, ...children) {  // text children become text nodes: nothing is parsed as HTML
+// text children become text nodes: nothing is parsed as HTML
+function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
   e.append(...children);
@@ -135,7 +145,8 @@ function render() {
         const [bg, ink] = colour((v - lo) / ((hi - lo) || 1));
         td.style.background = bg; td.style.color = ink;
         td.append(el("span", {class: "value"}, view === "count" ? String(v) : v.toFixed(2)));
-        if (view === "elite" && D.poems[cell.id] && D.poems[cell.id].echo) td.append(el("span", {class: "flag"}, "echo"));
+        if (view === "elite" && D.poems[cell.id] && D.poems[cell.id].echo)
+          td.append(el("span", {class: "flag"}, "echo"));
       }
       if (key === selected) td.classList.add("selected");
       td.addEventListener("click", () => select(key));
@@ -143,7 +154,8 @@ function render() {
     }
     table.append(tr);
   }
-  const what = {elite: "elite fitness", mean: "mean fitness of every valid candidate", count: "valid candidates"}[view];
+  const what = {elite: "elite fitness", mean: "mean fitness of every valid candidate",
+                count: "valid candidates"}[view];
   const digits = view === "count" ? 0 : 2;
   document.getElementById("legend").textContent =
     `colour: ${what}, ${num(lo, digits)} (dark) to ${num(hi, digits)} (yellow); grey: empty` +
@@ -152,15 +164,19 @@ function render() {
 
 function describe(p) {
   const how = p.op === "init" ? "fresh poem" : "rewrite of #" + p.parent;
-  return `#${p.id} ${how}, asked for ${labels(p.target)}, judged ${labels(p.judged)}, cell ${labels(p.cell)}, ` +
-    `fitness ${num(p.fitness, 3)}, sentiment ${signed(p.sentiment)}, ${p.status}` +
+  return `#${p.id} ${how}, asked for ${labels(p.target)}, judged ${labels(p.judged)}, ` +
+    `cell ${labels(p.cell)}, fitness ${num(p.fitness, 3)}, sentiment ${signed(p.sentiment)}, ` +
+    `${p.status}` +
     (p.echo ? ", echoes its instruction" : "");
 }
 
 function select(key) {
   selected = key;
-  for (const td of document.querySelectorAll("td.cell")) td.classList.toggle("selected", td.dataset.cell === key);
-  try { history.replaceState(null, "", "#cell=" + encodeURIComponent(key) + "&view=" + view); } catch (e) {}
+  for (const td of document.querySelectorAll("td.cell"))
+    td.classList.toggle("selected", td.dataset.cell === key);
+  try {
+    history.replaceState(null, "", "#cell=" + encodeURIComponent(key) + "&view=" + view);
+  } catch (e) {}
   const cell = D.cells[key], box = document.getElementById("detail");
   const landed = `${cell.count} valid candidate${cell.count === 1 ? "" : "s"} landed here` +
     (cell.count ? `, mean fitness ${num(cell.mean, 3)}` : "");
@@ -173,17 +189,20 @@ function select(key) {
   box.append(el("h3", {}, `elite: fitness ${num(elite.fitness, 3)}`),
              el("p", {id: "elite-meta", class: "meta"}, describe(elite)),
              el("pre", {id: "poem", class: "poem"}, elite.text));
-  const chain = [];  // the parent, its parent, ... back to the fresh poem (parent ids through the history)
+  // the parent, its parent, ... back to the fresh poem (parent ids through the history)
+  const chain = [];
   for (let p = D.poems[elite.parent]; p; p = D.poems[p.parent]) chain.push(p);
   box.append(el("h3", {}, chain.length ? `lineage: ${chain.length} ancestor(s), the parent first`
                                        : "lineage: a fresh poem, no parent"));
   const ol = el("ol", {id: "lineage"});
   for (const p of chain)
-    ol.append(el("li", {class: "ancestor"}, el("div", {class: "meta"}, describe(p)), el("pre", {class: "poem"}, p.text)));
+    ol.append(el("li", {class: "ancestor"}, el("div", {class: "meta"}, describe(p)),
+                 el("pre", {class: "poem"}, p.text)));
   box.append(ol);
 }
 
-function openFromHash() {  // #cell=ROW/COL[&view=elite|mean|count]: a real click on the cell, as a reader would
+// #cell=ROW/COL[&view=elite|mean|count]: a real click on the cell, as a reader would
+function openFromHash() {
   const params = new URLSearchParams(location.hash.slice(1));
   if (["elite", "mean", "count"].includes(params.get("view"))) {
     view = params.get("view");
@@ -192,21 +211,28 @@ function openFromHash() {  // #cell=ROW/COL[&view=elite|mean|count]: a real clic
   }
   const key = params.get("cell");
   const td = [...document.querySelectorAll("td.cell")].find(t => t.dataset.cell === key);
-  if (td) td.dispatchEvent(new MouseEvent("click", {bubbles: true, cancelable: true, view: window}));
+  if (td)
+    td.dispatchEvent(new MouseEvent("click", {bubbles: true, cancelable: true, view: window}));
 }
 
 function showStats() {
   const s = D.summary, n = Object.keys(D.cells).length, e = s.echo, g = s.by_tone && s.by_tone.gap;
-  let text = `coverage ${s.num_elites}/${n}, QD score ${num(s.qd_score, 3)} (offset ${s.offset}), ` +
-    `best ${num(s.best, 3)}, ${s.candidates} candidates (${s.invalid} invalid)`;
-  if (e) text += `; instruction echoes: ${e.elites} of ${s.num_elites} elites, ${e.candidates} of ${s.candidates} ` +
-    `candidates, mean fitness ${pm(e.fitness_echo, false)} against ${pm(e.fitness_other, false)} for the rest`;
+  let text = `coverage ${s.num_elites}/${n}, QD score ${num(s.qd_score, 3)} ` +
+    `(offset ${s.offset}), best ${num(s.best, 3)}, ${s.candidates} candidates ` +
+    `(${s.invalid} invalid)`;
+  if (e) text += `; instruction echoes: ${e.elites} of ${s.num_elites} elites, ` +
+    `${e.candidates} of ${s.candidates} candidates, mean fitness ` +
+    `${pm(e.fitness_echo, false)} against ${pm(e.fitness_other, false)} for the rest`;
   if (g) text += `; happy − dark sentiment: fresh poems ${pm(g.init)}, rewrites ${pm(g.mutate)}`;
   document.getElementById("stats").textContent = text;
 }
 
 for (const input of document.querySelectorAll("input[name=view]"))
-  input.addEventListener("change", () => { view = input.value; render(); if (selected) select(selected); });
+  input.addEventListener("change", () => {
+    view = input.value;
+    render();
+    if (selected) select(selected);
+  });
 window.addEventListener("hashchange", openFromHash);
 showStats();
 render();

@@ -1,11 +1,12 @@
-"""QDAIF's outputs, read from a finished search (qdaif.py): summary.json, the printed tables, the heatmaps
-(elite fitness, mean fitness, candidate count), the QD curve and map.html (nanorlhf/qdaif_map.py).
+"""QDAIF's outputs, read from a finished search (qdaif.py): summary.json, the printed tables, the
+heatmaps (elite fitness, mean fitness, candidate count), the QD curve and map.html
+(nanorlhf/tasks/qdaif_map.py).
 
 Beside coverage and QD score the summary holds the evidence for reading the map: how many elites and
-candidates echo their instruction and what the judge gives them, VADER sentiment per requested tone for
-fresh poems and for rewrites (does a rewrite move a poem toward the tone it was asked for?), and per cell
-the elite, the mean over every valid candidate and their count. An elite is a maximum, so a cell that
-many poems land in gets a high one: read it next to the mean and the count.
+candidates echo their instruction and what the judge gives them, VADER sentiment per requested tone
+for fresh poems and for rewrites (does a rewrite move a poem toward the tone it was asked for?), and
+per cell the elite, the mean over every valid candidate and their count. An elite is a maximum, so a
+cell that many poems land in gets a high one: read it next to the mean and the count.
 """
 
 import itertools
@@ -21,7 +22,8 @@ TONE_AXIS, HIGH, LOW = "tone", "happy", "dark"  # the sentiment gap: HIGH minus 
 
 
 def mean_se(xs: list[float]) -> dict:
-    """{n, mean, se} (stats.mean_se) as JSON can hold it: None where undefined (no value, or one)."""
+    """{n, mean, se} (stats.mean_se) as JSON can hold it: None where undefined (no value, or
+    one)."""
     if not xs:
         return {"n": 0, "mean": None, "se": None}
     mean, se = stats.mean_se(xs)
@@ -41,7 +43,8 @@ def cell_name(key: tuple) -> str:
 
 
 def grid_matrix(grid, values: dict) -> tuple[list[str], list[str], list[list]]:
-    """{cell key: value} -> (rows = first axis, columns = the other axes joined by '/', values[r][c])."""
+    """{cell key: value} -> (rows = first axis, columns = the other axes joined by '/',
+    values[r][c])."""
     cols = list(itertools.product(*(grid.axes[n] for n in grid.names[1:])))
     rows = grid.axes[grid.names[0]]
     return rows, ["/".join(c) for c in cols], [[values.get((r, *c)) for c in cols] for r in rows]
@@ -52,7 +55,8 @@ def format_table(grid, values: dict, fmt: str = ".3g") -> str:
     w, first = max([9] + [len(c) + 2 for c in cols]), max(len(r) for r in rows) + 2
     cell = lambda v: "." if v is None else f"{v:{fmt}}"
     lines = [" " * first + "".join(f"{c:>{w}}" for c in cols)]
-    lines += [f"{r:<{first}}" + "".join(f"{cell(v):>{w}}" for v in vals) for r, vals in zip(rows, matrix)]
+    lines += [f"{r:<{first}}" + "".join(f"{cell(v):>{w}}" for v in vals)
+              for r, vals in zip(rows, matrix)]
     return "\n".join(lines)
 
 
@@ -65,8 +69,9 @@ def disagreement(grid, history: list[dict]) -> dict:
 
 
 def echo_stats(history: list[dict], elites: list[dict]) -> dict:
-    """Instruction echoes (qdaif.echoes_instruction): among the elites, among all candidates, and the
-    fitness of valid echoing candidates against the rest (the judge's taste for its own instructions)."""
+    """Instruction echoes (qdaif.echoes_instruction): among the elites, among all candidates, and
+    the fitness of valid echoing candidates against the rest (the judge's taste for its own
+    instructions)."""
     valid = [h for h in history if h["status"] != "invalid"]
     return {"elites": sum(bool(e.get("echo")) for e in elites),
             "candidates": sum(bool(h.get("echo")) for h in history),
@@ -75,10 +80,10 @@ def echo_stats(history: list[dict], elites: list[dict]) -> dict:
 
 
 def by_tone(grid, history: list[dict]) -> dict | None:
-    """Per requested tone (the target, not the judged label), for valid fresh poems (op init) and rewrites
-    (op mutate): mean VADER sentiment and fitness, and for rewrites the shift, child minus parent sentiment.
-    gap: happy minus dark sentiment, fresh and rewritten: how much of the requested tone reaches the poem.
-    None when the grid has no tone axis."""
+    """Per requested tone (the target, not the judged label), for valid fresh poems (op init) and
+    rewrites (op mutate): mean VADER sentiment and fitness, and for rewrites the shift, child minus
+    parent sentiment. gap: happy minus dark sentiment, fresh and rewritten: how much of the
+    requested tone reaches the poem. None when the grid has no tone axis."""
     if TONE_AXIS not in grid.axes:
         return None
     tones, by_id = grid.axes[TONE_AXIS], {h["id"]: h for h in history}
@@ -101,7 +106,8 @@ def by_tone(grid, history: list[dict]) -> dict | None:
 
 
 def cell_stats(grid, valid: list[dict], elites: dict) -> dict:
-    """'genre/tone' -> {elite: its fitness, mean: over every valid candidate in the cell, count: how many}."""
+    """'genre/tone' -> {elite: its fitness, mean: over every valid candidate in the cell, count: how
+    many}."""
     by_cell = {}
     for h in valid:
         by_cell.setdefault(grid.key(h["cell"]), []).append(h["fitness"])
@@ -113,7 +119,8 @@ def cell_stats(grid, valid: list[dict], elites: dict) -> dict:
 def _pm(s: dict, signed: bool = False) -> str:
     if s["mean"] is None:
         return "n/a"
-    return f"{s['mean']:{'+' if signed else ''}.2f}" + ("" if s["se"] is None else f" ± {s['se']:.2f}")
+    se = "" if s["se"] is None else f" ± {s['se']:.2f}"
+    return f"{s['mean']:{'+' if signed else ''}.2f}" + se
 
 
 def format_by_tone(bt: dict) -> str:
@@ -124,8 +131,9 @@ def format_by_tone(bt: dict) -> str:
     for tone, fresh in bt["init"].items():
         rew = bt["mutate"][tone]
         lines.append(f"{tone:<16}{fresh['sentiment']['n']:>8}{_pm(fresh['sentiment']):>14}"
-                     f"{_pm(fresh['fitness']):>14}{rew['sentiment']['n']:>12}{_pm(rew['sentiment']):>14}"
-                     f"{_pm(rew['fitness']):>14}{_pm(rew['shift'], True):>16}")
+                     f"{_pm(fresh['fitness']):>14}{rew['sentiment']['n']:>12}"
+                     f"{_pm(rew['sentiment']):>14}{_pm(rew['fitness']):>14}"
+                     f"{_pm(rew['shift'], True):>16}")
     if "gap" in bt:
         lines.append(f"{HIGH} - {LOW} sentiment gap: fresh {_pm(bt['gap']['init'], True)}, "
                      f"rewrites {_pm(bt['gap']['mutate'], True)}")
@@ -133,14 +141,17 @@ def format_by_tone(bt: dict) -> str:
 
 
 def report(out, grid, archive, curve: list[dict], fitness_range) -> dict:
-    """elites.jsonl, three heatmaps (elite and mean on one fixed colour scale, counts), the QD curve,
-    map.html, the printed tables and summary.json. -> the summary."""
-    # lines end at "\n" only: str.splitlines would also split a poem holding U+2028 (json.dumps leaves it as it is)
-    history = [json.loads(line) for line in (out.dir / "history.jsonl").read_text().split("\n") if line]
+    """elites.jsonl, three heatmaps (elite and mean on one fixed colour scale, counts), the QD
+    curve, map.html, the printed tables and summary.json. -> the summary."""
+    # lines end at "\n" only: str.splitlines would also split a poem holding U+2028 (json.dumps
+    # leaves it as it is)
+    lines = (out.dir / "history.jsonl").read_text().split("\n")
+    history = [json.loads(line) for line in lines if line]
     valid = [h for h in history if h["status"] != "invalid"]
     elites = {k: e["fitness"] for k, e in archive.elites.items()}
     cells = cell_stats(grid, valid, archive.elites)
-    by_key = lambda field: {k: cells[cell_name(k)][field] for k in grid.keys if cells[cell_name(k)][field] is not None}
+    by_key = lambda field: {k: cells[cell_name(k)][field] for k in grid.keys
+                            if cells[cell_name(k)][field] is not None}
     means, counts = by_key("mean"), by_key("count")
     with open(out.dir / "elites.jsonl", "w") as fh:
         fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n"
@@ -149,17 +160,19 @@ def report(out, grid, archive, curve: list[dict], fitness_range) -> dict:
     lo, hi = fitness_range or (min(seen, default=0.0), max(seen, default=1.0))
     rows, cols, _ = grid_matrix(grid, {})
     row_axis, col_axis = grid.names[0], "/".join(grid.names[1:])
-    for name, values, title in (("elites.svg", elites, "elite fitness per cell"), ("mean_fitness.svg", means,
-                                f"mean fitness of all {len(valid)} valid candidates per cell")):
-        heatmap(rows, cols, grid_matrix(grid, values)[2], out.dir / name, title, lo, hi, row_axis, col_axis)
+    for name, values, title in (("elites.svg", elites, "elite fitness per cell"),
+                                ("mean_fitness.svg", means,
+                                 f"mean fitness of all {len(valid)} valid candidates per cell")):
+        heatmap(rows, cols, grid_matrix(grid, values)[2], out.dir / name, title, lo, hi, row_axis,
+                col_axis)
     heatmap(rows, cols, grid_matrix(grid, counts)[2], out.dir / "counts.svg",
-            f"valid candidates per cell ({len(valid)} in all)", 0, max(counts.values(), default=1), row_axis,
-            col_axis, fmt="d")
+            f"valid candidates per cell ({len(valid)} in all)", 0, max(counts.values(), default=1),
+            row_axis, col_axis, fmt="d")
     series = lambda key: [(p["candidates"], p[key]) for p in curve if p[key] is not None]
-    curve_svg = line_plots_svg([(f"QD score (offset {archive.offset:g})", {"QD": series("qd_score")}),
-                                ("coverage", {"coverage": series("coverage")}),
-                                ("elite fitness", {"best": series("best"), "mean": series("mean")})],
-                               xlabel="candidates (LM generations)")
+    panels = [(f"QD score (offset {archive.offset:g})", {"QD": series("qd_score")}),
+              ("coverage", {"coverage": series("coverage")}),
+              ("elite fitness", {"best": series("best"), "mean": series("mean")})]
+    curve_svg = line_plots_svg(panels, xlabel="candidates (LM generations)")
     atomic_write_text(out.dir / "qd_score.svg", curve_svg)
     stats, disagree = archive.stats(), disagreement(grid, history)
     echo, tones = echo_stats(history, list(archive.elites.values())), by_tone(grid, history)
@@ -169,19 +182,22 @@ def report(out, grid, archive, curve: list[dict], fitness_range) -> dict:
     print(f"coverage {stats['num_elites']}/{len(grid.keys)} ({stats['coverage']:.0%}), QD score "
           f"{stats['qd_score']:.3g}{top} (offset {archive.offset:g}), best {best}, "
           f"{len(history)} candidates, {len(history) - len(valid)} invalid")
-    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of {disagree['n']} judged "
-          "poems (" + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
-    print(f"instruction echoes: {echo['elites']} of {stats['num_elites']} elites, {echo['candidates']} of "
-          f"{len(history)} candidates; mean fitness {_pm(echo['fitness_echo'])} (echo, n "
-          f"{echo['fitness_echo']['n']}) vs {_pm(echo['fitness_other'])} (the rest, n {echo['fitness_other']['n']})")
+    print(f"judged labels differ from the requested ones for {disagree['any']:.0%} of "
+          f"{disagree['n']} judged poems ("
+          + ", ".join(f"{a} {disagree[a]:.0%}" for a in grid.names) + ")")
+    print(f"instruction echoes: {echo['elites']} of {stats['num_elites']} elites, "
+          f"{echo['candidates']} of {len(history)} candidates; mean fitness "
+          f"{_pm(echo['fitness_echo'])} (echo, n {echo['fitness_echo']['n']}) vs "
+          f"{_pm(echo['fitness_other'])} (the rest, n {echo['fitness_other']['n']})")
     print("\nvalid candidates per cell\n" + format_table(grid, counts, "d"))
     if tones is not None:
         print("\nVADER sentiment (± SE) by requested tone\n" + format_by_tone(tones))
     summary = {**stats, "offset": archive.offset, "candidates": len(history),
-               "invalid": len(history) - len(valid), "disagreement": disagree, "echo": echo, "by_tone": tones,
-               "cells": cells}
+               "invalid": len(history) - len(valid), "disagreement": disagree, "echo": echo,
+               "by_tone": tones, "cells": cells}
     out.write_json("summary.json", summary)
     title = f"QDAIF map: {out.dir.name}"
-    write_map(out.dir / "map.html", title, row_axis, col_axis, rows, cols, cells,
-              {cell_name(k): e for k, e in archive.elites.items()}, history, summary, (lo, hi), curve_svg)
+    elites_by_cell = {cell_name(k): e for k, e in archive.elites.items()}
+    write_map(out.dir / "map.html", title, row_axis, col_axis, rows, cols, cells, elites_by_cell,
+              history, summary, (lo, hi), curve_svg)
     return summary
