@@ -1,4 +1,4 @@
-"""nanorlhf/ppo.py against hand-computed values and plain-Python float64 re-derivations."""
+"""train_ppo.py's math against hand-computed values and plain-Python float64 re-derivations."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanorlhf import ppo
+import train_ppo as ppo
 
 
 def test_masked_mean_by_hand():
