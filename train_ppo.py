@@ -10,24 +10,17 @@ RLHF with PPO as in Ziegler et al. 2019 and Stiennon et al. 2020, with the detai
 2024 ("The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031; N+ below). One step:
 
   rollout  --batch-size responses at --temperature (no top-k / top-p: the trainer would not see
-           the truncated distribution, trl#417). A response ends at its first EOS; one with no EOS
-           within --max-new-tokens gets --missing-eos-penalty added to its score (N+).
-  score    --reward vader (VADER compound of the response), rm:PATH (a reward model) or pink (-1
-           for a mention of what it was told to avoid), on the response's last real token.
-  forward  π_old, V_old and π_ref with the *same* forward (layout, padding, minibatches) as the
-           update's, so the ratio π/π_old is exactly 1 on the first minibatch (N+).
-  rewards  r_t = -β·KL_t (--kl-estimator) + the score at the last token; GAE(γ, λ) -> advantages,
-           whitened over the batch's real tokens; returns = advantages + values.
-  update   --ppo-epochs over shuffled minibatches, one AdamW step each (warmup, linear decay,
-           clipped gradients): the clipped policy loss + --vf-coef · the clipped value loss.
-
---algo grpo (Shao et al. 2024): --group-size G samples per prompt, the group-relative advantage on
-every token, no critic, the KL as k3 in the loss (--dr-grpo: Liu et al. 2025). --algo rloo (Ahmadian
-et al. 2024): the mean of the other G-1 rewards as baseline, the KL in the reward. --critic separate
-(N+'s default: a copy of the backbone, so the value loss never moves the policy) or shared (a head
-on the policy's detached features: half the compute, the default on 2 CPU cores).
-Evaluation before and after training (and every --eval-every steps): --eval-n samples per held-out
-prompt, the reward (and --gold's) ± SE and KL(π‖π₀) (nanorlhf/tasks/policy_eval.py).
+           the truncated distribution, trl#417), each ending at its first EOS or the length cap.
+  score    --reward vader (VADER compound), rm:PATH (a reward model) or pink (-1 for a mention of
+           what it was told to avoid), on the last real token; --missing-eos-penalty if cut (N+).
+  forward  π_old, V_old and π_ref with the *same* forwards as the update's: ratio 1 at first (N+).
+  rewards  r_t = -β·KL_t + the score at the last token; GAE -> advantages, whitened over the batch.
+  update   --ppo-epochs over shuffled minibatches, one AdamW step each: the clipped policy loss +
+           --vf-coef · the clipped value loss.
+--algo grpo (Shao et al. 2024): G = --group-size samples per prompt, the group-relative advantage
+on every token, no critic, the KL as k3 in the loss. --algo rloo (Ahmadian et al. 2024): the mean of
+the other G-1 rewards as baseline. Evaluation before and after training (and every --eval-every
+steps): the held-out reward (and --gold's) ± SE and KL(π‖π₀) (nanorlhf/tasks/policy_eval.py).
 Shapes: B responses, L response positions (right-padded), V the vocabulary; `mask` (B, L) is 1 on
 real response tokens (up to and including the first EOS). Outputs in RUN/: config.json,
 metrics.jsonl, eval.json, training.svg, model/ (HF layout); RUN/state/ every --save-every steps.
@@ -48,7 +41,6 @@ from torch import Tensor, nn
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
-from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.fast.threads import THREADS_HELP, choose_threads
 from nanorlhf.model import autocast, device
@@ -58,8 +50,7 @@ from nanorlhf.run import seed_everything
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, left_pad
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
-from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, eval_rows_from_pairs, judge, load_eval_rows
-from nanorlhf.tasks.pink import load_pairs
+from nanorlhf.tasks import pink
 from nanorlhf.tasks.pink_eval import avoid_messages
 from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, paired_gain
 from nanorlhf.tokenizer import Tokenizer
@@ -67,51 +58,49 @@ from nanorlhf.tokenizer import Tokenizer
 
 @dataclass
 class Config:
-    model: str = flag("llama", "checkpoint dir, HF cache id, or 'llama' (the embedded SmolLM2-135M)")
+    model: str = flag("llama", "checkpoint dir, HF cache id, or 'llama' (embedded SmolLM2-135M)")
     reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH[@TEMPLATE] (a reward model) | "
                                 "pink (-1 per pink mention)")
-    prompts: str = flag(str(DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}, "
-                        "the last --eval-prompts held out (pink: data/pink_elephant_pairs.json)")
-    gold: str = flag("", "also score the evaluations with this scorer (vader | rm:PATH), e.g. the "
-                         "RM the --reward proxy learned from (frontier.py); empty: none")
+    prompts: str = flag(str(pink.DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}"
+                        ", the last --eval-prompts held out (pink: data/pink_elephant_pairs.json)")
+    gold: str = flag("", "also score the evaluations with this (vader | rm:PATH), e.g. the RM the "
+                         "--reward proxy learned from (frontier.py); empty: none")
     out_dir: str = flag("out/train_ppo", "runs are written to OUT_DIR/RUN")
     run: str = flag("", "run name (empty: a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
     algo: str = flag("ppo", "ppo (critic + GAE) | grpo (group-relative, KL in the loss) | rloo "
                             "(leave-one-out)", choices=("ppo", "grpo", "rloo"))
-    steps: int = flag(12, "rollout + update rounds (the default: ~14 min on 2 cores)", min=1)
+    steps: int = flag(12, "rollout + update rounds (~1 min each on 2 cores, as set here)", min=1)
     batch_size: int = flag(16, "responses per step (prompts x --group-size), over all ranks", min=1)
     group_size: int = flag(1, "samples per prompt (grpo and rloo need >= 2)", min=1)
     minibatch_size: int = flag(8, "responses per optimizer step", min=1)
     ppo_epochs: int = flag(2, "passes over each batch of rollouts", min=1)
     max_new_tokens: int = flag(32, "response length cap", min=1)
     temperature: float = flag(1.0, "sampling temperature (the trainer's log-probs use it)", gt=0)
-    missing_eos_penalty: float = flag(0.0, "added to the score of a response with no EOS (N+: -1)",
-                                      max=0)
+    missing_eos_penalty: float = flag(0.0, "added to the score of a response with no EOS", max=0)
     lr: float = flag(3e-5, "AdamW peak learning rate (policy and critic)", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     warmup_steps: int = flag(4, "optimizer steps of linear warmup, then linear decay to 0", min=0)
     grad_clip: float = flag(1.0, "max gradient norm", gt=0)
-    kl_coef: float = flag(0.05, "β: weight of the KL to π_ref (reward: ppo/rloo; loss: grpo)", min=0)
-    kl_estimator: str = flag("k1", "KL per token in the reward: k1 = log π/π_ref | k3 = (ρ-1) - log ρ"
-                                   " (grpo: k3)", choices=("k1", "k3"))
+    kl_coef: float = flag(0.05, "β: weight of the KL to π_ref (in the reward; grpo: loss)", min=0)
+    kl_estimator: str = flag("k1", "the KL in the reward: k1 = log π/π_ref | k3 = (ρ-1) - log ρ",
+                             choices=("k1", "k3"))
     whiten_rewards: bool = flag(False, "ppo: rescale the per-token rewards to unit variance")
     gamma: float = flag(1.0, "GAE discount γ", min=0, max=1)
     lam: float = flag(0.95, "GAE λ", min=0, max=1)
     clip: float = flag(0.2, "PPO ratio clip ε", gt=0)
     value_clip: float = flag(0.2, "value clip ε_v", gt=0)
     vf_coef: float = flag(0.1, "weight of the value loss", min=0)
-    critic: str = flag("shared", "separate (a backbone copy, N+'s default) | shared (a head on the "
-                                 "policy's features, detached)", choices=("separate", "shared"))
+    critic: str = flag("shared", "separate (a backbone copy, N+) | shared (a head on the policy's "
+                                 "detached features: half the compute)",
+                       choices=("separate", "shared"))
     dr_grpo: bool = flag(False, "grpo: no std scaling, tokens summed over a constant (Dr.GRPO)")
-    lora_rank: int = flag(0, "LoRA rank r: train adapters on --lora-targets only (0: all weights)",
-                          min=0)
+    lora_rank: int = flag(0, "LoRA rank r: train adapters on --lora-targets only (0: all)", min=0)
     lora_alpha: float = flag(16.0, "LoRA α: the adapter update is scaled by α/r", gt=0)
     lora_targets: str = flag(",".join(lora.TARGETS), "comma-separated projections with adapters")
-    grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less "
-                                           "memory, ~1/3 more compute")
-    onednn: bool = flag(False, "CPU matmuls through oneDNN with packed weights: ~1.9x faster on AMD "
-                               "CPUs; equal to MKL's up to rounding")
+    grad_checkpointing: bool = flag(False, "recompute activations in backward: less memory")
+    onednn: bool = flag(False, "CPU matmuls through oneDNN with packed weights: faster on AMD "
+                               "CPUs, equal to MKL's up to rounding")
     eval_prompts: int = flag(24, "vader/rm: held-out prompts (the last rows of --prompts)", min=1)
     eval_n: int = flag(4, "samples per held-out prompt", min=1)
     eval_every: int = flag(0, "also evaluate every N steps (0 = before and after only)", min=0)
@@ -126,14 +115,12 @@ class Config:
         lora.parse_targets(self.lora_targets)
         rm = lambda spec: spec.startswith("rm:") and len(spec) > 3  # a reward-model checkpoint
         if self.reward not in ("vader", "pink") and not rm(self.reward):
-            raise UserError(f"--reward {self.reward!r}: choose vader, pink or rm:PATH "
-                            "(a reward-model checkpoint)")
+            raise UserError(f"--reward {self.reward!r}: choose vader, pink or rm:PATH")
         if self.gold and self.gold != "vader" and not rm(self.gold):
-            raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH (a reward-model "
-                            "checkpoint)")
+            raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH")
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
-            raise UserError(f"--algo {self.algo} compares samples of one prompt: --group-size "
-                            "must be >= 2")
+            raise UserError(f"--algo {self.algo} compares samples of one prompt: --group-size must "
+                            "be >= 2")
         if self.batch_size % self.group_size:
             raise UserError(f"--batch-size {self.batch_size}: must be a multiple of --group-size "
                             f"{self.group_size}")
@@ -141,7 +128,7 @@ class Config:
             raise UserError("--dr-grpo applies to --algo grpo only")
 
 
-# --- the math: pure functions on (B, L) tensors; the caller reduces (masked_mean, or token weights) ---
+# --- the math: pure functions on (B, L) tensors; the caller reduces them (token weights) ---
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Σ x·mask / Σ mask over `dim` (all if None). x, mask (B, L) -> scalar, or (B,) / (L,)."""
@@ -152,11 +139,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - μ)/√(σ² + eps), μ and σ² over the real tokens only, (B, L) -> (B, L), 0 on padding.
-
-    σ² is the unbiased (Bessel-corrected) variance, as in TRL's masked_whiten. shift_mean=False adds
-    μ back: rescaled, not centred, the variant TRL and N+ use for *rewards* (a reward's sign, e.g.
-    the no-EOS penalty, means something; an advantage's mean does not)."""
+    """(x - μ)/√(σ² + eps), μ and σ² (unbiased, as TRL's) over the real tokens only, (B, L) ->
+    (B, L), 0 on padding. shift_mean=False adds μ back: rescaled, not centred, as TRL and N+ do for
+    *rewards* (a reward's sign, e.g. the no-EOS penalty's, means something; an advantage's not)."""
     mask_f = mask.to(x.dtype)
     n = mask_f.sum()
     mean = (x * mask_f).sum() / n
@@ -236,10 +221,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss per token, (B, L) each ->
 
-        loss_t = max(-A_t·ρ_t, -A_t·clip(ρ_t, 1-ε, 1+ε)),   ρ_t = exp(log π(a_t|s_t) - log π_old(a_t|s_t))
+        loss_t = max(-A_t·ρ_t, -A_t·clip(ρ_t, 1-ε, 1+ε)),   ρ_t = π(a_t|s_t) / π_old(a_t|s_t)
 
-    and clipped_t (1.0 where the clipped term is the larger: gradient 0) and approx_kl_t = k3 of π_old
-    vs π, (ρ - 1) - log ρ (its mean estimates KL(π_old‖π)). old_logp and advantages are constants."""
+    and clipped_t (1.0 where the clipped term is the larger: gradient 0) and approx_kl_t = k3 of
+    π_old vs π, (ρ - 1) - log ρ (its mean estimates KL(π_old‖π)). old_logp, advantages: constant."""
     old_logp, advantages = old_logp.detach(), advantages.detach()
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -258,7 +243,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float
 
         loss_t = ½·max((V_t - R_t)², (clip(V_t, V_old,t - ε_v, V_old,t + ε_v) - R_t)²)
 
-    and clipped_t (1.0 where the clipped term is the larger). old_values and returns are constants."""
+    and clipped_t (1.0 where the clipped term is the larger). old_values, returns: constants."""
     old_values, returns = old_values.detach(), returns.detach()
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
@@ -301,7 +286,7 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-# --- the networks: rows are left-padded prompts (P columns) + right-padded responses (L columns) ---
+# --- the networks: rows are left-padded prompts (P columns), then right-padded responses (L) ---
 
 def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
                   ) -> dict[str, Tensor]:
@@ -332,14 +317,8 @@ def token_logps(logits: Tensor, ids: Tensor, P: int, temperature: float) -> tupl
     return logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1), logits
 
 
-def ref_logps(ref: nn.Module, ids: Tensor, attn: Tensor, P: int, temperature: float) -> Tensor:
-    """The frozen reference's log-probs (B, L): the same arithmetic as ActorCritic's policy path."""
-    return token_logps(ref(ids, attn, logits_at=response_positions(ids, P)), ids, P, temperature)[0]
-
-
 class Critic(nn.Module):
-    """V(s_t) on every position: a backbone (a copy of the policy's, N+; None: the policy's own)
-    and a scalar head."""
+    """V(s_t): a backbone (a copy of the policy's, N+; None: the policy's own) and a scalar head."""
 
     def __init__(self, backbone: nn.Module | None, hidden_size: int):
         super().__init__()
@@ -366,7 +345,7 @@ class ActorCritic(nn.Module):
         if self.critic is None:
             return logp, None, logits
         # shared: the head reads the policy's features, detached, so the value loss trains the head
-        # alone and cannot pull the policy where the reward does not (N+'s separate critic avoids it)
+        # alone and cannot pull the policy where the reward does not (as a separate critic can't)
         h = hidden.detach() if self.critic.model is None else self.critic.model(ids, attn)
         return logp, self.critic.head(h[:, P - 1:-1]).squeeze(-1).float(), logits  # (B, L)
 
@@ -374,22 +353,21 @@ class ActorCritic(nn.Module):
 # --- the task: prompts and a reward ---
 
 def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Scorer]]:
-    """-> (train rows, held-out rows, {"reward": score, "gold": the --gold score, if any}). A row has
-    the chat `messages`."""
+    """-> (train rows, held-out rows, {"reward": score, "gold": --gold's}), rows with `messages`."""
     gold = {"gold": prompt_scorer(cfg.gold, dev)} if cfg.gold else {}
     if cfg.reward == "pink":  # the pink-elephant judge: -1 for a mention of what it must avoid
-        train = [{**r, "messages": avoid_messages(r)}
-                 for r in eval_rows_from_pairs(load_pairs(), "train")]
-        held = [{**r, "messages": avoid_messages(r)} for r in load_eval_rows(HELDOUT_PATH)]
-        pink = lambda rows, texts: [-float(judge(t, r)["pink"]) for r, t in zip(rows, texts)]
-        return train, held, {"reward": pink, **gold}
+        train = pink.eval_rows_from_pairs(pink.load_pairs(), "train")
+        held = pink.load_eval_rows(pink.HELDOUT_PATH)
+        judge = lambda rows, texts: [-float(pink.judge(t, r)["pink"]) for r, t in zip(rows, texts)]
+        return ([{**r, "messages": avoid_messages(r)} for r in train],
+                [{**r, "messages": avoid_messages(r)} for r in held], {"reward": judge, **gold})
     prompts = read_prompts(cfg.prompts)
     if len(prompts) <= cfg.eval_prompts:
         raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts "
                         f"{cfg.eval_prompts} holds out that many")
     rows = [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in prompts]
-    return (rows[:-cfg.eval_prompts], rows[-cfg.eval_prompts:],
-            {"reward": prompt_scorer(cfg.reward, dev), **gold})
+    n = len(rows) - cfg.eval_prompts
+    return rows[:n], rows[n:], {"reward": prompt_scorer(cfg.reward, dev), **gold}
 
 
 def prompt_scorer(spec: str, dev) -> Scorer:
@@ -399,8 +377,8 @@ def prompt_scorer(spec: str, dev) -> Scorer:
 
 
 def step_rows(pool: list[dict], step: int, n: int, seed: int) -> list[dict]:
-    """Step `step`'s n prompts: consecutive rows of the pool, reshuffled on every pass (seeded by the
-    pass), so a step's prompts follow from its number alone (a resume needs nothing else)."""
+    """Step `step`'s n prompts: consecutive rows of the pool, reshuffled on every pass (seeded by
+    the pass), so a step's prompts follow from its number alone (a resume needs nothing else)."""
     out = []
     for i in range(step * n, (step + 1) * n):
         order = list(range(len(pool)))
@@ -420,7 +398,7 @@ def minibatches(B: int, size: int, seed: str) -> list[list[int]]:
 @torch.no_grad()
 def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score: Scorer, seed: int, dev,
             sampler: Sampler) -> dict:
-    """Sample --group-size responses per row; score them; -> the batch, scores (B,), logs."""
+    """Sample --group-size responses per row and score them -> the batch, scores (B,), logs."""
     prompts, responses, texts = sample_responses(
         policy, tok, [r["messages"] for r in rows], cfg.group_size, cfg.temperature, seed,
         cfg.max_new_tokens, len(rows) * cfg.group_size, desc="rollout", sampler=sampler)
@@ -428,8 +406,8 @@ def rollout(cfg: Config, policy, tok: Tokenizer, rows: list[dict], score: Scorer
     raw = torch.tensor(score([r for r in rows for _ in range(cfg.group_size)], texts),
                        dtype=torch.float32)
     scores = raw + cfg.missing_eos_penalty * (1 - ended)  # N+: a response cut by the cap pays
-    batch = {k: v.to(dev) if torch.is_tensor(v) else v
-             for k, v in rollout_batch(prompts, responses, tok.pad_id).items()}
+    batch = rollout_batch(prompts, responses, tok.pad_id)
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
     return {**batch, "scores": scores.to(dev), "raw_scores": raw, "ended": ended, "texts": texts}
 
 
@@ -445,10 +423,11 @@ def old_forward(cfg: Config, ac: ActorCritic, ref: nn.Module, batch: dict, parts
         rows, real = distributed.shard(part)
         if not real:
             continue
-        ids, attn = batch["ids"][rows], batch["attn"][rows]
-        with autocast(ids.device):
-            logp, values, _ = ac(ids, attn, batch["P"], cfg.temperature)
-            out["ref_logp"][rows] = ref_logps(ref, ids, attn, batch["P"], cfg.temperature)
+        ids, attn, P = batch["ids"][rows], batch["attn"][rows], batch["P"]
+        with autocast(ids.device):  # π_ref: the same arithmetic as the policy's in ActorCritic
+            logp, values, _ = ac(ids, attn, P, cfg.temperature)
+            ref_logits = ref(ids, attn, logits_at=response_positions(ids, P))
+            out["ref_logp"][rows] = token_logps(ref_logits, ids, P, cfg.temperature)[0]
         out["logp"][rows] = logp
         if values is not None:
             out["values"][rows] = values
@@ -462,7 +441,7 @@ def advantages_of(cfg: Config, batch: dict, old: dict) -> tuple[Tensor, Tensor |
     stats = {"kl": (kl.sum(-1)).mean().item()}  # per response, summed over its tokens
     if cfg.algo == "ppo":
         rewards = per_token_rewards(scores, kl, mask, cfg.kl_coef)
-        if cfg.whiten_rewards:  # N+ / TRL: a scale for the rewards, the mean (a penalty's sign) kept
+        if cfg.whiten_rewards:  # N+, TRL: a scale for the rewards, the mean (a penalty's sign) kept
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         stats.update(value=masked_mean(old["values"], mask).item(),
@@ -492,93 +471,85 @@ def token_weights(cfg: Config, mask: Tensor) -> Tensor:
 
 
 def update(cfg: Config, net: nn.Module, optimizer, batch: dict, old: dict, advantages: Tensor,
-           returns: Tensor | None, parts_of_epoch: list, update_index: int, total_updates: int
-           ) -> dict:
-    """--ppo-epochs of minibatch steps; -> means of the per-step statistics. Every rank takes the
-    same minibatches and trains on its shard of each; the weights make each loss the minibatch's
-    mean."""
+           returns: Tensor | None, epochs: list, update_index: int, total_updates: int) -> dict:
+    """--ppo-epochs of minibatch steps -> the means of their statistics. Every rank takes the same
+    minibatches and trains on its shard of each; token weights make a loss the minibatch's mean."""
     logs: dict[str, list[float]] = {}
     first, params = update_index, optimizer.param_groups[0]["params"]
-    for parts in parts_of_epoch:
-        for part in parts:
-            lr = cfg.lr * lr_at(update_index, total_updates, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            weights = token_weights(cfg, batch["mask"][part])  # over the whole minibatch
-            rows, real = distributed.shard(part)
-            # DDP averages the ranks' gradients: times world_size, the sum is the minibatch's mean
-            w = weights[[part.index(r) for r in rows]] * (real * distributed.world_size())
-            ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
-            with autocast(ids.device):
-                logp, values, logits = net(ids, attn, batch["P"], cfg.temperature)
-            pg, clipped, approx_kl = policy_loss(logp, old["logp"][rows], advantages[rows], cfg.clip)
-            loss, named = pg, {"loss/policy": pg, "clipfrac": clipped, "approx_kl": approx_kl,
-                               "ratio": torch.exp(logp - old["logp"][rows]).detach(),
-                               "entropy": entropy_from_logits(logits.detach())}
-            if cfg.algo == "grpo":  # GRPO's KL is in the loss: k3 of the current π vs π_ref (eq. 3)
-                kl = kl_k3(logp, old["ref_logp"][rows])
-                loss, named["loss/kl"] = loss + cfg.kl_coef * kl, kl.detach()
-            if values is not None:
-                vf, vf_clipped = value_loss(values, old["values"][rows], returns[rows],
-                                            cfg.value_clip)
-                loss = loss + cfg.vf_coef * vf
-                named["loss/value"], named["vf_clipfrac"] = vf.detach(), vf_clipped
-            if update_index == first:  # N+: π_old came from this very forward, so ρ = 1 exactly
-                named["ratio_dev_first"] = (named["ratio"] - 1).abs().amax().expand_as(mask)
-            (loss * w).sum().backward()
-            grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_index += 1
-            # minibatch means of each statistic over its real tokens, summed over ranks in float64
-            sums = torch.tensor([float((v.detach() * mask).sum()) for v in named.values()]
-                                + [float(mask.sum())], dtype=torch.float64) * real
-            sums = distributed.all_reduce_sum(sums)
-            for k, v in zip(named, (sums[:-1] / sums[-1]).tolist()):
-                logs.setdefault(k, []).append(v)
-            logs.setdefault("grad_norm", []).append(grad_norm)
-            logs.setdefault("lr", []).append(lr)
+    for part in (part for parts in epochs for part in parts):
+        lr = cfg.lr * lr_at(update_index, total_updates, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        weights = token_weights(cfg, batch["mask"][part])  # over the whole minibatch
+        rows, real = distributed.shard(part)
+        # DDP averages the ranks' gradients: times world_size, the sum is the minibatch's mean
+        w = weights[[part.index(r) for r in rows]] * (real * distributed.world_size())
+        ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
+        with autocast(ids.device):
+            logp, values, logits = net(ids, attn, batch["P"], cfg.temperature)
+        pg, clipped, approx_kl = policy_loss(logp, old["logp"][rows], advantages[rows], cfg.clip)
+        loss, named = pg, {"loss/policy": pg, "clipfrac": clipped, "approx_kl": approx_kl,
+                           "ratio": torch.exp(logp - old["logp"][rows]).detach(),
+                           "entropy": entropy_from_logits(logits.detach())}
+        if cfg.algo == "grpo":  # GRPO's KL is in the loss: k3 of the current π vs π_ref (eq. 3)
+            kl = kl_k3(logp, old["ref_logp"][rows])
+            loss, named["loss/kl"] = loss + cfg.kl_coef * kl, kl.detach()
+        if values is not None:
+            vf, vf_clip = value_loss(values, old["values"][rows], returns[rows], cfg.value_clip)
+            loss, named["loss/value"], named["vf_clipfrac"] = loss + cfg.vf_coef * vf, vf, vf_clip
+        if update_index == first:  # N+: π_old came from this very forward, so ρ = 1 exactly
+            named["ratio_dev_first"] = (named["ratio"] - 1).abs().amax().expand_as(mask)
+        (loss * w).sum().backward()
+        grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_index += 1
+        # minibatch means of each statistic over its real tokens, summed over ranks in float64
+        sums = [float((v.detach() * mask).sum()) for v in named.values()] + [float(mask.sum())]
+        sums = distributed.all_reduce_sum(torch.tensor(sums, dtype=torch.float64) * real)
+        for k, v in zip(named, (sums[:-1] / sums[-1]).tolist()):
+            logs.setdefault(k, []).append(v)
+        logs.setdefault("grad_norm", []).append(grad_norm)
+        logs.setdefault("lr", []).append(lr)
     return {k: sum(v) / len(v) for k, v in logs.items()}
 
 
 # --- the run ---
 
 def trainable_tensors(ac: ActorCritic) -> dict[str, Tensor]:
-    """What trains (a resume's weights): with LoRA the adapters and the head; a tied lm_head is the
-    embedding (listed once)."""
+    """What trains: with LoRA the adapters and the head; a tied lm_head is the embedding (once)."""
     return {k: p for k, p in ac.named_parameters() if p.requires_grad}
 
 
 def train(cfg: Config, net: nn.Module, ac: ActorCritic, ref: nn.Module, optimizer, sampler: Sampler,
           tok: Tokenizer, pool: list[dict], score: Scorer, run: Run, start: int,
           history: list[dict], evaluate_at: Callable[[int], None]) -> list[dict]:
-    """Steps start .. --steps of rollout, score, forward, advantages and update. `net` is what the
-    update trains through (DDP's wrapper, or `ac` itself); `ref` gives π_ref's log-probs."""
+    """Steps start .. --steps; the update trains through `net` (DDP's wrapper, or `ac` itself)."""
     dev = next(ac.parameters()).device
     per_step = cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.minibatch_size)
     bar = distributed.bar(total=cfg.steps, initial=start, desc=cfg.algo.upper(), unit="step")
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        # every seed follows from (--seed, step): a resumed run draws what the uninterrupted one drew
+        # every seed follows from (--seed, step): a resumed run draws what the uninterrupted one did
         rows = step_rows(pool, step, cfg.batch_size // cfg.group_size, cfg.seed)
-        batch = rollout(cfg, ac.policy.eval(), tok, rows, score, cfg.seed * 100_003 + step, dev,
-                        sampler)
+        seed = cfg.seed * 100_003 + step
+        batch = rollout(cfg, ac.policy.eval(), tok, rows, score, seed, dev, sampler)
         t1 = time.perf_counter()
-        # each epoch's minibatches; the first epoch's order also sets the no-grad forward's
-        parts = [minibatches(cfg.batch_size, cfg.minibatch_size, f"{cfg.seed}:{step}:{e}")
-                 for e in range(cfg.ppo_epochs)]
-        old = old_forward(cfg, ac, ref, batch, parts[0])
+        # each epoch's minibatches; the first epoch's also orders the no-grad forwards
+        epochs = [minibatches(cfg.batch_size, cfg.minibatch_size, f"{cfg.seed}:{step}:{e}")
+                  for e in range(cfg.ppo_epochs)]
+        old = old_forward(cfg, ac, ref, batch, epochs[0])
         advantages, returns, stats = advantages_of(cfg, batch, old)
         ac.train()  # no dropout in the model: train() changes nothing numerically (N+)
-        stats.update(update(cfg, net, optimizer, batch, old, advantages, returns, parts,
+        stats.update(update(cfg, net, optimizer, batch, old, advantages, returns, epochs,
                             step * per_step, cfg.steps * per_step))
         ac.eval()
         # log the step: raw scores (without the EOS penalty), lengths, the update's statistics
-        lengths = batch["mask"].sum(-1).float()
-        raw = batch["raw_scores"]
+        raw, lengths = batch["raw_scores"], batch["mask"].sum(-1).float()
         metrics = {"step": step + 1, "score": raw.mean().item(),
                    "score_std": raw.std().item() if cfg.batch_size > 1 else 0.0,
-                   "eos_rate": batch["ended"].mean().item(), "response_tokens": lengths.mean().item(),
+                   "eos_rate": batch["ended"].mean().item(),
+                   "response_tokens": lengths.mean().item(),
                    **stats, "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1}
         run.log(**metrics)
         history.append(metrics)
@@ -596,8 +567,7 @@ def train(cfg: Config, net: nn.Module, ac: ActorCritic, ref: nn.Module, optimize
 
 
 def prepare(cfg: Config, net: nn.Module, seed: int | str) -> None:
-    """LoRA adapters (everything else frozen; A drawn from `seed`; rank 0: none), gradient
-    checkpointing and oneDNN matmuls, as the flags say. In place."""
+    """LoRA (rank 0: none), gradient checkpointing, oneDNN matmuls, as the flags say. In place."""
     lora.adapt(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed)
     net.model.grad_checkpointing = cfg.grad_checkpointing  # the Backbone of the LM or the critic
     if cfg.onednn:  # the optional speed layer, imported only where its flag is read
@@ -621,14 +591,12 @@ def main() -> None:
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
     model_dir = resolve_model(cfg.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
-    critic = None
-    if cfg.algo == "ppo":
-        backbone = policy.model if cfg.critic == "separate" else None
-        critic = Critic(backbone, policy.cfg.hidden_size).to(dev)
+    backbone = policy.model if cfg.critic == "separate" else None
+    critic = Critic(backbone, policy.cfg.hidden_size).to(dev) if cfg.algo == "ppo" else None
     prepare(cfg, policy, cfg.seed)
-    if critic is not None and critic.model is not None:
-        prepare(cfg, critic, f"{cfg.seed}:critic")
     if critic is not None:
+        if critic.model is not None:
+            prepare(cfg, critic, f"{cfg.seed}:critic")
         critic.head.requires_grad_(True)  # the head is new: it always trains whole
     ac = ActorCritic(policy, critic)
     if cfg.lora_rank:  # π_ref = π₀ is the base network itself: the adapters off, no second copy
@@ -636,16 +604,17 @@ def main() -> None:
     else:  # π_ref = π₀, a frozen copy
         ref = load_model(model_dir, device=dev).eval().requires_grad_(False)
     net = distributed.wrap(ac)  # DDP under torchrun (every rank samples the same rollouts)
-    optimizer = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    params = [p for p in ac.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run("train_ppo", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
     if cfg.resume:
         run.rewrite(history)  # metrics.jsonl back to the saved state's step
-    n_trainable = sum(p.numel() for p in ac.parameters() if p.requires_grad)
-    print0(f"{cfg.algo}: {cfg.steps} steps x {cfg.batch_size} responses ({cfg.group_size} per "
-           f"prompt), reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x "
-           f"{cfg.eval_n}; {n_trainable:,} trainable parameters; torch threads: {threads}"
-           + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
+    distributed.print0(
+        f"{cfg.algo}: {cfg.steps} steps x {cfg.batch_size} responses ({cfg.group_size} per "
+        f"prompt), reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x "
+        f"{cfg.eval_n}; "
+        f"{sum(p.numel() for p in params):,} trainable parameters; torch threads: {threads}"
+        + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
 
     saved = run.dir / "eval.json"  # a resumed run keeps the evaluations it already made
     results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
@@ -660,7 +629,7 @@ def main() -> None:
     if distributed.is_main() and "before" not in results:
         evaluate_at(0, "before")
     if cfg.resume:  # the trained tensors, AdamW's moments and the RNGs of the saved step
-        _, tensors, _ = load_state(run.dir, optimizer)
+        tensors = load_state(run.dir, optimizer)[1]
         with torch.no_grad():
             for k, p in trainable_tensors(ac).items():
                 p.copy_(tensors[k])
@@ -678,20 +647,21 @@ def main() -> None:
                 ("clip fraction, approx KL(π_old‖π), entropy",
                  series("clipfrac", "approx_kl", "entropy"))], run.dir / "training.svg")
     b, a = results["before"], results["after"]
+    scored = ("reward", "gold") if cfg.gold else ("reward",)
     print(f"\nheld-out: {b['samples']} samples (temperature 1, seed {cfg.seed + 7}), "
-          f"reward {cfg.reward}")
-    gold_col = f" gold ({cfg.gold}) ± SE |" if cfg.gold else ""
-    print(f"| policy | reward ± SE |{gold_col} KL(π‖π₀) ± SE | EOS rate | tokens |\n"
-          f"|---|---|---|---|---|{'---|' * bool(cfg.gold)}")
+          f"reward {cfg.reward}\n| policy | reward ± SE |"
+          + (f" gold ({cfg.gold}) ± SE |" if cfg.gold else "")
+          + f" KL(π‖π₀) ± SE | EOS rate | tokens |\n|---|---|---|---|---|{'---|' * bool(cfg.gold)}")
     for name, r in (("π₀", b), (cfg.algo, a)):
-        gold = f" {r['gold']:+.3f} ± {r['gold_se']:.3f} |" if cfg.gold else ""
-        print(f"| {name} | {r['reward']:+.3f} ± {r['reward_se']:.3f} |{gold} {r['kl']:.3f} ± "
-              f"{r['kl_se']:.3f} | {r['eos_rate']:.2f} | {r['mean_tokens']:.1f} |")
-    for name in ("reward", "gold") if cfg.gold else ("reward",):
+        cells = "".join(f" {r[k]:+.3f} ± {r[k + '_se']:.3f} |" for k in scored)
+        print(f"| {name} |{cells} {r['kl']:.3f} ± {r['kl_se']:.3f} | {r['eos_rate']:.2f} | "
+              f"{r['mean_tokens']:.1f} |")
+    for name in scored:
         gain, se = paired_gain(b[f"{name}_by_prompt"], a[f"{name}_by_prompt"])
-        print(f"{name} gain {gain:+.3f} ± {se:.3f} (SE over the {len(held_out)} prompts, "
-              "paired by prompt)")
-    print(f"policy, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
+        print(f"{name} gain {gain:+.3f} ± {se:.3f} (SE over the {len(held_out)} prompts, paired "
+              "by prompt)")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"policy, metrics and plots in {run.dir} ({minutes:.1f} min)")
 
 
 if __name__ == "__main__":
