@@ -3,9 +3,10 @@
     python bench/bench_ppo.py [--model llama] [--steps 4] [--batch-size 16] [--minibatch-size 8]
                               [--ppo-epochs 2] [--max-new-tokens 40] [--critic shared] [--algo ppo]
 
-Runs train_ppo.py's own pieces on the real prompts (VADER reward) and splits each step into rollout
-(sampling with the KV cache), scoring, the no-grad forwards (π_old, V_old, π_ref) and the update (the
---ppo-epochs minibatch steps). Prints the median of the steps after the first (warm-up). Not a test.
+Runs train_ppo.py's own pieces on the real prompts (VADER reward) and splits each step into
+rollout (sampling with the KV cache), scoring, the no-grad forwards (π_old, V_old, π_ref) and the
+update (the --ppo-epochs minibatch steps). Prints the median of the steps after the first (warm-up).
+Not a test.
 """
 
 import argparse
@@ -31,7 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     defaults = train_ppo.Config()
     for name in ("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "group_size"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            default=getattr(defaults, name))
     parser.add_argument("--critic", default="shared", choices=("shared", "separate"))
     parser.add_argument("--algo", default="ppo", choices=("ppo", "grpo", "rloo"))
     args = parser.parse_args()
@@ -40,14 +42,17 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
     backbone = policy.model if cfg.critic == "separate" else None
-    critic = train_ppo.Critic(backbone, policy.cfg.hidden_size).to(dev) if cfg.algo == "ppo" else None
+    critic = None
+    if cfg.algo == "ppo":
+        critic = train_ppo.Critic(backbone, policy.cfg.hidden_size).to(dev)
     ac = train_ppo.ActorCritic(policy, critic)
     ref = load_model(model_dir, device=dev).eval().requires_grad_(False)
     pool, _, scorers = train_ppo.make_task(cfg, dev)
     optimizer = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=1e-7)
     per_step = cfg.ppo_epochs * -(-cfg.batch_size // cfg.minibatch_size)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {"rollout": [], "score": [], "forward (no grad)": [], "update": []}
+    times: dict[str, list[float]] = {k: [] for k in ("rollout", "score", "forward (no grad)",
+                                                     "update")}
     tokens: dict[str, list[float]] = {"sampled": [], "trained": []}
     for step in range(args.steps):
         rows = train_ppo.step_rows(pool, step, cfg.batch_size // cfg.group_size, 0)
