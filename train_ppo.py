@@ -302,19 +302,17 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
             "mask": mask, "P": prompt_ids.shape[1]}
 
 
-def response_positions(ids: Tensor, P: int) -> Tensor:
-    """(B, P+L) -> bool (B, P+L), True on columns P-1 .. P+L-2: those that predict the response."""
+def token_logps(lm: nn.Module, ids: Tensor, attn: Tensor, P: int, temperature: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> lm's log-probs (B, L) of the response tokens ids[:, P:], its logits (B, L, V) in fp32
+    divided by the temperature the sampler used (N+: else π_old is not the sampling policy), and
+    the hidden states (B, P+L, H). Logits only on the columns that predict the response (P-1 ..
+    P+L-2): the lm_head's big matmul skips the prompt."""
     at = torch.zeros_like(ids, dtype=torch.bool)
     at[:, P - 1:-1] = True
-    return at
-
-
-def token_logps(logits: Tensor, ids: Tensor, P: int, temperature: float) -> tuple[Tensor, Tensor]:
-    """The logits (B·L, V) at response_positions -> log-probs (B, L) of the response tokens
-    ids[:, P:] and the logits (B, L, V), fp32, divided by the temperature the sampler used (N+:
-    otherwise π_old is not the sampling policy)."""
+    logits, hidden = lm(ids, attn, return_hidden=True, logits_at=at)  # (B·L, V), (B, P+L, H)
     logits = logits.view(ids.shape[0], -1, logits.shape[-1]).float() / temperature
-    return logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1), logits
+    return logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1), logits, hidden
 
 
 class Critic(nn.Module):
@@ -339,9 +337,7 @@ class ActorCritic(nn.Module):
         self.policy, self.critic = policy, critic
 
     def forward(self, ids: Tensor, attn: Tensor, P: int, temperature: float):
-        logits, hidden = self.policy(ids, attn, return_hidden=True,
-                                     logits_at=response_positions(ids, P))  # hidden (B, P+L, H)
-        logp, logits = token_logps(logits, ids, P, temperature)
+        logp, logits, hidden = token_logps(self.policy, ids, attn, P, temperature)
         if self.critic is None:
             return logp, None, logits
         # shared: the head reads the policy's features, detached, so the value loss trains the head
@@ -354,7 +350,11 @@ class ActorCritic(nn.Module):
 
 def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Scorer]]:
     """-> (train rows, held-out rows, {"reward": score, "gold": --gold's}), rows with `messages`."""
-    gold = {"gold": prompt_scorer(cfg.gold, dev)} if cfg.gold else {}
+    def prompt_scorer(spec: str) -> Scorer:  # vader | rm:PATH, each response with its row's prompt
+        scorer = make_gold_scorer(spec, device=dev)
+        return lambda rows, texts: scorer.score([r["prompt"] for r in rows], texts)
+
+    gold = {"gold": prompt_scorer(cfg.gold)} if cfg.gold else {}
     if cfg.reward == "pink":  # the pink-elephant judge: -1 for a mention of what it must avoid
         train = pink.eval_rows_from_pairs(pink.load_pairs(), "train")
         held = pink.load_eval_rows(pink.HELDOUT_PATH)
@@ -367,13 +367,7 @@ def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Score
                         f"{cfg.eval_prompts} holds out that many")
     rows = [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in prompts]
     n = len(rows) - cfg.eval_prompts
-    return rows[:n], rows[n:], {"reward": prompt_scorer(cfg.reward, dev), **gold}
-
-
-def prompt_scorer(spec: str, dev) -> Scorer:
-    """vader | rm:PATH -> score(rows, texts), each response scored with its row's prompt."""
-    scorer = make_gold_scorer(spec, device=dev)
-    return lambda rows, texts: scorer.score([r["prompt"] for r in rows], texts)
+    return rows[:n], rows[n:], {"reward": prompt_scorer(cfg.reward), **gold}
 
 
 def step_rows(pool: list[dict], step: int, n: int, seed: int) -> list[dict]:
@@ -426,8 +420,7 @@ def old_forward(cfg: Config, ac: ActorCritic, ref: nn.Module, batch: dict, parts
         ids, attn, P = batch["ids"][rows], batch["attn"][rows], batch["P"]
         with autocast(ids.device):  # π_ref: the same arithmetic as the policy's in ActorCritic
             logp, values, _ = ac(ids, attn, P, cfg.temperature)
-            ref_logits = ref(ids, attn, logits_at=response_positions(ids, P))
-            out["ref_logp"][rows] = token_logps(ref_logits, ids, P, cfg.temperature)[0]
+            out["ref_logp"][rows] = token_logps(ref, ids, attn, P, cfg.temperature)[0]
         out["logp"][rows] = logp
         if values is not None:
             out["values"][rows] = values
