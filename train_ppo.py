@@ -243,9 +243,11 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float
 
         loss_t = ½·max((V_t - R_t)², (clip(V_t, V_old,t - ε_v, V_old,t + ε_v) - R_t)²)
 
-    and clipped_t (1.0 where the clipped term is the larger). old_values, returns: constants."""
+    and clipped_t (1.0 where the clipped term is the larger). old_values, returns: constants.
+    V is clamped into the band itself (as TRL): V_old + clamp(V - V_old, -ε_v, ε_v) can land an ulp
+    from an unclipped V and count it as clipped."""
     old_values, returns = old_values.detach(), returns.detach()
-    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
     with torch.no_grad():
         clipped_frac = (clipped_loss > unclipped_loss).to(values.dtype)

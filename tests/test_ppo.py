@@ -132,6 +132,21 @@ def test_value_loss_values_and_gradients_on_both_sides_of_the_clip():
     assert values.grad.tolist() == pytest.approx([1.0, 0.0, -1.4], abs=1e-12)
 
 
+def test_value_clip_keeps_an_unclipped_value_exactly():
+    """V = 0.03 lies within ε_v = 0.2 of V_old = 0.1: not clipped, so its loss is the unclipped
+    ½(V - R)² and its clipfrac 0. In float32, V_old + clamp(V - V_old, -ε_v, ε_v) lands one ulp
+    above 0.03, whose larger squared error the old formula counted as clipped (issue 26)."""
+    values = torch.tensor([0.03], requires_grad=True)  # float32
+    old, returns = torch.tensor([0.1]), torch.tensor([0.0])
+    one_ulp_above = torch.nextafter(values.detach(), torch.tensor(1.0))
+    assert torch.equal(old + torch.clamp(values.detach() - old, -0.2, 0.2), one_ulp_above)
+    loss, clipped = ppo.value_loss(values, old, returns, 0.2)
+    assert clipped.tolist() == [0.0]
+    assert torch.equal(loss, 0.5 * (values.detach() - returns) ** 2)
+    loss.sum().backward()
+    assert values.grad.tolist() == pytest.approx([0.03])  # dV = V - R
+
+
 @pytest.mark.parametrize("p, q", [([0.5, 0.3, 0.2], [0.2, 0.2, 0.6]),
                                   ([0.9, 0.05, 0.05], [1 / 3] * 3),
                                   ([0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4])])
