@@ -226,10 +226,10 @@ def resume_run(cls, run: str, script: str):
     """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its state
     holds, its metrics.jsonl lines up to that step). Flags given beside --resume are ignored."""
     path = Path(run)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     if (state := state_dir(path)) is None:
         raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) in that directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     step = json.loads((state / "state.json").read_text())["step"]
     saved = json.loads((path / "config.json").read_text())
     cfg = cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})

@@ -14,10 +14,10 @@ from torch import Tensor
 from nanorlhf import distributed
 from nanorlhf.model import KVCache, Transformer, autocast
 
-# (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits. ILQL adds beta*(Q - V) here.
+# (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits (ILQL adds β(Q - V) here)
 LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
-# (model, cache after the prefill, prompts' mask (B, P)) -> an object whose step(token (B,)) returns the
-# next logits (B, V) fp32 and hidden state (B, hidden): a faster decode loop (nanorlhf/fast/static_decode.py)
+# (model, cache after the prefill, prompts' mask (B, P)) -> an object whose step(token (B,)) returns
+# the next logits (B, V) fp32 and hidden state (B, hidden): a faster decode (fast/static_decode.py)
 Decoder = Callable[[Transformer, KVCache, Tensor], object]
 
 
@@ -28,9 +28,9 @@ class Generation:
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest common prefix of the sequences, at most the shortest one's length - 1: every
-    sequence keeps >= 1 token of its own, whose logits predict what follows it. A prefix every prompt
-    shares (a chat template's system prompt) is computed once into a KV cache (judge.py, stream.py)."""
+    """Length of the longest common prefix of the sequences, at most the shortest one's length - 1:
+    every sequence keeps >= 1 token of its own, whose logits predict what follows it. A prefix every
+    prompt shares (a chat template's system prompt) is computed once into a KV cache."""
     n = min(len(s) for s in seqs) - 1
     return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
 
@@ -47,14 +47,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype: on GPU the forwards run under bf16 autocast, so the keys/values they write
-    are bf16; elsewhere the weights' dtype."""
+    """The KV cache's dtype: on GPU the forwards run under bf16 autocast, so the keys/values they
+    write are bf16; elsewhere the weights' dtype."""
     return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
 
 
 def prefix_cache(model: Transformer, prefix: list[int]) -> KVCache:
-    """The keys/values of `prefix`, which every row of a batch starts with, from one forward: a one-row cache
-    to repeat() into the batch's (judge.py, stream.py). Call it under autocast, as the batch's forwards."""
+    """The keys/values of `prefix`, which every row of a batch starts with, from one forward: a
+    one-row cache to repeat() into the batch's (judge, stream). Call it under autocast."""
     device = next(model.parameters()).device
     cache = KVCache(model.cfg, 1, len(prefix), device, cache_dtype(model, device))
     if prefix:
@@ -62,20 +62,22 @@ def prefix_cache(model: Transformer, prefix: list[int]) -> KVCache:
     return cache
 
 
-def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int) -> tuple[Tensor, Tensor, KVCache]:
+def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int
+            ) -> tuple[Tensor, Tensor, KVCache]:
     """Left-padded prompts ids (B, P), mask (B, P) -> next-token logits (B, V) fp32 and hidden state
-    (B, hidden) at the last prompt position, and a KV cache holding the prompts with room for `extra_len` more.
+    (B, hidden) at the last prompt position, and a KV cache of the prompts with room for extra_len.
 
     Left padding puts every prompt's last token in the same column, so one forward serves the whole
     batch and the next token of every row is written at the same cache position P."""
-    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + extra_len, ids.device, cache_dtype(model, ids.device))
-    with autocast(ids.device):
-        logits, hidden = model(ids, mask, cache, return_hidden=True, last_only=True)  # (B, 1, V), (B, P, h)
+    B, P = ids.shape
+    cache = KVCache(model.cfg, B, P + extra_len, ids.device, cache_dtype(model, ids.device))
+    with autocast(ids.device):  # logits (B, 1, V), hidden (B, P, h)
+        logits, hidden = model(ids, mask, cache, return_hidden=True, last_only=True)
     return logits[:, -1].float(), hidden[:, -1], cache
 
 
 def top_k_filter(scores: Tensor, k: int) -> Tensor:
-    """scores (..., V) with everything below the k-th largest of each row set to -inf (k = 0: unchanged)."""
+    """scores (..., V) with all below each row's k-th largest set to -inf (k = 0: unchanged)."""
     if k <= 0:
         return scores
     kth = torch.topk(scores, min(k, scores.shape[-1])).values[..., -1:]  # (..., 1)
@@ -85,8 +87,8 @@ def top_k_filter(scores: Tensor, k: int) -> Tensor:
 def top_p_filter(scores: Tensor, p: float) -> Tensor:
     """scores (..., V) with the tokens outside the nucleus set to -inf (p = 1: unchanged).
 
-    The nucleus (Holtzman et al. 2019) is the smallest set of most likely tokens whose mass reaches p.
-    Computed as transformers' TopPLogitsWarper does, so both drop the same tokens to the last bit:
+    The nucleus (Holtzman et al. 2019) is the smallest set of most likely tokens whose mass reaches
+    p. Computed as transformers' TopPLogitsWarper does, so both drop the same tokens to the bit:
     sort ascending and drop every token whose cumulative mass is <= 1 - p. At an exact tie the set
     stops: probabilities (.5, .25, .125, .125) with p = .75 keep two tokens, not three. The most
     likely token always stays."""
@@ -95,7 +97,7 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     ascending, order = scores.sort(-1)  # (..., V), least likely first
     drop = ascending.softmax(-1).cumsum(-1) <= 1 - p
     drop[..., -1] = False
-    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocabulary order
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # in vocabulary order
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
@@ -109,25 +111,15 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
 
 
 @torch.no_grad()
-def generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    stop_ids: list[int],
-    pad_id: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    logits_hook: LogitsHook | None = None,
-    tokenizer=None,
-    decoder: Decoder | None = None,
-) -> Generation:
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+             pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, logits_hook: LogitsHook | None = None, tokenizer=None,
+             decoder: Decoder | None = None) -> Generation:
     """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
     The same seed gives the same tokens: all randomness comes from one generator.
 
-    decoder: None runs the steps after the prefill through model.forward with the growing KV cache (the
-    reference); nanorlhf/fast/static_decode.py passes its fixed-shape step here."""
+    decoder: None runs the steps after the prefill through model.forward with the growing KV cache
+    (the reference); nanorlhf/fast/static_decode.py passes its fixed-shape step here."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each
     B = ids.shape[0]
@@ -143,7 +135,7 @@ def generate(
             if logits_hook is not None:
                 logits = logits_hook(logits, hidden, step)
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            # a finished row still draws (so every row's draws stay aligned with the generator) but emits pad
+            # a finished row still draws (every row's draws stay aligned with the generator): pad
             token = torch.where(done, pad_id, token)
             out_tokens.append(token)
             done |= torch.isin(token, stops)
@@ -152,15 +144,16 @@ def generate(
             if fast is not None:
                 logits, hidden = fast.step(token)
                 continue
-            # finished rows attend to their pad tokens too: harmless (their outputs are dropped) and it
-            # keeps an unpadded batch mask-free, so SDPA takes its fast path
+            # finished rows attend to their pad tokens too: harmless (their outputs are dropped),
+            # and it keeps an unpadded batch mask-free, so SDPA takes its fast path
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)
             logits, hidden = model(token[:, None], mask, cache, return_hidden=True, last_only=True)
-            logits, hidden = logits[:, -1].float(), hidden[:, -1]  # (B, 1, V) -> (B, V); (B, 1, h) -> (B, h)
+            logits, hidden = logits[:, -1].float(), hidden[:, -1]  # (B, V), (B, h)
     tokens = torch.stack(out_tokens, 1).tolist()  # (B, steps)
     stop_set = set(stop_ids)
     # cut each row after its first stop id; a row that never stopped keeps all its tokens
-    result = [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in tokens]
+    result = [row[:next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))]
+              for row in tokens]
     texts = [tokenizer.decode(r) for r in result] if tokenizer is not None else None
     return Generation(result, texts)
 
@@ -168,19 +161,22 @@ def generate(
 # --- sampling many conversations, as the RL scripts and the evaluations do ---
 
 SAMPLERS = ("batch", "stream")
-SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | stream: "
-                "continuous batching, one generator per sample (faster; other samples for the same seed)")
+SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | "
+                "stream: continuous batching, one generator per sample (faster; other samples for "
+                "the same seed)")
 Ids = list[list[int]]  # token ids, one list per prompt or response
-# (model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature, seed, logits_hook, desc) -> ids
+# (model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature, seed, hook, desc)
+# -> the response ids, one list per prompt
 Sampler = Callable[..., Ids]
 
 
 def generate_batched(model, prompts: Ids, max_new_tokens: int, stop_ids: list[int], pad_id: int,
                      batch_size: int, temperature: float, seed: int,
                      logits_hook: LogitsHook | None = None, desc: str = "sampling") -> Ids:
-    """generate() over `prompts` in batches of batch_size, the batch at `start` seeded seed + start."""
+    """generate() over `prompts` in batches of batch_size; the batch at `start` has seed + start."""
     responses = []
-    for start in distributed.bar(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+    starts = range(0, len(prompts), batch_size)
+    for start in distributed.bar(starts, desc=desc, unit="batch", leave=False):
         out = generate(model, prompts[start:start + batch_size], max_new_tokens, stop_ids, pad_id,
                        temperature=temperature, seed=seed + start, logits_hook=logits_hook)
         responses += out.ids

@@ -1,4 +1,4 @@
-"""nanorlhf/ppo.py against hand-computed values and plain-Python float64 re-derivations."""
+"""train_ppo.py's math against hand-computed values and plain-Python float64 re-derivations."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanorlhf import ppo
+import train_ppo as ppo
 
 
 def test_masked_mean_by_hand():
@@ -37,7 +37,8 @@ def test_masked_whiten_uses_real_tokens_only():
     assert ppo.masked_mean(kept, mask).item() == pytest.approx(mean, abs=1e-12)
 
 
-def reference_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list, list]:
+def reference_gae(rewards: list[float], values: list[float], gamma: float, lam: float
+                  ) -> tuple[list, list]:
     """The recursion unrolled in plain Python floats, for one unpadded response."""
     T, adv = len(rewards), [0.0] * len(rewards)
     for t in range(T):  # A_t = Σ_l (γλ)^l δ_{t+l}, the closed form (GAE paper eq. 16)
@@ -67,8 +68,8 @@ def test_gae_matches_unrolled_recursion_on_padded_rows(gamma, lam):
     rewards = [[rng.uniform(-1, 1) for _ in range(L)] for _ in lengths]
     values = [[rng.uniform(-1, 1) for _ in range(L)] for _ in lengths]
     mask = torch.tensor([[1] * n + [0] * (L - n) for n in lengths])
-    adv, ret = ppo.gae(torch.tensor(rewards, dtype=torch.float64), torch.tensor(values, dtype=torch.float64),
-                       mask, gamma, lam)
+    adv, ret = ppo.gae(torch.tensor(rewards, dtype=torch.float64),
+                       torch.tensor(values, dtype=torch.float64), mask, gamma, lam)
     for i, n in enumerate(lengths):
         want_adv, want_ret = reference_gae(rewards[i][:n], values[i][:n], gamma, lam)
         assert adv[i, :n].tolist() == pytest.approx(want_adv, abs=1e-12)
@@ -80,9 +81,11 @@ def test_score_goes_on_the_last_real_token_only():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     rewards = ppo.per_token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25 - 1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 2.0],
+                                                      [-0.25 - 1.0, 0.0, 0.0]]))
     assert ppo.last_token_mask(mask).tolist() == [[False, False, True], [True, False, False]]
-    assert not ppo.last_token_mask(torch.zeros(1, 3, dtype=torch.long)).any()  # an empty row has none
+    # an empty row has none
+    assert not ppo.last_token_mask(torch.zeros(1, 3, dtype=torch.long)).any()
 
 
 def test_policy_loss_values_and_gradients_on_both_sides_of_the_clip():
@@ -92,13 +95,14 @@ def test_policy_loss_values_and_gradients_on_both_sides_of_the_clip():
       A=-1, ρ=1.5: max(1.5, 1.2) = 1.5, gradient -Aρ = +1.5
       A=-1, ρ=0.5: max(0.5, 0.8) = 0.8, clipped: gradient 0"""
     old = torch.zeros(4, dtype=torch.float64)
-    logp = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.5), math.log(0.5)], dtype=torch.float64,
-                        requires_grad=True)
+    logp = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.5), math.log(0.5)],
+                        dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
     loss, clipped, approx_kl = ppo.policy_loss(logp, old, adv, 0.2)
     assert loss.tolist() == pytest.approx([-1.2, -0.5, 1.5, 0.8], abs=1e-12)
     assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert approx_kl.tolist() == pytest.approx([0.5 - math.log(1.5), -0.5 - math.log(0.5)] * 2, abs=1e-12)
+    assert approx_kl.tolist() == pytest.approx([0.5 - math.log(1.5), -0.5 - math.log(0.5)] * 2,
+                                               abs=1e-12)
     loss.sum().backward()
     assert logp.grad.tolist() == pytest.approx([0.0, -0.5, 1.5, 0.0], abs=1e-12)
 
@@ -108,7 +112,8 @@ def test_policy_loss_at_ratio_one_is_the_policy_gradient():
     adv = torch.tensor([0.7, -0.3], dtype=torch.float64)
     loss, clipped, approx_kl = ppo.policy_loss(logp, logp.detach(), adv, 0.2)
     loss.sum().backward()
-    assert loss.tolist() == pytest.approx([-0.7, 0.3]) and clipped.sum() == 0 and approx_kl.abs().sum() == 0
+    assert loss.tolist() == pytest.approx([-0.7, 0.3])
+    assert clipped.sum() == 0 and approx_kl.abs().sum() == 0
     assert logp.grad.tolist() == pytest.approx([-0.7, 0.3])  # -A·∇log π: REINFORCE
 
 
@@ -127,12 +132,30 @@ def test_value_loss_values_and_gradients_on_both_sides_of_the_clip():
     assert values.grad.tolist() == pytest.approx([1.0, 0.0, -1.4], abs=1e-12)
 
 
-@pytest.mark.parametrize("p, q", [([0.5, 0.3, 0.2], [0.2, 0.2, 0.6]), ([0.9, 0.05, 0.05], [1 / 3] * 3),
+def test_value_clip_keeps_an_unclipped_value_exactly():
+    """V = 0.03 lies within ε_v = 0.2 of V_old = 0.1: not clipped, so its loss is the unclipped
+    ½(V - R)² and its clipfrac 0. In float32, V_old + clamp(V - V_old, -ε_v, ε_v) lands one ulp
+    above 0.03, whose larger squared error the old formula counted as clipped (issue 26)."""
+    values = torch.tensor([0.03], requires_grad=True)  # float32
+    old, returns = torch.tensor([0.1]), torch.tensor([0.0])
+    one_ulp_above = torch.nextafter(values.detach(), torch.tensor(1.0))
+    assert torch.equal(old + torch.clamp(values.detach() - old, -0.2, 0.2), one_ulp_above)
+    loss, clipped = ppo.value_loss(values, old, returns, 0.2)
+    assert clipped.tolist() == [0.0]
+    assert torch.equal(loss, 0.5 * (values.detach() - returns) ** 2)
+    loss.sum().backward()
+    assert values.grad.tolist() == pytest.approx([0.03])  # dV = V - R
+
+
+@pytest.mark.parametrize("p, q", [([0.5, 0.3, 0.2], [0.2, 0.2, 0.6]),
+                                  ([0.9, 0.05, 0.05], [1 / 3] * 3),
                                   ([0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4])])
 def test_kl_estimators_are_unbiased_under_exact_enumeration(p, q):
-    """E_{a~p}[k1] = E_{a~p}[k3] = KL(p‖q) = Σ p log(p/q), summing over every action with its probability."""
+    """E_{a~p}[k1] = E_{a~p}[k3] = KL(p‖q) = Σ p log(p/q), summing over every action with its
+    probability."""
     exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-    logp, logq = torch.tensor(p, dtype=torch.float64).log(), torch.tensor(q, dtype=torch.float64).log()
+    logp = torch.tensor(p, dtype=torch.float64).log()
+    logq = torch.tensor(q, dtype=torch.float64).log()
     weights = torch.tensor(p, dtype=torch.float64)
     k1, k3 = ppo.kl_k1(logp, logq), ppo.kl_k3(logp, logq)
     assert float((weights * k1).sum()) == pytest.approx(exact, abs=1e-12)
@@ -153,7 +176,8 @@ def test_group_advantages_by_hand():
     assert adv[0].tolist() == pytest.approx([-1 / 1.0001, 0.0, 1 / 1.0001], abs=1e-12)
     assert adv[1].tolist() == [0.0, 0.0, 0.0]
     # row 2: mean 2, std √((1 + 1 + 4)/2) = √3
-    assert adv[2].tolist() == pytest.approx([-1 / (3 ** 0.5 + 1e-4)] * 2 + [2 / (3 ** 0.5 + 1e-4)], abs=1e-12)
+    assert adv[2].tolist() == pytest.approx([-1 / (3 ** 0.5 + 1e-4)] * 2 + [2 / (3 ** 0.5 + 1e-4)],
+                                            abs=1e-12)
     dr = ppo.group_advantages(scores, scale_by_std=False)  # Dr.GRPO: centred only
     assert dr[2].tolist() == pytest.approx([-1.0, -1.0, 2.0], abs=1e-12)
 
@@ -172,5 +196,6 @@ def test_entropy_from_logits():
     logits = torch.tensor([probs], dtype=torch.float64).log() + 3.0  # a shift changes nothing
     expected = -sum(p * math.log(p) for p in probs)  # 1.75 bits = 1.2130... nats
     assert ppo.entropy_from_logits(logits).item() == pytest.approx(expected, abs=1e-12)
-    assert ppo.entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2, abs=1e-6)
+    assert ppo.entropy_from_logits(torch.zeros(2, 8)).tolist() == pytest.approx([math.log(8)] * 2,
+                                                                               abs=1e-6)
     assert ppo.entropy_from_logits(torch.zeros(3, dtype=torch.bfloat16)).dtype == torch.float32

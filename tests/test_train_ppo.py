@@ -1,5 +1,5 @@
-"""train_ppo.py beyond the math: the rollout layout, ratio = 1, the frozen reference, EOS handling, bad input,
-resume and whole runs (PPO, GRPO, RLOO), and 2 gloo ranks against 1 process."""
+"""train_ppo.py beyond the math: the rollout layout, ratio = 1, the frozen reference, EOS handling,
+bad input, resume and whole runs (PPO, GRPO, RLOO), and 2 gloo ranks against 1 process."""
 
 import json
 import math
@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import crash_at_step
-from nanorlhf import actor_critic, ppo
 from nanorlhf.checkpoint import load_model
 from nanorlhf.tasks.policy_eval import paired_gain
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
@@ -23,7 +22,8 @@ CPU = torch.device("cpu")
 
 
 def write_prompts(path, n=10):
-    path.write_text("".join(json.dumps({"prompt": f"Describe place number {i}."}) + "\n" for i in range(n)))
+    rows = (json.dumps({"prompt": f"Describe place number {i}."}) + "\n" for i in range(n))
+    path.write_text("".join(rows))
     return path
 
 
@@ -36,16 +36,17 @@ def gold_rm(tiny_chat_model, tmp_path_factory):
 
 def networks(model_dir, critic="shared", algo="ppo"):
     policy = load_model(model_dir).eval()
-    critic_net = None if algo != "ppo" else actor_critic.Critic(policy.model if critic == "separate" else None,
-                                                             policy.cfg.hidden_size)
+    backbone = policy.model if critic == "separate" else None
+    critic_net = None if algo != "ppo" else train_ppo.Critic(backbone, policy.cfg.hidden_size)
     ref = load_model(model_dir).eval().requires_grad_(False)
-    return actor_critic.ActorCritic(policy, critic_net), ref
+    return train_ppo.ActorCritic(policy, critic_net), ref
 
 
 def toy_batch(tok):
-    prompts = [tok.chat_prompt("Hi"), tok.chat_prompt("A longer question about the pink elephant?")] * 2
+    prompts = [tok.chat_prompt("Hi"),
+               tok.chat_prompt("A longer question about the pink elephant?")] * 2
     responses = [[5, 6, tok.eos_id], [7], [8, 9, 10, 11], [12, tok.eos_id]]
-    return actor_critic.rollout_batch(prompts, responses, tok.pad_id), prompts, responses
+    return train_ppo.rollout_batch(prompts, responses, tok.pad_id), prompts, responses
 
 
 def test_rollout_layout_aligns_responses_and_masks_padding(tiny_chat_model):
@@ -54,20 +55,23 @@ def test_rollout_layout_aligns_responses_and_masks_padding(tiny_chat_model):
     P = batch["P"]
     assert P == max(map(len, prompts)) and batch["mask"].sum(-1).tolist() == [3, 1, 4, 2]
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        assert batch["ids"][i, P - len(p):P].tolist() == p and batch["ids"][i, P:P + len(r)].tolist() == r
-        assert batch["attn"][i].sum() == len(p) + len(r)  # left pads and right pads are both masked out
+        assert batch["ids"][i, P - len(p):P].tolist() == p
+        assert batch["ids"][i, P:P + len(r)].tolist() == r
+        assert batch["attn"][i].sum() == len(p) + len(r)  # left and right pads are both masked out
     # the layout's log-probs equal those of the plain unpadded sequence, token by token
     ac, _ = networks(tiny_chat_model)
     with torch.no_grad():
         logp, values, _ = ac(batch["ids"], batch["attn"], P, 1.0)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             full = torch.tensor([p + r])
-            alone = ac.policy(full).log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(r)[:, None])[:, 0]
+            logps = ac.policy(full).log_softmax(-1)[0, len(p) - 1:-1]
+            alone = logps.gather(-1, torch.tensor(r)[:, None])[:, 0]
             torch.testing.assert_close(logp[i, :len(r)], alone, atol=1e-5, rtol=1e-5)
     assert values.abs().sum() == 0  # the zero-initialised head: V = 0 before training
 
 
-@pytest.mark.parametrize("critic, algo", [("shared", "ppo"), ("separate", "ppo"), ("shared", "grpo")])
+@pytest.mark.parametrize("critic, algo",
+                         [("shared", "ppo"), ("separate", "ppo"), ("shared", "grpo")])
 def test_ratio_is_exactly_one_on_the_first_minibatch(tiny_chat_model, critic, algo):
     tok = Tokenizer(tiny_chat_model)
     batch, _, _ = toy_batch(tok)
@@ -75,15 +79,17 @@ def test_ratio_is_exactly_one_on_the_first_minibatch(tiny_chat_model, critic, al
     parts = train_ppo.minibatches(4, 2, "0:0:0")
     cfg = train_ppo.Config(algo=algo, group_size=2 if algo == "grpo" else 1)
     old = train_ppo.old_forward(cfg, ac, ref, batch, parts)
-    assert old["ref_logp"].equal(old["logp"])  # π = π_ref at the start: KL exactly 0 (same arithmetic)
+    # π = π_ref at the start: KL exactly 0 (the same arithmetic)
+    assert old["ref_logp"].equal(old["logp"])
     ac.train()
-    logp, values, _ = ac(batch["ids"][parts[0]], batch["attn"][parts[0]], batch["P"], cfg.temperature)
+    ids, attn = batch["ids"][parts[0]], batch["attn"][parts[0]]
+    logp, values, _ = ac(ids, attn, batch["P"], cfg.temperature)
     assert logp.requires_grad and logp.equal(old["logp"][parts[0]])  # bit for bit: ρ = 1 exactly
 
 
 def test_the_shared_value_loss_trains_the_head_alone(tiny_chat_model):
-    """--critic shared reads the policy's features detached: a value loss reaches the head, never the policy
-    (with a random head; the zero-initialised one would pass this without the detach)."""
+    """--critic shared reads the policy's features detached: a value loss reaches the head, never
+    the policy (with a random head; the zero-initialised one would pass this without the detach)."""
     tok = Tokenizer(tiny_chat_model)
     batch, _, _ = toy_batch(tok)
     ac, _ = networks(tiny_chat_model, "shared")
@@ -95,8 +101,9 @@ def test_the_shared_value_loss_trains_the_head_alone(tiny_chat_model):
 
 
 def test_paired_gain_by_hand():
-    """Prompt means before (1, 2, 3) and after (2, 2, 5): gains (1, 0, 2), mean 1, SE = sd/√3 = 1/√3."""
-    assert paired_gain([1.0, 2.0, 3.0], [2.0, 2.0, 5.0]) == pytest.approx((1.0, 1 / math.sqrt(3)), abs=1e-15)
+    """Prompt means before (1, 2, 3) and after (2, 2, 5): gains (1, 0, 2), mean 1, SE = sd/√3."""
+    assert paired_gain([1.0, 2.0, 3.0], [2.0, 2.0, 5.0]) == pytest.approx((1.0, 1 / math.sqrt(3)),
+                                                                          abs=1e-15)
     with pytest.raises(ValueError):
         paired_gain([1.0], [1.0, 2.0])  # not the same prompts
 
@@ -108,8 +115,8 @@ def run_cli(monkeypatch, *args):
 
 def common(model, prompts, gold, out, *extra):
     return ["--model", model, "--prompts", prompts, "--reward", f"rm:{gold}", "--out-dir", out,
-            "--batch-size", 4, "--minibatch-size", 2, "--max-new-tokens", 6, "--eval-prompts", 2, "--eval-n", 2,
-            "--lr", 3e-3, "--warmup-steps", 1, *extra]
+            "--batch-size", 4, "--minibatch-size", 2, "--max-new-tokens", 6, "--eval-prompts", 2,
+            "--eval-n", 2, "--lr", 3e-3, "--warmup-steps", 1, *extra]
 
 
 def test_one_update_moves_the_policy_but_never_the_reference(tiny_chat_model, gold_rm, tmp_path):
@@ -117,13 +124,15 @@ def test_one_update_moves_the_policy_but_never_the_reference(tiny_chat_model, go
     ac, ref = networks(tiny_chat_model)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     policy_before = [p.detach().clone() for p in ac.policy.parameters()]
-    cfg = train_ppo.Config(reward=f"rm:{gold_rm}", batch_size=4, minibatch_size=2, max_new_tokens=6, lr=1e-2,
-                           warmup_steps=0)
+    cfg = train_ppo.Config(reward=f"rm:{gold_rm}", batch_size=4, minibatch_size=2, max_new_tokens=6,
+                           lr=1e-2, warmup_steps=0)
     pool, _, scorers = train_ppo.make_task(train_ppo.Config(**{**cfg.__dict__, "prompts": str(
         write_prompts(tmp_path / "p.jsonl")), "eval_prompts": 2}), CPU)
     run = type("NoRun", (), {"log": lambda self, **kw: None, "dir": tmp_path})()
-    history = train_ppo.train(cfg, ac, ref, tok, pool, scorers["reward"], run, CPU, [], lambda step: None,
-                              generate_batched)
+    optimizer = torch.optim.AdamW([p for p in ac.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    history = train_ppo.train(cfg, ac, ac, ref, optimizer, generate_batched, tok, pool,
+                              scorers["reward"], run, 0, [], lambda step: None)
     assert history[0]["ratio_dev_first"] == 0.0  # the first minibatch of the step saw ρ = 1 exactly
     assert all(p.grad is None for p in ref.parameters())  # no gradient reached the reference
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
@@ -136,62 +145,74 @@ def test_missing_eos_is_penalised_and_scores_are_raw_otherwise(tiny_chat_model):
     rows = [{"prompt": "a", "messages": [{"role": "user", "content": "a"}]}] * 2
     cfg = train_ppo.Config(group_size=4, max_new_tokens=3, missing_eos_penalty=-1.0)
 
-    # a random tiny model almost never emits the EOS in 3 tokens; force it for one sample with a stop-id hook
+    # a random tiny model almost never emits the EOS in 3 tokens: most responses are cut
     def score(rs, texts):
         return [0.25] * len(texts)
 
-    out = train_ppo.rollout(cfg, policy, tok, rows, score, seed=0, dev=CPU, sampler=generate_batched)
+    out = train_ppo.rollout(cfg, policy, tok, rows, score, seed=0, dev=CPU,
+                            sampler=generate_batched)
     lengths = out["mask"].sum(-1)
-    ended = torch.tensor([bool(out["ids"][i, out["P"] + n - 1] == tok.eos_id) for i, n in enumerate(lengths)])
+    ended = torch.tensor([bool(out["ids"][i, out["P"] + n - 1] == tok.eos_id)
+                          for i, n in enumerate(lengths)])
     assert out["ended"].bool().tolist() == ended.tolist()
     torch.testing.assert_close(out["scores"], 0.25 - 1.0 * (1 - out["ended"]))
     assert (out["raw_scores"] == 0.25).all()
     assert ((lengths == 3) | out["ended"].bool()).all()  # no EOS means the cap was reached
 
-    # the EOS ends a response: whatever was sampled after it is padding (mask 0), and it is the last real token
-    batch = actor_critic.rollout_batch([[1, 2]], [[5, tok.eos_id]], tok.pad_id)
-    rewards = ppo.per_token_rewards(torch.tensor([1.0]), torch.zeros(1, 2), batch["mask"], 0.1)
+    # the EOS ends a response: what was sampled after it is padding (mask 0); EOS is the last token
+    batch = train_ppo.rollout_batch([[1, 2]], [[5, tok.eos_id]], tok.pad_id)
+    rewards = train_ppo.per_token_rewards(torch.tensor([1.0]), torch.zeros(1, 2), batch["mask"],
+                                          0.1)
     assert rewards.tolist() == [[0.0, 1.0]]
 
 
 def test_advantages_for_each_algorithm(tiny_chat_model):
-    """ppo: whitened GAE; grpo/rloo: the group formula on every token of the sample, 0 on padding."""
+    """ppo: whitened GAE; grpo/rloo: the group formula on every token of a sample, 0 on padding."""
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
     batch = {"mask": mask, "scores": torch.tensor([1.0, 0.0, 3.0, 3.0])}
     old = {"logp": torch.zeros(4, 3), "ref_logp": torch.zeros(4, 3), "values": torch.zeros(4, 3)}
     adv, _, _ = train_ppo.advantages_of(train_ppo.Config(algo="rloo", group_size=2), batch, old)
-    torch.testing.assert_close(adv, torch.tensor([[1.0, 1.0, 0], [-1.0, 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0]]))
-    adv, _, _ = train_ppo.advantages_of(train_ppo.Config(algo="grpo", group_size=2, dr_grpo=True), batch, old)
-    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0], [-0.5, 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0]]))
+    torch.testing.assert_close(adv, torch.tensor([[1.0, 1.0, 0], [-1.0, 0, 0], [0.0, 0.0, 0.0],
+                                                  [0.0, 0.0, 0]]))
+    dr_grpo = train_ppo.Config(algo="grpo", group_size=2, dr_grpo=True)
+    adv, _, _ = train_ppo.advantages_of(dr_grpo, batch, old)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0], [-0.5, 0, 0], [0.0, 0.0, 0.0],
+                                                  [0.0, 0.0, 0]]))
     adv, returns, _ = train_ppo.advantages_of(train_ppo.Config(kl_coef=0.0, lam=1.0), batch, old)
-    # V = 0, γ = λ = 1, no KL: every token's return is its response's score; advantages are those, whitened
+    # V = 0, γ = λ = 1, no KL: each token's return is its response's score; advantages: whitened
     torch.testing.assert_close(returns, batch["scores"][:, None] * mask)
-    torch.testing.assert_close(adv, ppo.masked_whiten(batch["scores"][:, None] * mask.float(), mask))
+    torch.testing.assert_close(adv, train_ppo.masked_whiten(batch["scores"][:, None] * mask.float(),
+                                                            mask))
 
 
 def test_grpo_token_weights_average_each_sequence():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     w = train_ppo.token_weights(train_ppo.Config(algo="grpo", group_size=2), mask)
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.25, 0, 0], [0.125] * 4]))
-    w = train_ppo.token_weights(train_ppo.Config(algo="grpo", group_size=2, dr_grpo=True, max_new_tokens=4), mask)
+    dr_grpo = train_ppo.Config(algo="grpo", group_size=2, dr_grpo=True, max_new_tokens=4)
+    w = train_ppo.token_weights(dr_grpo, mask)
     torch.testing.assert_close(w, mask / 8)
     torch.testing.assert_close(train_ppo.token_weights(train_ppo.Config(), mask), mask / 6)
 
 
-@pytest.mark.parametrize("algo, extra", [("ppo", ["--critic", "separate", "--kl-estimator", "k3"]),
-                                         ("grpo", ["--group-size", 2]), ("rloo", ["--group-size", 2]),
-                                         ("ppo", ["--lora-rank", 4, "--whiten-rewards", "true"]),
-                                         ("ppo", ["--critic", "separate", "--onednn", "true", "--sampler", "stream"])],
-                         ids=["ppo-separate-k3", "grpo", "rloo", "ppo-lora", "ppo-onednn-stream"])
-def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypatch, capsys, algo, extra):
+@pytest.mark.parametrize("algo, extra", [
+    ("ppo", ["--critic", "separate", "--kl-estimator", "k3"]),
+    ("grpo", ["--group-size", 2]), ("rloo", ["--group-size", 2]),
+    ("ppo", ["--lora-rank", 4, "--whiten-rewards", "true"]),
+    ("ppo", ["--critic", "separate", "--onednn", "true", "--sampler", "stream"]),
+], ids=["ppo-separate-k3", "grpo", "rloo", "ppo-lora", "ppo-onednn-stream"])
+def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypatch, capsys, algo,
+                                   extra):
     prompts = write_prompts(tmp_path / "p.jsonl")
-    run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r", "--steps", 2,
-                                 "--algo", algo, *extra))
+    run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r",
+                                 "--steps", 2, "--algo", algo, *extra))
     run = tmp_path / "out" / "r"
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
-    assert lines[0]["ratio_dev_first"] == 0.0 and lines[0]["kl"] == 0.0  # ρ = 1 and π = π_ref at the start
-    assert ("loss/value" in lines[0]) == (algo == "ppo") and ("loss/kl" in lines[0]) == (algo == "grpo")
+    # ρ = 1 and π = π_ref at the start
+    assert lines[0]["ratio_dev_first"] == 0.0 and lines[0]["kl"] == 0.0
+    assert ("loss/value" in lines[0]) == (algo == "ppo")
+    assert ("loss/kl" in lines[0]) == (algo == "grpo")
     assert lines[1]["kl"] != 0.0  # the first step moved the policy
     results = json.loads((run / "eval.json").read_text())
     assert set(results) == {"before", "after", "steps"} and results["before"]["kl"] == 0.0
@@ -202,14 +223,16 @@ def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypat
     assert "held-out" in capsys.readouterr().out
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_rm, tmp_path,
+                                                          monkeypatch):
     prompts = write_prompts(tmp_path / "p.jsonl")
-    args = common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--steps", 4, "--save-every", 2,
-                  "--critic", "separate", "--eval-every", 1)
+    args = common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--steps", 4,
+                  "--save-every", 2, "--critic", "separate", "--eval-every", 1)
     run_cli(monkeypatch, *args, "--run", "straight")
     crash_at_step(monkeypatch, 4, lambda: run_cli(monkeypatch, *args, "--run", "broken"))
     broken = tmp_path / "out" / "broken"
-    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 2 and not (broken / "model").exists()
+    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 2
+    assert not (broken / "model").exists()
     run_cli(monkeypatch, "--resume", broken, "--lr", 5)  # flags other than --resume are ignored
     straight = tmp_path / "out" / "straight"
     strip = lambda run: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
@@ -222,21 +245,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_
     assert evals[0] == evals[1] and sorted(evals[0]["steps"], key=int) == ["0", "1", "2", "3", "4"]
 
 
-def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
-    """--gold scores the evaluation samples a second way: with the training RM itself as gold the two columns
-    are equal to the bit; with VADER they are VADER's compound of those very samples."""
+def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tmp_path,
+                                                    monkeypatch):
+    """--gold scores the evaluation samples a second way: with the training RM itself as gold the
+    two columns are equal to the bit; with VADER they are VADER's compound of those very samples."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     prompts = write_prompts(tmp_path / "p.jsonl")
     for gold in (f"rm:{gold_rm}", "vader"):
-        run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", gold[:2],
-                                     "--steps", 3, "--eval-every", 2, "--gold", gold))
-    same, vader = (json.loads((tmp_path / "out" / name / "eval.json").read_text()) for name in ("rm", "va"))
-    assert sorted(same["steps"], key=int) == ["0", "2", "3"]  # every 2 steps, and the end (not twice)
-    assert all(r["gold"] == r["reward"] and r["gold_se"] == r["reward_se"] for r in same["steps"].values())
+        run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run",
+                                     gold[:2], "--steps", 3, "--eval-every", 2, "--gold", gold))
+    same, vader = (json.loads((tmp_path / "out" / name / "eval.json").read_text())
+                   for name in ("rm", "va"))
+    assert sorted(same["steps"], key=int) == ["0", "2", "3"]  # every 2 steps, and the end (once)
+    assert all(r["gold"] == r["reward"] and r["gold_se"] == r["reward_se"]
+               for r in same["steps"].values())
     analyzer = SentimentIntensityAnalyzer()
     # examples hold the first 8 samples: all 4 here (2 prompts x --eval-n 2)
-    compound = [analyzer.polarity_scores(e["response"])["compound"] for e in vader["after"]["examples"]]
+    compound = [analyzer.polarity_scores(e["response"])["compound"]
+                for e in vader["after"]["examples"]]
     assert vader["after"]["gold"] == pytest.approx(sum(compound) / len(compound), abs=1e-12)
     assert vader["after"]["reward"] == same["after"]["reward"]  # the gold does not change training
 
@@ -246,9 +273,10 @@ def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tm
     (["--gold", "gpt4"], "--gold 'gpt4': choose vader or rm:PATH"),
     (["--gold", "rm:/no/such/rm"], "/no/such/rm"),
     (["--algo", "grpo"], "--algo grpo compares samples of one prompt: --group-size must be >= 2"),
-    (["--algo", "rloo", "--group-size", "3"], "--batch-size 4: must be a multiple of --group-size 3"),
+    (["--algo", "rloo", "--group-size", "3"],
+     "--batch-size 4: must be a multiple of --group-size 3"),
     (["--dr-grpo", "true"], "--dr-grpo applies to --algo grpo only"),
-    (["--fsdp", "true"], "--fsdp: train_ppo samples from the policy between steps"),
+    (["--fsdp", "true"], "unrecognized arguments: --fsdp true"),  # no flag only to be refused
     (["--kl-estimator", "k2"], "--kl-estimator 'k2': choose one of k1, k3"),
     (["--missing-eos-penalty", "1"], "--missing-eos-penalty 1.0: must be <= 0"),
     (["--prompts", "missing.jsonl"], "missing.jsonl: no such file"),
@@ -256,12 +284,12 @@ def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tm
     (["--reward", "rm:nowhere"], "--model nowhere: no such directory"),
     (["--resume", "nowhere"], "--resume nowhere: no resumable state"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, gold_rm, tmp_path, monkeypatch, capsys, args,
-                                                  message):
+def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, gold_rm, tmp_path, monkeypatch,
+                                                  capsys, args, message):
     write_prompts(tmp_path / "p.jsonl")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["train_ppo.py", *map(str, common(tiny_chat_model, "p.jsonl", gold_rm,
-                                                                      tmp_path / "out")), *args])
+    flags = common(tiny_chat_model, "p.jsonl", gold_rm, tmp_path / "out")
+    monkeypatch.setattr("sys.argv", ["train_ppo.py", *map(str, flags), *args])
     with pytest.raises(SystemExit) as info:
         train_ppo.run_cli(train_ppo.main)
     assert info.value.code == 2
@@ -273,8 +301,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, gold_rm, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_two_ranks_reproduce_one(tiny_chat_model, gold_rm, tmp_path, algo):
-    """Both ranks sample the same rollouts; each trains on its shard of every minibatch (3 rows over 2 ranks:
-    uneven shards), the token weights make each step's loss the minibatch's mean. Tolerances: test_distributed."""
+    """Both ranks sample the same rollouts; each trains on its shard of every minibatch (3 rows over
+    2 ranks: uneven shards), the token weights make each step's loss the minibatch's mean.
+    Tolerances: test_distributed."""
     prompts = write_prompts(tmp_path / "p.jsonl")
     args = common(tiny_chat_model, prompts, gold_rm, tmp_path, "--steps", 3, "--minibatch-size", 3,
                   "--algo", algo, "--group-size", 2 if algo == "grpo" else 1)
@@ -289,12 +318,14 @@ def test_two_ranks_reproduce_one(tiny_chat_model, gold_rm, tmp_path, algo):
     assert_same_weights(tiny_chat_model, tmp_path / "one" / "model", tmp_path / "two" / "model")
 
 
-def test_stream_sampler_reaches_rollouts_and_evaluation(tiny_chat_model, gold_rm, tmp_path, monkeypatch):
+def test_stream_sampler_reaches_rollouts_and_evaluation(tiny_chat_model, gold_rm, tmp_path,
+                                                        monkeypatch):
     from nanorlhf.fast import stream
 
     calls, real = [], stream.generate_stream
-    monkeypatch.setattr(stream, "generate_stream", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    monkeypatch.setattr(stream, "generate_stream",
+                        lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
     prompts = write_prompts(tmp_path / "p.jsonl")
-    run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r", "--steps", 2,
-                                 "--sampler", "stream"))
+    run_cli(monkeypatch, *common(tiny_chat_model, prompts, gold_rm, tmp_path / "out", "--run", "r",
+                                 "--steps", 2, "--sampler", "stream"))
     assert calls == [4, 4, 4, 4]  # before, 2 rollouts of --batch-size 4, after (2 prompts x 2)
