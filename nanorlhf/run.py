@@ -193,20 +193,21 @@ def load_state(run: str | Path, optimizer: torch.optim.Optimizer | None = None
     return info["step"], tensors, info
 
 
-def resume_run(cls, run: str, script: str):
+def resume_run(cls, run: str, script: str, step_key: str = "step"):
     """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its state
-    holds, its metrics.jsonl lines up to that step). Flags given beside --resume are ignored."""
+    holds, its metrics.jsonl lines up to that step: those whose `step_key` is at most it). Flags given
+    beside --resume are ignored."""
     path = Path(run)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     if (state := state_dir(path)) is None:
         raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) in that directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     step = json.loads((state / "state.json").read_text())["step"]
     saved = json.loads((path / "config.json").read_text())
     cfg = cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})
     cfg = dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
     check_flags(cfg)
     metrics = path / "metrics.jsonl"
-    history = [m for m in map(json.loads, metrics.read_text().splitlines()) if m["step"] <= step] \
+    history = [m for m in map(json.loads, metrics.read_text().splitlines()) if m[step_key] <= step] \
         if metrics.is_file() else []
     return cfg, step, history
