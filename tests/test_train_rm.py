@@ -183,7 +183,7 @@ def test_saved_rm_scores_texts_alone_whatever_the_prompt(ratings, tiny_chat_mode
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_model, tmp_path, monkeypatch):
-    """A crash at step 5 of 12 (resume/ written every 2 steps) and a resume give the same metrics, the same
+    """A crash at step 5 of 12 (state/ written every 2 steps) and a resume give the same metrics, the same
     evaluation and the same RM, bit for bit, as a run that never stopped; flags beside --resume are ignored."""
     from safetensors.torch import load_file
 
@@ -191,7 +191,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_mod
     straight = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common).rename(tmp_path / "out" / "straight")
     crash_at_step(monkeypatch, 5, lambda: run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common))
     broken = tmp_path / "out" / "r"
-    assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
+    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 4
     assert not (broken / "rm").exists()
     monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(broken), "--lr", "5"])
     train_rm.main()
@@ -208,4 +208,4 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(tmp_path / "nowhere")])
     with pytest.raises(UserError) as e:
         train_rm.main()
-    assert "--resume" in str(e.value) and "no resumable checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert "--resume" in str(e.value) and "no resumable state" in str(e.value) and "\n" not in str(e.value)
