@@ -109,7 +109,7 @@ class Config:
                                            "memory, ~1/3 more compute")
     onednn: bool = flag(False, "CPU matmuls through oneDNN with packed weights: ~1.9x faster steps "
                                "on AMD CPUs, where MKL runs AVX2 kernels; equal to MKL's up to "
-                               "rounding, so not bit-equal to a default run")
+                               "rounding, so not bit-equal to a run without it")
     threads: int = flag(0, THREADS_HELP, min=0)
 
     def check(self) -> None:

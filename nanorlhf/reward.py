@@ -33,7 +33,7 @@ from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, 
                                  read_safetensors, resolve_model, write_checkpoint_dir)
 from nanorlhf.model import autocast
 from nanorlhf.data import fit_to_length
-from nanorlhf.logprobs import collate
+from nanorlhf.logprobs import collate, pair_batch
 from nanorlhf.deberta import DebertaRewardModel, load_deberta_reward_model, score_pairs
 from nanorlhf.errors import UserError
 from nanorlhf.model import Backbone, ModelConfig, Transformer
@@ -188,6 +188,19 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: T
         losses = losses + center_coef * (chosen_scores + rejected_scores) ** 2
     return losses, (chosen_scores > rejected_scores).to(chosen_scores.dtype)
 
+
+
+def bradley_terry_sum(rm, pairs: list[dict], pad_id: int, dev: torch.device,
+                      center_coef: float = 0.0) -> tuple[Tensor, int]:
+    """Token-id pairs {prompt, chosen, rejected} -> (bradley_terry_loss summed over the pairs, their
+    count), from one forward of `rm` (a RewardModel, or the DDP net around one) over the chosen rows
+    then the rejected rows (logprobs.pair_batch). The sum and count let a caller take the mean of a
+    batch split over ranks (rest_loop.fit)."""
+    batch = pair_batch(pairs, pad_id)  # chosen rows, then rejected rows
+    with autocast(dev):
+        scores = rm(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    chosen, rejected = scores.chunk(2)
+    return bradley_terry_loss(chosen, rejected, center_coef=center_coef)[0].sum(), len(pairs)
 
 def pair_ids(tok, prompt: str | list[dict], response: str, template: str = "chat") -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) a causal RM scores, in its template. No EOS: the score is read on the

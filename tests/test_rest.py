@@ -79,7 +79,8 @@ def test_bc_improve_steps_keep_shrinking_sets(tiny_chat_model):
     rewards = [i / 7 for i in range(8)]
     cfg = rest_loop.Config(improve="bc", k=4, lr=1e-3, batch_size=2)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.75], tok.pad_id, CPU, "t")
+    stats = rest_loop.improve(cfg, model, rest_loop.preparer(cfg), samples, rewards, [0.5, 0.75],
+                              tok.pad_id, CPU, "t")
     # τ1 at position 3.5 of 0/7..7/7 = 3.5/7 (= the mean): keeps 4/7..7/7 (4); τ2 at 5.25/7: keeps 6/7, 7/7 (2)
     assert stats["thresholds"] == [pytest.approx(0.5), pytest.approx(0.75)]
     assert stats["kept"] == [4, 2]
@@ -99,11 +100,31 @@ def test_dpo_improve_pairs_best_against_worst(tiny_chat_model):
     # sorted rewards 0 .1 .2 .2 .3 .3 .3 .3 .4 .5 .6 .9; q=0.5 at position 5.5 -> 0.3, below the mean 4.1/12:
     # τ1 = 0.341667, both pairs (0.9, 0.6); q=0.85 at position 9.35 -> 0.5 + 0.35·0.1 = 0.535: still both;
     # q=0.95 at 10.45 -> 0.6 + 0.45·0.3 = 0.735: one
-    stats = rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.85, 0.95], tok.pad_id, CPU, "t")
+    stats = rest_loop.improve(cfg, model, rest_loop.preparer(cfg), samples, rewards,
+                              [0.5, 0.85, 0.95], tok.pad_id, CPU, "t")
     assert stats["thresholds"] == [pytest.approx(4.1 / 12), pytest.approx(0.535), pytest.approx(0.735)]
     assert stats["kept"] == [2, 2, 1]
     assert stats["improve_loss"][0] == pytest.approx(0.6931472, abs=1e-5)  # first DPO batch: policy == reference
 
+
+
+def test_dpo_loss_is_train_dpos_sigmoid_loss_to_the_last_bit():
+    """rest_loop keeps its own DPO loss (no script imports another): the same values and gradients,
+    bit for bit, as train_dpo.dpo_loss with its defaults, also where σ saturates."""
+    import train_dpo
+
+    gen = torch.Generator().manual_seed(0)
+    logps = [torch.randn(64, generator=gen, dtype=torch.float32) * 30 for _ in range(4)]
+    logps[0][:2] = torch.tensor([1e4, -1e4])  # β·h = ±1000: logsigmoid's far tails
+    for beta in (0.1, 0.5):
+        ours, theirs = [[t.clone().requires_grad_(i < 2) for i, t in enumerate(logps)]
+                        for _ in range(2)]
+        a = rest_loop.dpo_loss(*ours, beta)
+        b = train_dpo.dpo_loss(*theirs, beta)[0]
+        assert torch.equal(a, b)
+        a.sum().backward()
+        b.sum().backward()
+        assert all(torch.equal(x.grad, y.grad) for x, y in zip(ours[:2], theirs[:2]))
 
 def exact_kl(p_dir, q_dir, prompt: list[int], stops: list[int]) -> tuple[float, float]:
     """KL(p‖q) over every response of up to 2 tokens, by brute force in float64 with transformers' forward:
@@ -180,7 +201,8 @@ def test_grow_improve_rounds_raise_a_toy_reward(tiny_chat_model):
         rewards = [reward(s) for s in samples]
         means.append(sum(rewards) / len(rewards))
         if t < 3:
-            rest_loop.improve(cfg, model, samples, rewards, [0.5, 0.75], tok.pad_id, CPU, f"round{t}")
+            rest_loop.improve(cfg, model, rest_loop.preparer(cfg), samples, rewards, [0.5, 0.75],
+                              tok.pad_id, CPU, f"round{t}")
     assert means[0] < 0.3
     assert means[-1] > means[0] + 0.2, means  # seeded: 0.19 -> 0.59 when written
 
@@ -257,12 +279,13 @@ def test_gold_rm_loads_on_the_run_device_bf16_on_cuda(tiny_chat_model, tmp_path,
     assert asked == [(torch.device(lm_device), dtype)]
 
 
-def test_cli_fsdp_is_refused_for_what_it_is(tmp_path, monkeypatch, capsys):
-    """Not "launch with torchrun" (scale.check's message for --fsdp without torchrun): rest_loop refuses FSDP
-    under torchrun too, since it samples between steps. Checked with the flags, before the model is even found."""
-    err = cli_error(monkeypatch, capsys, "--model", "/no/model", "--fsdp", "true", "--out-dir", tmp_path / "out")
-    assert err.startswith("error: --fsdp:") and "samples from the policy" in err
-    assert "launch with torchrun" not in err
+def test_cli_has_no_fsdp_flag(tmp_path, monkeypatch, capsys):
+    """rest_loop samples from the policy between training steps, which needs the whole model on
+    every rank, so it has no --fsdp at all (issue 24: no flag exists only to be refused). Asking for
+    it is argparse's one-line error, before the model is even found."""
+    err = cli_error(monkeypatch, capsys, "--model", "/no/model", "--fsdp", "true",
+                    "--out-dir", tmp_path / "out")
+    assert err == "error: unrecognized arguments: --fsdp true"
     assert not (tmp_path / "out").exists()
 
 
@@ -317,7 +340,7 @@ def test_run_outputs_and_resume_matches_uninterrupted(tiny_chat_model, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         tiny_run(monkeypatch, tiny_chat_model, prompts, out, "cut", "--improve", "dpo")
     state = json.loads((out / "cut" / "state" / "state.json").read_text())
-    assert state["iteration"] == 1
+    assert state["step"] == 1  # the iteration
     monkeypatch.setattr(rest_loop, "improve", real_improve)
     resumed, _ = tiny_run(monkeypatch, tiny_chat_model, prompts, out, "cut", "--resume", out / "cut", "--lr", 5.0)
     strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
