@@ -50,6 +50,34 @@ def test_gao_fit_recovers_the_coefficients_of_noisy_synthetic_points(form):
     assert all(math.isnan(v) for v in frontier.gao_fit(np.array([0.0, 1.0]), np.array([0.0, 1.0]), form))
 
 
+
+def test_the_proxy_is_rest_loops_recipe_to_the_bit(tiny_chat_model):
+    """frontier.train_proxy is rest_loop.train_proxy at rest_loop's defaults, in one process
+    (frontier imports no script): the same loss and the same RM, bit for bit, on 11 pairs (batches
+    of 8 and 3)."""
+    import torch
+
+    import rest_loop
+    from nanorlhf.reward import pair_ids
+    from nanorlhf.tokenizer import Tokenizer
+
+    tok, lm = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
+    pairs = []
+    for i in range(11):
+        prompt, chosen = pair_ids(tok, f"Describe place {i}.", f"The capital {i} is Paris.")
+        rejected = pair_ids(tok, f"Describe place {i}.", "Never mention the pink elephant.")[1]
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    ours, theirs = reward_model_from_lm(lm, seed=5), reward_model_from_lm(lm, seed=5)
+    cfg = rest_loop.Config(seed=5)
+    assert cfg.rm_epochs == 1
+    loss = frontier.train_proxy(ours, pairs, tok.pad_id, torch.device("cpu"), 5)
+    expected = rest_loop.train_proxy(cfg, theirs, rest_loop.preparer(cfg), pairs, tok.pad_id,
+                                     torch.device("cpu"), "5")
+    assert loss == expected
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert not torch.equal(ours.score.weight, reward_model_from_lm(lm, seed=5).score.weight)
+
 @pytest.mark.parametrize("args, message", [
     ([], "--gold '': choose rm:PATH"),
     (["--gold", "gpt4"], "--gold 'gpt4': choose rm:PATH"),
