@@ -222,9 +222,10 @@ def load_state(run: str | Path, optimizer: torch.optim.Optimizer | None = None
     return info["step"], tensors, info
 
 
-def resume_run(cls, run: str, script: str):
+def resume_run(cls, run: str, script: str, step_key: str = "step"):
     """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its state
-    holds, its metrics.jsonl lines up to that step). Flags given beside --resume are ignored."""
+    holds, its metrics.jsonl lines up to that step: those whose `step_key` is at most it). Flags given
+    beside --resume are ignored."""
     path = Path(run)
     if (state := state_dir(path)) is None:
         raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) in that directory")
@@ -236,6 +237,6 @@ def resume_run(cls, run: str, script: str):
     cfg = dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
     check_flags(cfg)
     metrics = path / "metrics.jsonl"
-    history = [m for m in map(json.loads, metrics.read_text().splitlines()) if m["step"] <= step] \
+    history = [m for m in map(json.loads, metrics.read_text().splitlines()) if m[step_key] <= step] \
         if metrics.is_file() else []
     return cfg, step, history

@@ -1,4 +1,5 @@
-"""human_ratings.py offline: a tiny fake sdist with the real layout, pairs and splits checked by hand."""
+"""tasks/human_ratings.py offline: a tiny fake sdist with the real layout, pairs and splits checked
+by hand."""
 
 import hashlib
 import io
@@ -17,7 +18,8 @@ from nanorlhf.errors import UserError
 
 
 def rec(rid: str, mean: float, se: float, source: str = "tweets", text: str | None = None) -> dict:
-    return dict(source=source, id=rid, mean=mean, text=text or f"text {source} {rid}", n_raters=20, se=se)
+    return dict(source=source, id=rid, mean=mean, text=text or f"text {source} {rid}", n_raters=20,
+                se=se)
 
 
 def tar_gz(members: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> bytes:
@@ -33,12 +35,14 @@ def tar_gz(members: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> byte
 
 
 def fake_sdist(path: Path, evil: bool = False) -> Path:
-    """vaderSentiment-3.3.2.tar.gz -> additional_resources/hutto_ICWSM_2014.tar.gz -> hutto_ICWSM_2014/*.txt,
-    two texts per source. With evil=True the inner tar also holds "../" and absolute members."""
+    """vaderSentiment-3.3.2.tar.gz -> additional_resources/hutto_ICWSM_2014.tar.gz ->
+    hutto_ICWSM_2014/*.txt, two texts per source. With evil=True the inner tar also holds "../" and
+    absolute members."""
     files = {}
     for s in hr.SOURCES:
         files[f"{hr.DATA_NAME}/{s}_GroundTruth.txt"] = b"1\t1.5\tgood &amp; kind\r\n2\t-2\tbad\r\n"
-        files[f"{hr.DATA_NAME}/{s}_anonDataRatings.txt"] = b"1\t1.5\t0.5\t[1, 2]\r\n2\t-2\t0\t[-2, -2]\r\n"
+        files[f"{hr.DATA_NAME}/{s}_anonDataRatings.txt"] = (b"1\t1.5\t0.5\t[1, 2]\r\n"
+                                                             b"2\t-2\t0\t[-2, -2]\r\n")
     if evil:
         files |= {"../evil.txt": b"x", str(path.parent.resolve() / "abs_evil.txt"): b"x"}
     inner = tar_gz(files)
@@ -48,11 +52,13 @@ def fake_sdist(path: Path, evil: bool = False) -> Path:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch) -> Path:
-    """A fake sdist the module accepts (its size and SHA-256 patched in); downloads copy it; cache in tmp."""
+    """A fake sdist the module accepts (its size and SHA-256 patched in); downloads copy it; cache
+    in tmp."""
     sdist = fake_sdist(tmp_path / "fake.tar.gz")
     monkeypatch.setattr(hr, "SDIST_BYTES", sdist.stat().st_size)
     monkeypatch.setattr(hr, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
-    monkeypatch.setattr(hr, "download_sdist", lambda dest: Path(shutil.copy(sdist, dest / hr.SDIST_NAME)))
+    monkeypatch.setattr(hr, "download_sdist",
+                        lambda dest: Path(shutil.copy(sdist, dest / hr.SDIST_NAME)))
     monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path / "cache"))
     return sdist
 
@@ -60,13 +66,15 @@ def fake(tmp_path, monkeypatch) -> Path:
 def test_fetch_extracts_once_and_reads(fake, tmp_path, monkeypatch):
     out = hr.ensure_ratings()
     assert sorted(p.name for p in out.iterdir()) == sorted(hr.FILES)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [hr.DATA_NAME]  # no download left
+    # no download left
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [hr.DATA_NAME]
     monkeypatch.setattr(hr, "download_sdist", lambda dest: pytest.fail("fetched twice"))
     assert hr.ensure_ratings() == out
     r = hr.read_source(out, "tweets")
-    assert [(x["id"], x["mean"], x["text"], x["n_raters"]) for x in r] == [("1", 1.5, "good & kind", 2),
-                                                                        ("2", -2.0, "bad", 2)]
-    assert r[0]["se"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2), rel=1e-12)  # sd of [1, 2], ddof=1
+    assert [(x["id"], x["mean"], x["text"], x["n_raters"]) for x in r] == [
+        ("1", 1.5, "good & kind", 2), ("2", -2.0, "bad", 2)]
+    # sd of [1, 2], ddof=1
+    assert r[0]["se"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2), rel=1e-12)
     assert r[1]["se"] == 0.0
 
 
@@ -116,9 +124,11 @@ def test_offline_names_the_command(tmp_path, monkeypatch):
 def test_text_rules(tmp_path):
     gt = (b"\xef\xbb\xbfa\t1\tus &amp; them &lt;3\r\n"  # BOM, entities, CRLF
           b"b\t0.5\tcaf\xe9 \x93ok\x94\r\n"  # not UTF-8: Windows-1252
-          b"c\t-1\tM\xc3\xbcnch &amp;amp; co \r\n\r\n")  # UTF-8; unescaped once; trailing blank line
+          # UTF-8; unescaped once; trailing blank line
+          b"c\t-1\tM\xc3\xbcnch &amp;amp; co \r\n\r\n")
     (tmp_path / "tweets_GroundTruth.txt").write_bytes(gt)
-    (tmp_path / "tweets_anonDataRatings.txt").write_bytes(b"a\t1\t0\t[1,1]\nb\t0\t0\t[0,1]\nc\t0\t0\t[-1,-1]\n")
+    (tmp_path / "tweets_anonDataRatings.txt").write_bytes(
+        b"a\t1\t0\t[1,1]\nb\t0\t0\t[0,1]\nc\t0\t0\t[-1,-1]\n")
     texts = [r["text"] for r in hr.read_source(tmp_path, "tweets")]
     assert texts == ["us & them <3", "caf\u00e9 \u201cok\u201d", "M\u00fcnch &amp; co"]
     assert hr.decode_line(b"\x81x") == "\ufffdx"  # a byte undefined in Windows-1252
@@ -126,7 +136,8 @@ def test_text_rules(tmp_path):
 
 @pytest.mark.parametrize("gt, anon, bad", [
     ("a\t1\tok\nb\tone\tx\n", "a\t1\t0\t[1,1]\nb\t1\t0\t[1,1]\n", "GroundTruth.txt:2"),
-    ("a\t1\tok\n\nb\t5\tx\n", "a\t1\t0\t[1,1]\nb\t1\t0\t[1,1]\n", "GroundTruth.txt:3"),  # out of range
+    # out of range
+    ("a\t1\tok\n\nb\t5\tx\n", "a\t1\t0\t[1,1]\nb\t1\t0\t[1,1]\n", "GroundTruth.txt:3"),
     ("a\t1\tok\nb\t1\n", "a\t1\t0\t[1,1]\nb\t1\t0\t[1,1]\n", "GroundTruth.txt:2"),  # no text
     ("a\t1\tok\na\t1\tx\n", "a\t1\t0\t[1,1]\n", "GroundTruth.txt:2"),  # duplicate id
     ("a\t1\tok\nb\t1\tx\n", "a\t1\t0\t[1,1]\n", "GroundTruth.txt:2: id 'b' has no"),
@@ -151,8 +162,9 @@ def test_pair_index_enumerates_every_pair_once():
     assert list(zip(i.tolist(), j.tolist())) == [(t - 2, t - 1), (0, t), (1, t)]
 
 
-# By hand, z = 1.96: A-B |0.5| > 1.96*sqrt(0.01+0.01)=0.277 yes; A-C 0.1 > 1.96*sqrt(0.01+0.09)=0.620 no;
-# B-C 0.4 > 0.620 no; A-D 3.0, B-D 2.5, C-D 2.9 all > 1.96*sqrt(0.05 or 0.13)=0.707 yes. Four pairs.
+# By hand, z = 1.96: A-B |0.5| > 1.96*sqrt(0.01+0.01)=0.277 yes;
+# A-C 0.1 > 1.96*sqrt(0.01+0.09)=0.620 no; B-C 0.4 > 0.620 no;
+# A-D 3.0, B-D 2.5, C-D 2.9 all > 1.96*sqrt(0.05 or 0.13)=0.707 yes. Four pairs.
 HAND = [rec("A", 2.0, 0.1), rec("B", 1.5, 0.1), rec("C", 1.9, 0.3), rec("D", -1.0, 0.2)]
 
 
@@ -170,11 +182,13 @@ def test_pairs_by_hand():
 
 def test_pairs_stay_within_a_source_and_skip_identical_texts():
     other = [rec("F", 3.0, 0.1, "amazon"), rec("G", -3.0, 0.1, "amazon")]
-    pairs = hr.preference_pairs(HAND + other, 3)  # shares 4/6 and 2/6 of 3: two tweet pairs, one amazon
+    # shares 4/6 and 2/6 of 3: two tweet pairs, one amazon
+    pairs = hr.preference_pairs(HAND + other, 3)
     assert sorted(p["source"] for p in pairs) == ["amazon", "tweets", "tweets"]
     assert all(p["chosen"].split()[1] == p["rejected"].split()[1] == p["source"] for p in pairs)
     amazon = [p for p in pairs if p["source"] == "amazon"][0]
-    assert (amazon["chosen"], amazon["rejected"], amazon["margin"]) == ("text amazon F", "text amazon G", 6.0)
+    assert (amazon["chosen"], amazon["rejected"], amazon["margin"]) == ("text amazon F",
+                                                                        "text amazon G", 6.0)
     same = [rec("X", 3.0, 0.0, text="same"), rec("Y", -3.0, 0.0, text="same")]
     with pytest.raises(UserError, match="only 0 pairs"):
         hr.preference_pairs(same, 1)
@@ -182,7 +196,8 @@ def test_pairs_stay_within_a_source_and_skip_identical_texts():
 
 def test_pairs_seeded_distinct_and_qualifying():
     rng = np.random.default_rng(0)
-    recs = [rec(str(k), float(rng.uniform(-3, 3)), float(rng.uniform(0.05, 0.4))) for k in range(200)]
+    recs = [rec(str(k), float(rng.uniform(-3, 3)), float(rng.uniform(0.05, 0.4)))
+            for k in range(200)]
     a, b = hr.preference_pairs(recs, 500, seed=1), hr.preference_pairs(recs, 500, seed=1)
     assert a == b and a != hr.preference_pairs(recs, 500, seed=2)
     assert len({(p["chosen"], p["rejected"]) for p in a}) == 500
@@ -207,7 +222,8 @@ def test_split_by_text_deterministic_with_heldout_source():
     assert all(r["source"] != "nyt" for s in ("train", "validation", "test") for r in splits[s])
     assert splits == hr.split_records(recs, heldout=("nyt",), seed=0)
     assert splits != hr.split_records(recs, heldout=("nyt",), seed=1)
-    # 750 distinct texts outside nyt, 10% each to validation/test: binomial sd = sqrt(750*0.1*0.9) = 8.2
+    # 750 distinct texts outside nyt, 10% each to validation/test: binomial
+    # sd = sqrt(750*0.1*0.9) = 8.2
     for name in ("validation", "test"):
         assert abs(len({r["text"] for r in splits[name]}) - 75) < 5 * 8.2
 
@@ -215,7 +231,8 @@ def test_split_by_text_deterministic_with_heldout_source():
 @pytest.mark.slow
 def test_checksum_constant_matches_the_real_sdist(tmp_path):
     """The real file from PyPI: size and SHA-256 match the constants, and the four sets have the
-    published sizes (the README's counts; the notes' 4,199... count newlines, the last line has none)."""
+    published sizes (the README's counts; the notes' 4,199... count newlines, the last line has
+    none)."""
     try:
         sdist = hr.download_sdist(tmp_path)
     except UserError as e:

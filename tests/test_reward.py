@@ -1,4 +1,5 @@
-"""Reward models against transformers' LlamaForSequenceClassification (the oracle), in both head layouts.
+"""Reward models against transformers' LlamaForSequenceClassification (the oracle), in both head
+layouts.
 
 Expected loss values are computed by hand (reference notes §5.5), never by the code under test.
 """
@@ -15,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from nanorlhf.checkpoint import load_model
 from nanorlhf.errors import UserError
-from nanorlhf.reward import (bradley_terry_loss, last_token_index, load_reward_model, make_gold_scorer, pair_ids,
-                             parse_rm_spec, reward_model_from_lm, save_reward_model, score_texts)
+from nanorlhf.reward import (bradley_terry_loss, last_token_index, load_reward_model,
+                             make_gold_scorer, pair_ids, parse_rm_spec, reward_model_from_lm,
+                             save_reward_model, score_texts)
 from nanorlhf.tokenizer import Tokenizer
 from conftest import build_tiny_tokenizer
 
@@ -24,10 +26,11 @@ VOCAB = 300  # the tiny tokenizer's size, so the `rm:` scorer can run on real te
 
 
 def make_hf_rm(pad_token_id: int, seed: int = 0) -> transformers.LlamaForSequenceClassification:
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
-                                   num_labels=1)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=pad_token_id, num_labels=1)
     torch.manual_seed(seed)
     model = transformers.LlamaForSequenceClassification(cfg).eval()
     with torch.no_grad():
@@ -40,7 +43,8 @@ def make_hf_rm(pad_token_id: int, seed: int = 0) -> transformers.LlamaForSequenc
 
 @pytest.fixture(scope="module")
 def rm_dirs(tmp_path_factory):
-    """The same random RM as transformers writes it (score.weight) and as UltraRM ships (regression_head.weight)."""
+    """The same random RM as transformers writes it (score.weight) and as UltraRM ships
+    (regression_head.weight)."""
     hf = make_hf_rm(pad_token_id=0)
     score_dir = tmp_path_factory.mktemp("rm-score")
     hf.save_pretrained(score_dir)
@@ -50,7 +54,8 @@ def rm_dirs(tmp_path_factory):
     tensors["regression_head.weight"] = tensors.pop("score.weight")
     save_file(tensors, ultra_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((ultra_dir / "config.json").read_text())
-    (ultra_dir / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaRewardModel"]}))
+    (ultra_dir / "config.json").write_text(json.dumps({**config,
+                                                       "architectures": ["LlamaRewardModel"]}))
     return {"hf": hf, "score": score_dir, "regression_head": ultra_dir}
 
 
@@ -69,10 +74,11 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
 
 
 gen = torch.Generator().manual_seed(1)
-ROWS = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (7, 12, 3, 9)]  # no pad/eos ids inside
+# no pad/eos ids inside
+ROWS = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (7, 12, 3, 9)]
 
 
-# ---- Bradley-Terry loss: hand-computed values --------------------------------------------------------
+# ---- Bradley-Terry loss: hand-computed values ----------------------------------------------------
 
 def test_bt_loss_hand_values():
     chosen = torch.tensor([1.0, 2.0, 2.0, -0.3], dtype=torch.float64)
@@ -87,7 +93,8 @@ def test_bt_loss_margin_and_centering():
     chosen, rejected = torch.tensor([2.0]), torch.tensor([0.0])
     losses, _ = bradley_terry_loss(chosen, rejected, margin=0.5)
     assert losses.item() == pytest.approx(0.2014133, abs=1e-6)  # -log σ(1.5)
-    losses, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.5]))  # per-pair margins too
+    # per-pair margins too
+    losses, _ = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.5]))
     assert losses.item() == pytest.approx(0.2014133, abs=1e-6)
     losses, _ = bradley_terry_loss(chosen, rejected, center_coef=0.01)
     assert losses.item() == pytest.approx(0.1269280 + 0.04, abs=1e-6)  # + 0.01 · (2 + 0)²
@@ -116,7 +123,8 @@ def test_last_token_index_hand_values():
 
 
 def test_pad_equal_to_eos_reads_the_final_eos(rm_dirs):
-    """pad == eos and the row ends in EOS: the mask, not the pad id, says the EOS is the last real token."""
+    """pad == eos and the row ends in EOS: the mask, not the pad id, says the EOS is the last real
+    token."""
     rm = load_reward_model(rm_dirs["score"]).eval()
     eos = 2
     rows = [[5, 6, eos, 7, 8, eos], [9, 10, eos]]  # EOS inside the prompt and at the end
@@ -141,7 +149,7 @@ def test_left_right_no_padding_and_one_by_one_agree(rm_dirs, layout):
     assert alone.std() > 0.1  # the rows really score differently
 
 
-# ---- layouts: load, save, transformers agrees ------------------------------------------------------
+# ---- layouts: load, save, transformers agrees ----------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["score", "regression_head"])
 def test_both_layouts_match_transformers(rm_dirs, layout):
@@ -168,7 +176,8 @@ def test_saved_score_layout_loads_in_transformers(rm_dirs, tmp_path):
     assert "score.weight" in load_file(out / "model.safetensors")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
-        assert (hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1) - ours).abs().max().item() <= 1e-4
+        theirs = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        assert (theirs - ours).abs().max().item() <= 1e-4
         torch.testing.assert_close(load_reward_model(out)(ids, mask), ours)
 
 
@@ -198,7 +207,8 @@ def test_proxy_rm_from_lm(tiny_dirs, tmp_path):
     with torch.no_grad():
         _, hidden = lm(ids, return_hidden=True)
         w = rm.score.weight
-        assert w.shape == (1, 64) and 0 < w.std().item() < 2 / math.sqrt(65)  # small: std 1/sqrt(H+1)
+        # small: std 1/sqrt(H+1)
+        assert w.shape == (1, 64) and 0 < w.std().item() < 2 / math.sqrt(65)
         torch.testing.assert_close(rm(ids), hidden[:, -1] @ w[0])
         rm.model.embed_tokens.weight.add_(1.0)  # the RM owns a copy: the LM is untouched
         assert not torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
@@ -209,7 +219,7 @@ def test_proxy_rm_from_lm(tiny_dirs, tmp_path):
         assert (hf(input_ids=ids).logits.squeeze(-1) - ours).abs().max().item() <= 1e-4
 
 
-# ---- clear errors ----------------------------------------------------------------------------------
+# ---- clear errors --------------------------------------------------------------------------------
 
 def test_checkpoint_without_head_is_a_clear_error(tiny_dirs):
     with pytest.raises(UserError) as info:
@@ -220,8 +230,9 @@ def test_checkpoint_without_head_is_a_clear_error(tiny_dirs):
 
 
 def test_two_label_head_is_a_clear_error(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_labels=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_labels=2,
+                                   pad_token_id=0)
     transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="num_labels = 1"):
         load_reward_model(tmp_path)
@@ -234,11 +245,12 @@ def test_unknown_gold_spec():
         assert "rm:PATH" in str(info.value) and "'vader'" in str(info.value)
 
 
-# ---- gold scorers ----------------------------------------------------------------------------------
+# ---- gold scorers --------------------------------------------------------------------------------
 
 def test_vader_ranks_sentiment():
     scorer = make_gold_scorer("vader")
-    good, bad = scorer.score(["Review it.", "Review it."], ["I love this, wonderful!", "This is awful and I hate it."])
+    good, bad = scorer.score(["Review it.", "Review it."],
+                             ["I love this, wonderful!", "This is awful and I hate it."])
     assert good > 0.5 and bad < -0.5  # VADER compound is in [-1, 1]
 
 
@@ -249,7 +261,8 @@ def test_vader_missing_is_a_clear_error(monkeypatch):
 
 
 def test_rm_gold_scorer_matches_transformers_with_pad_equal_eos(tmp_path):
-    """pad == eos == <|im_end|>, which also ends every prompt turn: batched scores still match transformers."""
+    """pad == eos == <|im_end|>, which also ends every prompt turn: batched scores still match
+    transformers."""
     hf = make_hf_rm(pad_token_id=2, seed=3)
     hf.save_pretrained(tmp_path)
     build_tiny_tokenizer(tmp_path)
@@ -267,7 +280,7 @@ def test_rm_gold_scorer_matches_transformers_with_pad_equal_eos(tmp_path):
     assert score_texts(rm, tok, prompts, responses, batch_size=1) == pytest.approx(scores, abs=1e-5)
 
 
-# ---- templates: how (prompt, response) becomes the ids an RM reads ---------------------------------------
+# ---- templates: how (prompt, response) becomes the ids an RM reads -------------------------------
 
 @pytest.fixture
 def ultra_with_tokenizer(rm_dirs, tmp_path):
@@ -279,44 +292,51 @@ def ultra_with_tokenizer(rm_dirs, tmp_path):
 
 
 def test_ultrarm_template_is_the_cards(ultra_with_tokenizer):
-    """BOS + "Human: {instruction}\\n\\nAssistant: {completion}" as one string (openbmb/UltraRM-13b's card), no EOS;
-    a message list is scored by its last message."""
+    """BOS + "Human: {instruction}\\n\\nAssistant: {completion}" as one string
+    (openbmb/UltraRM-13b's card), no EOS; a message list is scored by its last message."""
     tok = Tokenizer(ultra_with_tokenizer)
     text = "Human: The capital of France?\n\nAssistant: Paris."
-    assert pair_ids(tok, "The capital of France?", "Paris.", "ultrarm") == ([1] + tok.encode(text), [])
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"}]
+    question = "The capital of France?"
+    assert pair_ids(tok, question, "Paris.", "ultrarm") == ([1] + tok.encode(text), [])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
     assert pair_ids(tok, messages, "Paris.", "ultrarm")[0] == [1] + tok.encode(text)
-    assert pair_ids(tok, "The capital of France?", "Paris.", "chat") == (tok.chat_prompt("The capital of France?"),
-                                                                       tok.encode("Paris."))
+    assert pair_ids(tok, question, "Paris.", "chat") == (tok.chat_prompt(question),
+                                                         tok.encode("Paris."))
     with pytest.raises(ValueError, match="pair"):
         pair_ids(tok, "q", "a", "pair")
 
 
 def test_template_comes_from_the_checkpoint_or_the_spec(rm_dirs, ultra_with_tokenizer):
-    """Scores equal transformers (the same weights as LlamaForSequenceClassification) on the ids of the template
-    chosen: by layout (regression_head: ultrarm), by config.json's nanorlhf_template, or by rm:PATH@TEMPLATE."""
+    """Scores equal transformers (the same weights as LlamaForSequenceClassification) on the ids of
+    the template chosen: by layout (regression_head: ultrarm), by config.json's nanorlhf_template,
+    or by rm:PATH@TEMPLATE."""
     hf, path = rm_dirs["hf"], ultra_with_tokenizer
     tok = Tokenizer(path)
-    prompts, responses = ["The capital of France?", "Never mention the pink elephant."], ["Paris.", "The elephant."]
-    ultra_rows = [[1] + tok.encode(f"Human: {p}\n\nAssistant: {r}") for p, r in zip(prompts, responses)]
+    prompts = ["The capital of France?", "Never mention the pink elephant."]
+    responses = ["Paris.", "The elephant."]
+    ultra_rows = [[1] + tok.encode(f"Human: {p}\n\nAssistant: {r}")
+                  for p, r in zip(prompts, responses)]
     chat_rows = [tok.chat_prompt(p) + tok.encode(r) for p, r in zip(prompts, responses)]
     with torch.no_grad():
         expected = {name: hf(*right_padded(rows, pad=0)).logits.squeeze(-1).tolist()
                     for name, rows in (("ultrarm", ultra_rows), ("chat", chat_rows))}
-    assert max(abs(a - b) for a, b in zip(expected["ultrarm"], expected["chat"])) > 1e-2  # the template matters
-    assert load_reward_model(path).template == "ultrarm" and load_reward_model(rm_dirs["score"]).template == "chat"
-    assert make_gold_scorer(f"rm:{path}").score(prompts, responses) == pytest.approx(expected["ultrarm"], abs=1e-4)
-    assert make_gold_scorer(f"rm:{path}@chat").score(prompts, responses) == pytest.approx(expected["chat"], abs=1e-4)
+    # the template matters
+    assert max(abs(a - b) for a, b in zip(expected["ultrarm"], expected["chat"])) > 1e-2
+    assert load_reward_model(path).template == "ultrarm"
+    assert load_reward_model(rm_dirs["score"]).template == "chat"
+    score = lambda spec: make_gold_scorer(spec).score(prompts, responses)
+    assert score(f"rm:{path}") == pytest.approx(expected["ultrarm"], abs=1e-4)
+    assert score(f"rm:{path}@chat") == pytest.approx(expected["chat"], abs=1e-4)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "nanorlhf_template": "chat"}))
     assert load_reward_model(path).template == "chat"
-    assert make_gold_scorer(f"rm:{path}").score(prompts, responses) == pytest.approx(expected["chat"], abs=1e-4)
-    assert make_gold_scorer(f"rm:{path}@ultrarm").score(prompts, responses) == pytest.approx(
-        expected["ultrarm"], abs=1e-4)
+    assert score(f"rm:{path}") == pytest.approx(expected["chat"], abs=1e-4)
+    assert score(f"rm:{path}@ultrarm") == pytest.approx(expected["ultrarm"], abs=1e-4)
 
 
 def test_bad_templates_are_one_line(rm_dirs, tmp_path):
-    with pytest.raises(UserError, match=r"unknown reward-model template 'chta' after '@' \(one of chat, ultrarm, pair\)"):
+    words = r"unknown reward-model template 'chta' after '@' \(one of chat, ultrarm, pair\)"
+    with pytest.raises(UserError, match=words):
         make_gold_scorer(f"rm:{rm_dirs['score']}@chta")
     with pytest.raises(UserError, match="'pair' is for DeBERTa encoder RMs"):
         make_gold_scorer(f"rm:{rm_dirs['score']}@pair")

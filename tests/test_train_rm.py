@@ -1,4 +1,5 @@
-"""train_rm.py: the evaluation helpers by hand, bad flags, and whole tiny runs on fake human ratings."""
+"""train_rm.py: the evaluation helpers by hand, bad flags, and whole tiny runs on fake human
+ratings."""
 
 import json
 import math
@@ -23,8 +24,9 @@ GOOD, BAD = ("lovely", "great", "kind", "happy"), ("awful", "sad", "cruel", "bad
 
 
 def fake_ratings(folder, per_source: int = 60):
-    """The eight rating files for `per_source` texts per source: means evenly spread over [-3.5, 3.5], two
-    ratings ±0.2 around each (se 0.2), positive texts made of GOOD words and negative ones of BAD words."""
+    """The eight rating files for `per_source` texts per source: means evenly spread over
+    [-3.5, 3.5], two ratings ±0.2 around each (se 0.2), positive texts made of GOOD words and
+    negative ones of BAD words."""
     folder.mkdir()
     for s in hr.SOURCES:
         truth, ratings = [], []
@@ -47,18 +49,21 @@ def ratings(tmp_path, monkeypatch):
 # --- evaluation helpers, by hand ---
 
 def test_pairwise_accuracy_counts_ties_half():
-    acc, se = stats.pairwise_accuracy(np.array([3.0, 1.0, 2.0, 0.0]), np.array([1.0, 1.0, 5.0, -1.0]))
+    acc, se = stats.pairwise_accuracy(np.array([3.0, 1.0, 2.0, 0.0]),
+                                      np.array([1.0, 1.0, 5.0, -1.0]))
     assert acc == 2.5 / 4  # right, tie, wrong, right
     assert se == pytest.approx(math.sqrt(0.625 * 0.375 / 4), rel=1e-12)
 
 
 def test_pearson_by_hand_and_numpy():
     # deviations (-1, 0, 1) and (-1, 1, 0): Σ = 1, norms sqrt(2)·sqrt(2) -> r = 1/2
-    assert stats.pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(0.5, abs=1e-15)
+    r = stats.pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2]))
+    assert r == pytest.approx(0.5, abs=1e-15)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=50), rng.normal(size=50)
     assert stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    assert math.isnan(stats.pearson(np.ones(4), np.arange(4.0)))  # a constant scorer has no correlation
+    # a constant scorer has no correlation
+    assert math.isnan(stats.pearson(np.ones(4), np.arange(4.0)))
 
 
 def test_spearman_with_ties_by_hand():
@@ -86,11 +91,12 @@ def test_eval_metrics_on_a_score_map():
 
 # --- flags ---
 
-@pytest.mark.parametrize("argv, words", [(["--train-pairs", "0"], "--train-pairs 0: must be >= 1"),
-                                         (["--margin-scale", "-1"], "--margin-scale -1.0: must be >= 0"),
-                                         (["--max-len", "8"], "--max-len 8: must be >= 16"),
-                                         (["--eval-texts", "2"], "--eval-texts 2: must be >= 3"),
-                                         (["--fsdp", "true"], "--fsdp")])
+@pytest.mark.parametrize("argv, words", [
+    (["--train-pairs", "0"], "--train-pairs 0: must be >= 1"),
+    (["--margin-scale", "-1"], "--margin-scale -1.0: must be >= 0"),
+    (["--max-len", "8"], "--max-len 8: must be >= 16"),
+    (["--eval-texts", "2"], "--eval-texts 2: must be >= 3"),
+    (["--fsdp", "true"], "--fsdp")])
 def test_bad_flags_one_line_before_any_work(argv, words, tmp_path, monkeypatch):
     monkeypatch.setattr(hr, "load_splits", lambda *a, **k: pytest.fail("work started"))
     monkeypatch.setattr("sys.argv", ["train_rm.py", "--out-dir", str(tmp_path / "out"), *argv])
@@ -112,10 +118,10 @@ def test_tokenize_pairs_cuts_text_and_scales_margin(tiny_chat_model):
 # --- whole runs ---
 
 def run_tiny(tmp_path, model, monkeypatch, *extra) -> Path:
-    monkeypatch.setattr("sys.argv", ["train_rm.py", "--model", str(model), "--out-dir", str(tmp_path / "out"),
-                                     "--run", "r", "--train-pairs", "24", "--batch-size", "4", "--epochs", "4",
-                                     "--eval-pairs", "8", "--eval-texts", "10", "--lr", "1e-3", "--head-lr",
-                                     "1e-2", "--warmup-steps", "2", *extra])
+    monkeypatch.setattr("sys.argv", [
+        "train_rm.py", "--model", str(model), "--out-dir", str(tmp_path / "out"), "--run", "r",
+        "--train-pairs", "24", "--batch-size", "4", "--epochs", "4", "--eval-pairs", "8",
+        "--eval-texts", "10", "--lr", "1e-3", "--head-lr", "1e-2", "--warmup-steps", "2", *extra])
     train_rm.main()
     return tmp_path / "out" / "r"
 
@@ -134,12 +140,14 @@ def test_tiny_run_end_to_end(extra, ratings, tiny_chat_model, tmp_path, monkeypa
     assert set(results) == {"VADER", "RM untrained", "RM trained"}
     assert set(results["VADER"]) == set(train_rm.EVAL_SPLITS)
     # both the fresh head and the backbone (with LoRA: its merged adapters) were trained and saved
-    saved, start = load_reward_model(run / "rm"), reward_model_from_lm(load_model(tiny_chat_model), 0)
+    saved = load_reward_model(run / "rm")
+    start = reward_model_from_lm(load_model(tiny_chat_model), 0)
     assert not torch.equal(saved.score.weight, start.score.weight)
     q = lambda rm: rm.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q(saved), q(start))
 
-    # transformers loads the RM and scores each text (no padding: the last token is the text's) as we do
+    # transformers loads the RM and scores each text (no padding: the last token is the text's) as
+    # we do
     tok = Tokenizer(tiny_chat_model)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm").eval()
     cfg = parse_config(train_rm.Config, "", ["--eval-pairs", "8", "--eval-texts", "10"])
@@ -147,7 +155,8 @@ def test_tiny_run_end_to_end(extra, ratings, tiny_chat_model, tmp_path, monkeypa
     texts = train_rm.unique_texts(sets)
     ours = score_texts(load_reward_model(run / "rm"), tok, [""] * len(texts), texts)
     with torch.no_grad():
-        theirs = [hf(torch.tensor([sum(pair_ids(tok, "", t), [])])).logits[0, 0].item() for t in texts]
+        theirs = [hf(torch.tensor([sum(pair_ids(tok, "", t), [])])).logits[0, 0].item()
+                  for t in texts]
     assert np.allclose(ours, theirs, rtol=0, atol=1e-4)
     # eval.json's trained row is what the saved RM's own scores give on the same pairs and texts
     again = train_rm.evaluate(lambda ts: [dict(zip(texts, theirs))[t] for t in ts], texts, sets)
@@ -157,41 +166,49 @@ def test_tiny_run_end_to_end(extra, ratings, tiny_chat_model, tmp_path, monkeypa
 
 
 def test_training_loss_decreases(ratings, tiny_chat_model, tmp_path, monkeypatch):
-    """Four passes over 24 pairs (6 steps each): the last pass's BT loss is under half of the first pass's and
-    of log 2, the loss of a scorer that cannot tell the texts apart."""
+    """Four passes over 24 pairs (6 steps each): the last pass's BT loss is under half of the first
+    pass's and of log 2, the loss of a scorer that cannot tell the texts apart."""
     run = run_tiny(tmp_path, tiny_chat_model, monkeypatch)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean(losses[:6]), np.mean(losses[-6:])
     assert last < 0.5 * min(first, math.log(2)), (first, last)
 
 
-def test_saved_rm_scores_texts_alone_whatever_the_prompt(ratings, tiny_chat_model, tmp_path, monkeypatch):
-    """The RM learned ("", text): its checkpoint says so, and RMScorer (rest_loop's gold, qdaif's fitness)
-    scores a response under that prompt, so two different requests give the same score, equal to score_texts
-    with the prompt "" (and not to the score under the request, which the RM never saw)."""
+def test_saved_rm_scores_texts_alone_whatever_the_prompt(ratings, tiny_chat_model, tmp_path,
+                                                         monkeypatch):
+    """The RM learned ("", text): its checkpoint says so, and RMScorer (rest_loop's gold, qdaif's
+    fitness) scores a response under that prompt, so two different requests give the same score,
+    equal to score_texts with the prompt "" (and not to the score under the request, which the RM
+    never saw)."""
     from nanorlhf.reward import RMScorer
 
     run = run_tiny(tmp_path, tiny_chat_model, monkeypatch, "--epochs", "1")
     assert json.loads((run / "rm" / "config.json").read_text())["nanorlhf_fixed_prompt"] == ""
-    transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm")  # an extra key HF keeps
+    # an extra key HF keeps
+    transformers.AutoModelForSequenceClassification.from_pretrained(run / "rm")
     scorer, texts = RMScorer(run / "rm"), ["lovely kind day", "awful sad night"]
     a = scorer.score(["Write a dark poem.", "Tell me about the sea."], texts)
     b = scorer.score(["Describe your weekend.", ""], texts)
     assert a == b == score_texts(scorer.rm, scorer.tok, ["", ""], texts)
-    under_request = score_texts(scorer.rm, scorer.tok, ["Write a dark poem.", "Tell me about the sea."], texts)
-    assert under_request != a  # the prompt does reach an RM's input: ignoring it is RMScorer's doing
+    under_request = score_texts(scorer.rm, scorer.tok,
+                                ["Write a dark poem.", "Tell me about the sea."], texts)
+    # the prompt does reach an RM's input: ignoring it is RMScorer's doing
+    assert under_request != a
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_model, tmp_path, monkeypatch):
-    """A crash at step 5 of 12 (resume/ written every 2 steps) and a resume give the same metrics, the same
-    evaluation and the same RM, bit for bit, as a run that never stopped; flags beside --resume are ignored."""
+def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_model, tmp_path,
+                                                          monkeypatch):
+    """A crash at step 5 of 12 (state/ written every 2 steps) and a resume give the same metrics,
+    the same evaluation and the same RM, bit for bit, as a run that never stopped; flags beside
+    --resume are ignored."""
     from safetensors.torch import load_file
 
     common = ("--epochs", "2", "--save-every", "2")
-    straight = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common).rename(tmp_path / "out" / "straight")
+    straight = run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common)
+    straight = straight.rename(tmp_path / "out" / "straight")
     crash_at_step(monkeypatch, 5, lambda: run_tiny(tmp_path, tiny_chat_model, monkeypatch, *common))
     broken = tmp_path / "out" / "r"
-    assert json.loads((broken / "resume" / "state.json").read_text())["step"] == 4
+    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 4
     assert not (broken / "rm").exists()
     monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(broken), "--lr", "5"])
     train_rm.main()
@@ -199,7 +216,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(ratings, tiny_chat_mod
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (straight, broken)]
     assert [json.loads(line)["step"] for line in lines[1]] == list(range(1, 13))
     assert lines[0] == lines[1]
-    assert json.loads((straight / "eval.json").read_text()) == json.loads((broken / "eval.json").read_text())
+    evals = [json.loads((d / "eval.json").read_text()) for d in (straight, broken)]
+    assert evals[0] == evals[1]
     a, b = (load_file(d / "rm" / "model.safetensors") for d in (straight, broken))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -208,4 +226,5 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_rm.py", "--resume", str(tmp_path / "nowhere")])
     with pytest.raises(UserError) as e:
         train_rm.main()
-    assert "--resume" in str(e.value) and "no resumable checkpoint" in str(e.value) and "\n" not in str(e.value)
+    message = str(e.value)
+    assert "--resume" in message and "no resumable state" in message and "\n" not in message

@@ -1,5 +1,6 @@
-"""The few statistics the scripts report, as plain float64 functions: a mean with its standard error,
-pairwise accuracy, Pearson's and Spearman's correlation and the large-sample SE of a correlation."""
+"""The few statistics the scripts report, as plain float64 functions: a mean with its standard
+error, pairwise accuracy, Pearson's and Spearman's correlation and the large-sample SE of a
+correlation."""
 
 import math
 
@@ -7,7 +8,8 @@ import numpy as np
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    """-> (mean, SE = sample std / sqrt(n)); the SE of a single value is nan (one seed says nothing of noise)."""
+    """-> (mean, SE = sample std / sqrt(n)); the SE of a single value is nan (one seed says nothing
+    of noise)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -31,7 +33,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """(n,) -> 1-based ranks, tied values sharing the mean of their ranks ([5, 1, 5] -> [2.5, 1, 2.5])."""
+    """(n,) -> 1-based ranks, tied values sharing the mean of their ranks
+    ([5, 1, 5] -> [2.5, 1, 2.5])."""
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x), np.float64)
     ranks[order] = np.arange(1, len(x) + 1)
