@@ -83,14 +83,15 @@ def _sync_tree(root: Path) -> None:
 
 def write_error(path: Path, e: OSError) -> UserError:
     reason = e.strerror or str(e) or type(e).__name__
-    return UserError(f"{path}: could not write it ({reason}); its previous version, if any, is kept")
+    return UserError(f"{path}: could not write it ({reason}); its previous version, if any, "
+                     "is kept")
 
 
 @contextmanager
 def atomic_dir(path: str | Path):
-    """Yield an empty temporary sibling of `path` to fill; when the block finishes it replaces `path`.
-    A crash inside the block leaves the previous `path` untouched; a crash during the swap leaves it
-    as PATH.old (which run.state_dir also accepts), and PATH.old is only removed once PATH is whole."""
+    """Yield an empty temporary sibling of `path` to fill; when the block finishes it replaces
+    `path`. A crash inside the block leaves the previous `path` untouched; a crash during the swap
+    leaves it as PATH.old (which run.state_dir also accepts); PATH.old goes once PATH is whole."""
     path = Path(path)
     tmp, old = path.with_name(f"{path.name}.tmp-{os.getpid()}"), path.with_name(path.name + ".old")
     remove_stale_temps(path)
@@ -121,7 +122,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     remove_stale_temps(path)
     try:
         _remove(tmp)
-        # O_EXCL | O_NOFOLLOW: a file or link planted under the temporary name is never written through
+        # O_EXCL | O_NOFOLLOW: a file or link planted under the temporary's name is never written
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

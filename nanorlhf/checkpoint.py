@@ -30,8 +30,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # upper bounds far above any released Llama-family model's, low enough that a typo (1e9 layers)
 # is refused before a model is built
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
-               "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
-               "head_dim": 1 << 12, "max_position_embeddings": 1 << 24}
+               "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12,
+               "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+               "max_position_embeddings": 1 << 24}
 
 
 def hf_cache_dir() -> Path:
@@ -43,7 +44,8 @@ def hf_cache_dir() -> Path:
 
 
 def resolve_model(name: str) -> Path:
-    """--model: a directory, an `org/name` already in the local Hugging Face cache, or `llama` (embedded)."""
+    """--model: a directory, an `org/name` already in the local Hugging Face cache, or `llama`
+    (the embedded model)."""
     if name == "llama":
         from nanorlhf.embedded import ensure_embedded_model  # lazy: only this path needs gguf
 
@@ -86,7 +88,8 @@ def _size(hf: dict, key: str, where: str, default: int | None = None) -> int:
     if value is None:
         raise UserError(f"{where}: missing key {key!r}")
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= SIZE_LIMITS[key]:
-        raise UserError(f"{where}: {key} is {value!r}; expected an integer from 1 to {SIZE_LIMITS[key]}")
+        raise UserError(f"{where}: {key} is {value!r}; expected an integer from 1 to "
+                        f"{SIZE_LIMITS[key]}")
     return value
 
 
@@ -105,24 +108,28 @@ def config_from_hf(hf: dict, tensor_names: set[str], where: str = "config.json")
         raise UserError(f"{where}: unsupported architecture {arch!r} (model_type {model_type!r}); "
                         f"nanorlhf runs the Llama family: {', '.join(SUPPORTED_TYPES)}")
     if hf.get("rope_interleaved"):
-        raise UserError(f"{where}: rope_interleaved=true is not supported (HF split-halves RoPE only)")
-    # transformers v5 writes rope_parameters {rope_theta, rope_type, ...}; v4 files have rope_theta + rope_scaling
+        raise UserError(f"{where}: rope_interleaved=true is not supported (HF split-halves RoPE "
+                        "only)")
+    # transformers v5 writes rope_parameters {rope_theta, rope_type, ...}; v4 files have
+    # rope_theta + rope_scaling
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise UserError(f"{where}: {key} is {hf[key]!r}; expected an object")
     rope_params = hf.get("rope_parameters") or {}
-    for key, value in (("rope_parameters", rope_params), ("rope_scaling", hf.get("rope_scaling") or {})):
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: {key} is {value!r}; expected an object")
     theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = rope_params if rope_params.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    default_rope = rope_params.get("rope_type", "default") == "default"
+    scaling = hf.get("rope_scaling") if default_rope else rope_params
     size = lambda key, default=None: _size(hf, key, where, default)
-    hidden, heads, layers = size("hidden_size"), size("num_attention_heads"), size("num_hidden_layers")
-    kv_heads = size("num_key_value_heads", heads)
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    layers, kv_heads = size("num_hidden_layers"), size("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv_heads}")
     found = {int(n.split(".")[2]) for n in tensor_names if n.startswith("model.layers.")
              and n.split(".")[2].isdigit()}
     if tensor_names and found != set(range(layers)):
-        raise UserError(f"{where}: num_hidden_layers is {layers}, but the checkpoint's tensors hold "
-                        f"{len(found)} layers")
+        raise UserError(f"{where}: num_hidden_layers is {layers}, but the checkpoint's tensors "
+                        f"hold {len(found)} layers")
     tied = hf.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
         raise UserError(f"{where}: tie_word_embeddings is {tied!r}; expected true or false")
@@ -145,10 +152,11 @@ def config_from_hf(hf: dict, tensor_names: set[str], where: str = "config.json")
         mlp_bias="model.layers.0.mlp.gate_proj.bias" in tensor_names,
         hf_config=hf,
     )
-    try:  # the rotary frequencies: small (head_dim / 2 numbers), and they show a bad rope_scaling now
+    try:  # the rotary frequencies: small (head_dim / 2 numbers); a bad rope_scaling shows now
         rope_inv_freq(cfg)
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{where}: rope scaling {scaling!r} is not usable ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise UserError(f"{where}: rope scaling {scaling!r} is not usable ({reason})") from None
     return cfg
 
 
@@ -161,10 +169,12 @@ def read_index(path: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise UserError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> shard file name")
+        raise UserError(f"{path}: expected a non-empty 'weight_map' object of tensor name -> "
+                        "shard file name")
     for shard in set(weight_map.values()):
         if Path(shard).name != shard:
-            raise UserError(f"{path}: shard {shard!r} is not a file name inside the checkpoint directory")
+            raise UserError(f"{path}: shard {shard!r} is not a file name inside the checkpoint "
+                            "directory")
     return weight_map
 
 
@@ -182,12 +192,14 @@ def safetensors_files(model_dir: Path) -> list[str]:
     if not shards:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
-            raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf never unpickles "
-                            f"when loading. Convert them once: python tools/convert.py {model_dir} DST")
+            raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); nanorlhf "
+                            "never unpickles when loading. Convert them once: "
+                            f"python tools/convert.py {model_dir} DST")
         raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     for shard in shards:
         if not (model_dir / shard).is_file():
-            raise UserError(f"{model_dir}: shard {shard} listed in model.safetensors.index.json is missing")
+            raise UserError(f"{model_dir}: shard {shard} listed in model.safetensors.index.json "
+                            "is missing")
     return shards
 
 
@@ -219,7 +231,8 @@ def tensor_files(model_dir: Path) -> dict[str, str]:
 
 
 def check_names(expected, found, where: str) -> None:
-    """One UserError line if the checkpoint's tensor names `found` are not exactly the model's `expected`."""
+    """One UserError line if the checkpoint's tensor names `found` are not exactly the model's
+    `expected`."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing:
@@ -231,14 +244,17 @@ def check_names(expected, found, where: str) -> None:
 
 
 def wrong_shape(name: str, shape, expected, where: str) -> UserError:
-    return UserError(f"{where}: tensor {name} has shape {list(shape)}, config.json implies {list(expected)}")
+    return UserError(f"{where}: tensor {name} has shape {list(shape)}, config.json implies "
+                     f"{list(expected)}")
 
 
 def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
                     dtype: torch.dtype, ignore: tuple[str, ...] = ()) -> None:
-    """Check names and shapes, then assign `tensors` into a meta-device `module` (no second copy)."""
+    """Check names and shapes, then assign `tensors` into a meta-device `module` (no second
+    copy)."""
     expected = module.state_dict()
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(ignore + ("rotary_emb.inv_freq",))}
+    skip = ignore + ("rotary_emb.inv_freq",)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(skip)}
     check_names(expected, tensors, where)
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
@@ -266,16 +282,19 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json for `cfg`: the loaded one with our fields written over it, so unknown keys survive."""
+    """config.json for `cfg`: the loaded one with our fields written over it, so unknown keys
+    survive."""
     hf = dict(cfg.hf_config)
     hf.setdefault("architectures", ["LlamaForCausalLM"])
     hf.setdefault("model_type", "llama")
-    hf.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-              max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-              hidden_act="silu")
-    hf["dtype" if "dtype" in hf else "torch_dtype"] = str(dtype).removeprefix("torch.")  # v5 / v4 spelling
+    hf.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+              num_attention_heads=cfg.num_attention_heads,
+              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+              rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+              tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu")
+    # the v5 / v4 spelling
+    hf["dtype" if "dtype" in hf else "torch_dtype"] = str(dtype).removeprefix("torch.")
     if hf["model_type"] == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if "rope_parameters" not in hf:
@@ -284,10 +303,10 @@ def hf_config_of(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The tokenizer files of `model_dir` that may travel with saved weights: regular files inside it
-    (in a Hugging Face cache snapshot, links into its repository's blobs/ count as inside). Anything
-    else (a link out of the directory, a device, a pipe) is skipped with one line on stderr: copying
-    it would put an outside file's contents into the run."""
+    """The tokenizer files of `model_dir` that may travel with saved weights: regular files inside
+    it (in a Hugging Face cache snapshot, links into its repository's blobs/ count as inside).
+    Anything else (a link out of the directory, a device, a pipe) is skipped with one line on
+    stderr: copying it would put an outside file's contents into the run."""
     root = Path(model_dir).resolve()
     inside = root.parent.parent if root.parent.name == "snapshots" else root
     files = []
@@ -299,14 +318,16 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
         if target.is_file() and target.is_relative_to(inside):
             files.append(path)
         else:
-            print(f"warning: {path} is not a regular file inside {model_dir}: not copied", file=sys.stderr)
+            print(f"warning: {path} is not a regular file inside {model_dir}: not copied",
+                  file=sys.stderr)
     return files
 
 
-def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], copy_from: Path | None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files copied from `copy_from`) atomically:
-    everything goes to a temporary sibling first and is renamed into place, so a crash leaves no half checkpoint.
-    Under torchrun only rank 0 writes."""
+def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor],
+                         copy_from: Path | None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files copied from `copy_from`)
+    atomically: everything goes to a temporary sibling first and is renamed into place, so a crash
+    leaves no half checkpoint. Under torchrun only rank 0 writes."""
     if not distributed.is_main():
         return Path(out_dir)
     with atomic_dir(Path(out_dir)) as tmp:
@@ -314,7 +335,7 @@ def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.T
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         try:  # atomic_dir gives the file the usual mode (safetensors writes it 0600)
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        except SafetensorError as e:  # a full disk: atomic_dir turns it into one line, the old dir kept
+        except SafetensorError as e:  # a full disk: atomic_dir makes it one line, old dir kept
             raise OSError(errno.EIO, str(e)) from None
         for path in tokenizer_files(copy_from) if copy_from else ():
             shutil.copyfile(path, tmp / path.name)
@@ -322,16 +343,18 @@ def write_checkpoint_dir(out_dir: Path, config: dict, tensors: dict[str, torch.T
 
 
 def plain_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """model's tensors under their HF names: LoRA adapters merged in, FSDP shards gathered (a collective)."""
+    """model's tensors under their HF names: LoRA adapters merged in, FSDP shards gathered (a
+    collective)."""
     return distributed.gathered(lora.merged_state_dict(model))
 
 
-def save_model(model: Transformer, out_dir: str | Path, copy_from: str | Path | None = None) -> Path:
+def save_model(model: Transformer, out_dir: str | Path,
+               copy_from: str | Path | None = None) -> Path:
     """Save in the HF layout that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    `copy_from`: the directory whose tokenizer files travel with the weights (default: where the model came from).
-    LoRA adapters are merged into the saved weights (the model keeps them). Under torchrun every rank
-    calls this (FSDP gathers the shards) and rank 0 writes.
+    `copy_from`: the directory whose tokenizer files travel with the weights (default: where the
+    model came from). LoRA adapters are merged into the saved weights (the model keeps them).
+    Under torchrun every rank calls this (FSDP gathers the shards) and rank 0 writes.
     """
     dtype = next(model.parameters()).dtype
     tensors = plain_tensors(model)

@@ -4,14 +4,14 @@ No framework: a few small functions and a class.
 
     cfg = parse_config(Config, __doc__)             # every flag checked, one line per error
     run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
-    check_finite(step, "lower --lr", loss=loss)     # a NaN stops the run in one line
+    check_finite(step, "lower --lr", loss=loss)     # a NaN or inf stops the run in one line
     run.log(step=1, loss=0.69)                      # metrics.jsonl, a line per call
     save_state(run.dir, step, tensors, optimizer)   # RUN/state/, swapped in whole
     cfg, step, history = resume_run(Config, "out/train_dpo/RUN")   # --resume RUN_DIR
 
-Crash safety: every file is written atomically (atomic.py) except metrics.jsonl, which is appended
-(flushed and fsynced line by line; a resume cuts a torn last line). Nothing is NaN or Infinity
-(strict JSON). RUN/.lock holds the pid of the one process writing RUN.
+Crash safety: every file of a run is written atomically (atomic.py), except metrics.jsonl, which
+is appended line by line (flushed and fsynced; a resume cuts a torn last line). No file holds NaN
+or Infinity (strict JSON). RUN/.lock holds the pid of the one process writing RUN.
 """
 
 import argparse
@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanorlhf import distributed
-from nanorlhf.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, pid_alive, remove_stale_temps
+from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, pid_alive,
+                             remove_stale_temps)
 from nanorlhf.errors import UserError
 
 
@@ -40,7 +41,8 @@ def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=No
     """A Config field that is also a --flag: its default, its help text and the values it allows
     (`choices`, or bounds: min/max inclusive, gt/lt exclusive). parse_config checks them all before
     a script does any work, so a bad value ends in one line naming the flag."""
-    rules = {k: v for k, v in dict(choices=choices, min=min, gt=gt, max=max, lt=lt).items() if v is not None}
+    rules = dict(choices=choices, min=min, gt=gt, max=max, lt=lt)
+    rules = {k: v for k, v in rules.items() if v is not None}
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
@@ -49,15 +51,17 @@ def flag_name(name: str) -> str:
 
 
 def check_flags(cfg) -> None:
-    """Every field's allowed values (from flag()), then the Config's own cross-flag rules (`cfg.check()`,
-    if it has one): the first violation is a UserError naming the flag and what it allows."""
+    """Every field's allowed values (from flag()), then the Config's own cross-flag rules
+    (`cfg.check()`, if it has one): the first violation is a UserError naming the flag and what it
+    allows. A float flag is never NaN or infinite."""
     for f in dataclasses.fields(cfg):
         value, rule = getattr(cfg, f.name), f.metadata
         name = flag_name(f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{name} {value}: must be a finite number")
         if "choices" in rule and value not in rule["choices"]:
-            raise UserError(f"{name} {value!r}: choose one of {', '.join(map(str, rule['choices']))}")
+            choices = ", ".join(map(str, rule["choices"]))
+            raise UserError(f"{name} {value!r}: choose one of {choices}")
         for key, ok, words in (("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                                ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             if key in rule and not ok(value, rule[key]):
@@ -67,23 +71,23 @@ def check_flags(cfg) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors (unknown flag, not a number) as one line too
+    def error(self, message: str):  # argparse's own errors (unknown flag, not a number): one line
         raise UserError(message)
 
 
 def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None):
-    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    and its default; booleans take true|false, so a default of true can be turned off. Every value is
-    checked (check_flags) before the script does any work."""
+    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help
+    text and its default; booleans take true|false, so a default of true can be turned off. Every
+    value is checked (check_flags) before the script does any work."""
     parser = _Parser(prog=prog, description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = _flag_type(f.type)
         default = str(f.default).lower() if kind is _parse_bool else f.default
-        parser.add_argument(flag_name(f.name), type=kind, default=f.default,
-                            metavar="true|false" if kind is _parse_bool else None,
-                            # argparse %-formats help text: a literal % ("99% of texts") must be doubled
-                            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
+        # argparse %-formats help text: a literal % ("99% of texts") must be doubled
+        help = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        parser.add_argument(flag_name(f.name), type=kind, default=f.default, help=help,
+                            metavar="true|false" if kind is _parse_bool else None)
     cfg = cls(**vars(parser.parse_args(argv)))
     check_flags(cfg)
     return cfg
@@ -105,10 +109,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --- numbers: what a run logs, saves or steps on is finite ---
+
 def check_finite(step: int, hint: str = "lower --lr", **values) -> None:
-    """Stop with one line if a value (a number or a tensor) is NaN or infinite, before it is logged,
-    saved or stepped on: `check_finite(step, "lower --lr or --beta", loss=loss, grad_norm=norm)`
-    -> UserError("step 12: loss is nan — lower --lr or --beta"). The caller's last good state stays."""
+    """Stop with one line if a value (a number or a tensor) is NaN or infinite, before it is
+    logged, saved or stepped on: `check_finite(step, "lower --lr or --beta", loss=l, grad_norm=g)`
+    -> UserError("step 12: loss is nan — lower --lr or --beta"). The last good state stays."""
     for name, value in values.items():
         x = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
         bad = x[~torch.isfinite(x)]
@@ -117,21 +123,26 @@ def check_finite(step: int, hint: str = "lower --lr", **values) -> None:
 
 
 def _non_finite(obj, key: str = "") -> tuple[str, float] | None:
-    """The first NaN/inf inside a JSON-like object, as (its key path, the value); None if there is none."""
+    """The first NaN/inf inside a JSON-like object, as (its key path, the value), else None."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return key, obj
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    if isinstance(obj, dict):
+        items = obj.items()
+    else:
+        items = enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for k, v in items:
-        if found := _non_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else k):
+        path = f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else k
+        if found := _non_finite(v, path):
             return found
     return None
 
 
 def strict_json(obj, where: str, **dumps_kw) -> str:
-    """json.dumps that never writes NaN or Infinity (not JSON): a non-finite value is one UserError
-    naming `where` and the key."""
+    """json.dumps that never writes NaN or Infinity (they are not JSON): a non-finite value is one
+    UserError naming `where` and the key."""
     if found := _non_finite(obj):
-        raise UserError(f"{where}: {found[0]} is {found[1]}, not a finite number; nothing was written")
+        key, value = found
+        raise UserError(f"{where}: {key} is {value}, not a finite number; nothing was written")
     return json.dumps(obj, allow_nan=False, **dumps_kw)
 
 
@@ -145,14 +156,14 @@ def read_json(path: str | Path):
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
-# --- the run directory OUT_DIR/RUN: named, claimed by one process, written atomically ---
+# --- the run directory OUT_DIR/RUN: one path component, claimed by one process ---
 
 LOCK = ".lock"  # RUN/.lock holds the pid of the process writing RUN
-_held: dict[str, int] = {}  # run dirs this process has claimed -> how many open Runs use each
+_held: dict[str, int] = {}  # the run dirs this process has claimed -> how many open Runs use each
 
 
 def check_name(name: str) -> str:
-    """--run must name one directory inside --out-dir: no '/', no '..', not absolute."""
+    """--run names one directory inside --out-dir: no '/', not '.' or '..' (so never absolute)."""
     if name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
         raise UserError(f"--run {name!r}: a run name is one directory name inside --out-dir "
                         "(no '/', not '.' or '..')")
@@ -160,9 +171,9 @@ def check_name(name: str) -> str:
 
 
 def check_out_dir(out_dir: str | Path) -> None:
-    """--out-dir must be (or be creatable in) a directory we can write to."""
+    """--out-dir is a directory we can write in, or can be made inside one."""
     existing = Path(out_dir)
-    while not existing.exists() and existing != existing.parent:  # the nearest part that exists
+    while not existing.exists() and existing != existing.parent:  # its nearest existing part
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"--out-dir {out_dir}: {existing} is a file, not a directory")
@@ -186,17 +197,19 @@ def lock_holder(run: str | Path) -> int | None:
 
 
 def _in_use(run: Path, pid: int) -> UserError:
-    return UserError(f"{run} is in use by a running process (pid {pid}): wait for it to finish or "
-                     "stop it; two processes writing one run would mix or lose its files")
+    return UserError(f"{run} is in use by a running process (pid {pid}): wait for it to finish "
+                     "or stop it; two processes writing one run would mix or lose its files")
 
 
 def claim(run: str | Path) -> None:
-    """Make RUN/.lock ours, or stop with one line naming the live process that holds it. A lock whose
-    pid no longer runs (a killed run) is taken over with one line. This process may claim a run it
-    already holds (a script run twice in one process, as the tests do after a simulated crash)."""
+    """Make RUN/.lock ours, or stop with one line naming the live process that holds it. A lock
+    whose pid no longer runs (a killed run) is taken over with one line. This process may claim a
+    run it holds already (a script run twice in one process, as tests do after a simulated crash):
+    a lock guards against other processes; one process runs its scripts one after the other."""
     run = Path(run)
-    lock = run / LOCK
+    lock, stale = run / LOCK, run / f"{LOCK}.stale.tmp-{os.getpid()}"
     remove_stale_temps(lock)
+    remove_stale_temps(run / f"{LOCK}.stale")
     while True:
         pid = _lock_pid(lock)
         if pid == os.getpid():
@@ -204,28 +217,26 @@ def claim(run: str | Path) -> None:
         if pid_alive(pid):
             raise _in_use(run, pid)
         if lock.exists() or lock.is_symlink():
-            # a dead pid's lock: move it aside (atomic, so of two processes taking it over one wins),
-            # and make sure what we moved was that dead lock, not one just made by someone else
-            stale = lock.with_name(f"{LOCK}.stale-{os.getpid()}")
+            # a dead pid's lock: move it aside (atomic: of two processes taking it over, one gets
+            # it), then make sure what we moved was that dead lock, not one just made by another
             try:
                 os.replace(lock, stale)
             except FileNotFoundError:
                 continue
-            moved = _lock_pid(stale)
-            if moved != pid:
+            if _lock_pid(stale) != pid:  # a live lock: put it back (link fails if one is there)
                 with contextlib.suppress(FileExistsError):
-                    os.link(stale, lock)  # put the live lock back (link fails if one is there again)
+                    os.link(stale, lock)
                 stale.unlink()
                 continue
             stale.unlink()
             print(f"{run}: taking over the lock of pid {pid or '?'}, which no longer runs",
                   file=sys.stderr)
-        # the pid goes into a temporary file first, then link() gives it the name RUN/.lock only if
-        # no such file exists (atomic, like O_CREAT|O_EXCL), so a lock is never seen empty
-        tmp = lock.with_name(f"{LOCK}.tmp-{os.getpid()}")
+        # the pid goes into a temporary file first; link() then names it RUN/.lock only if no such
+        # file exists (atomic, as O_CREAT | O_EXCL), so a lock is never seen without its pid
+        tmp = run / f"{LOCK}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644),
+                       "w") as f:
             f.write(f"{os.getpid()}\n")
         try:
             os.link(tmp, lock)
@@ -239,28 +250,28 @@ def claim(run: str | Path) -> None:
 
 
 def release(run: str | Path) -> None:
-    """Undo one claim(); the lock file goes when this process's last claim on RUN is released."""
+    """Undo one claim(); the lock file goes with this process's last claim on RUN."""
     key = os.path.abspath(run)
     if _held.get(key, 0) > 1:
         _held[key] -= 1
         return
     _held.pop(key, None)
-    lock = Path(key) / LOCK
-    if _lock_pid(lock) == os.getpid():
-        lock.unlink(missing_ok=True)
+    if _lock_pid(Path(key) / LOCK) == os.getpid():  # never another process's (a forked child's)
+        (Path(key) / LOCK).unlink(missing_ok=True)
 
 
 @atexit.register
-def _release_all() -> None:  # a script that ends (finished, failed, Ctrl-C) frees its run dirs
+def _release_all() -> None:  # a script that ends (done, failed, Ctrl-C) frees its run dirs
     for key in list(_held):
         _held[key] = 1
         release(key)
 
 
 def run_dir(out_dir: str, name: str, resumable: bool = True) -> Path:
-    """OUT_DIR/NAME for a fresh run (NAME default: a timestamp, made unique). An existing non-empty one
-    is refused: appending to another run's metrics.jsonl would mix two runs; --resume continues one
-    (offered only if the script can resume: `resumable`)."""
+    """OUT_DIR/NAME for a fresh run (NAME default: a timestamp, made unique). An existing non-empty
+    one is refused: appending to another run's metrics.jsonl would mix two runs; --resume continues
+    one (offered only where the script can resume: `resumable`); so is a run another process
+    holds."""
     check_out_dir(out_dir)
     if not name:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -282,26 +293,39 @@ def run_dir(out_dir: str, name: str, resumable: bool = True) -> Path:
 
 
 def _cut_torn_tail(path: Path) -> None:
-    """A run killed while appending leaves a last line without its newline: cut it (atomically)."""
+    """A run killed while appending leaves a last line without its newline: cut it, atomically."""
     data = path.read_bytes() if path.is_file() else b""
     if data and not data.endswith(b"\n"):
         atomic_write_bytes(path, data[:data.rfind(b"\n") + 1])
-        print(f"{path}: cut a torn last line (the run was stopped while writing it)", file=sys.stderr)
+        print(f"{path}: cut a torn last line (the run was stopped while writing it)",
+              file=sys.stderr)
+
+
+def _open_metrics(path: Path, append: bool):
+    """metrics.jsonl for appending; never through a symbolic link (O_NOFOLLOW)."""
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link: refusing to write through it (a run's files "
+                        "are regular files inside its directory)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        return os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot open it for writing ({e.strerror or e})") from None
 
 
 class Run:
-    """out/<script>/<run>/: config.json at the start, metrics.jsonl appended line by line (flushed and
-    fsynced, so a crash loses nothing that was logged), other files (eval.json) written atomically.
-    A fresh run needs a new or empty directory (run_dir); `resume=True` continues an existing one,
-    keeping its metrics. The directory is claimed (RUN/.lock) until close() or the process exits.
-    Under torchrun only rank 0 writes and claims; elsewhere these are no-ops. Usable as
-    `with Run(...) as run:` to release the claim as soon as the block ends."""
+    """out/<script>/<run>/: config.json at the start, metrics.jsonl appended line by line (flushed
+    and fsynced: a crash loses nothing logged), other files (eval.json) written atomically. A fresh
+    run needs a new or empty directory (run_dir); `resume=True` continues an existing one, keeping
+    its metrics. RUN is claimed (RUN/.lock) until close(), the end of a `with Run(...) as run:`
+    block, or the process's exit. Under torchrun only rank 0 claims and writes; elsewhere these
+    are no-ops."""
 
     def __init__(self, script: str, out_dir: str, name: str, config, resume: bool = False,
                  resumable: bool = True) -> None:
         self.writes = distributed.is_main()
         self.metrics, self.claimed = None, False
-        # rank 0 picks (or refuses) a fresh directory; a resumed run and the other ranks use the named one
+        # rank 0 picks (or refuses) a fresh directory; a resumed run and the other ranks use NAME
         fresh = self.writes and not resume
         self.dir = run_dir(out_dir, name, resumable) if fresh else Path(out_dir) / check_name(name)
         if not self.writes:
@@ -309,24 +333,22 @@ class Run:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"--out-dir {out_dir}: cannot create {self.dir} ({e.strerror or e})") from None
+            reason = e.strerror or e
+            raise UserError(f"--out-dir {out_dir}: cannot create {self.dir} ({reason})") from None
         claim(self.dir)
         self.claimed = True
         try:
-            if fresh:  # checked again now that it is ours: another run may have started there meanwhile
+            if fresh:  # again, now that RUN is ours: another run may have started there meanwhile
                 run_dir(out_dir, self.dir.name, resumable)
             metrics = self.dir / "metrics.jsonl"
-            if metrics.is_symlink():
-                raise UserError(f"{metrics} is a symbolic link: refusing to write through it "
-                                "(a run's files must be regular files inside the run directory)")
-            _cut_torn_tail(metrics)
+            if not metrics.is_symlink():
+                _cut_torn_tail(metrics)
             saved = {"script": script, **dataclasses.asdict(config)}
             if "run" in saved:
-                saved["run"] = self.dir.name  # the actual name, a timestamp when --run was not given
+                saved["run"] = self.dir.name  # the actual name: a timestamp if --run was not given
             config_json = strict_json(saved, str(self.dir / "config.json"), indent=2)
+            self.metrics = _open_metrics(metrics, append=resume)
             atomic_write_text(self.dir / "config.json", config_json + "\n")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if resume else os.O_TRUNC)
-            self.metrics = os.fdopen(os.open(metrics, flags, 0o666), "a", encoding="utf-8")
         except BaseException:
             self.close()
             raise
@@ -344,25 +366,25 @@ class Run:
                                 f"({e.strerror or e}); --resume cuts a torn last line") from None
 
     def rewrite(self, rows: list[dict]) -> None:
-        """metrics.jsonl := rows (a resumed run keeps only what its saved state had seen), atomically."""
+        """metrics.jsonl := rows, atomically (a resumed run keeps what its saved state had seen)."""
         if self.writes:
             text = "".join(strict_json(m, f"step {m.get('step', '?')}") + "\n" for m in rows)
             atomic_write_text(self.dir / "metrics.jsonl", text)
             # the rename made a new file: append to it from now on, not to the replaced one
             self.metrics.close()
-            flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
-            self.metrics = os.fdopen(os.open(self.dir / "metrics.jsonl", flags), "a", encoding="utf-8")
+            self.metrics = _open_metrics(self.dir / "metrics.jsonl", append=True)
 
     def write_json(self, name: str, obj) -> Path:
-        """RUN/name := obj as strict JSON, atomically (a symbolic link there is replaced, its target
-        untouched)."""
+        """RUN/name := obj as strict JSON, atomically (a symbolic link there is replaced; what it
+        pointed to is untouched)."""
         path = self.dir / name
         if self.writes:
-            atomic_write_text(path, strict_json(obj, str(path), indent=1, ensure_ascii=False) + "\n")
+            text = strict_json(obj, str(path), indent=1, ensure_ascii=False) + "\n"
+            atomic_write_text(path, text)
         return path
 
     def close(self) -> None:
-        """Close metrics.jsonl and release the run directory (also done when the process exits)."""
+        """Close metrics.jsonl and release RUN (also done when the process exits)."""
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -383,7 +405,8 @@ STATE = "state"
 
 
 def state_dir(run: str | Path) -> Path | None:
-    """RUN/state, or RUN/state.old after a crash mid-swap, if it is complete (state.json is written last)."""
+    """RUN/state, or RUN/state.old after a crash mid-swap, if it is complete (state.json is
+    written last)."""
     for name in (STATE, STATE + ".old"):
         if (Path(run) / name / "state.json").is_file():
             return Path(run) / name
@@ -392,42 +415,50 @@ def state_dir(run: str | Path) -> Path | None:
 
 def save_state(run: str | Path, step: int, tensors: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer | None = None, **meta) -> None:
-    """RUN/state/: state.safetensors (the given tensors, the optimizer's moments, the RNG) and state.json
-    (step, the optimizer's param groups, Python's RNG, `meta`), swapped in whole (atomic_dir); state.json
-    is written last, so its presence means the state is complete."""
+    """RUN/state/: state.safetensors (the given tensors, the optimizer's moments, the RNG) and
+    state.json (step, the optimizer's param groups, Python's RNG, `meta`), swapped in whole
+    (atomic_dir); state.json is written last, so its presence means the state is complete."""
     state = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": None}
-    tensors = {**tensors, **{f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()},
-               "rng.torch": torch.get_rng_state()}
+    moments = {f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    tensors = {**tensors, **moments, "rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     info = {"step": step, "param_groups": state["param_groups"],
             "python_random": list(random.getstate()), **meta}
-    info_json = strict_json(info, f"{Path(run) / STATE / 'state.json'}")
+    info_json = strict_json(info, str(Path(run) / STATE / "state.json"))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_dir(Path(run) / STATE) as tmp:
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
-        except SafetensorError as e:  # a full disk: atomic_dir turns it into one line, the old state kept
+            save_file(tensors, tmp / "state.safetensors")
+        except SafetensorError as e:  # a full disk: atomic_dir makes it one line, old state kept
             raise OSError(errno.EIO, str(e)) from None
         (tmp / "state.json").write_text(info_json + "\n")
 
 
-def _state_error(path: Path, what: str) -> UserError:
+def _damaged(path: Path, what: str) -> UserError:
     return UserError(f"{path}: {what}; this resume state is damaged or not from this script")
+
+
+def _state_info(state: Path) -> dict:
+    info = read_json(state / "state.json")
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+        raise _damaged(state / "state.json", "expected an object with an integer 'step'")
+    return info
 
 
 def load_state(run: str | Path, optimizer: torch.optim.Optimizer | None = None
                ) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Restore the optimizer and the RNGs from RUN/state -> (step, every stored tensor, state.json)."""
+    """Restore the optimizer and the RNGs from RUN/state -> (step, every stored tensor,
+    state.json). A damaged state is one line naming the file."""
     path = state_dir(run)
     if path is None:
-        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) in that directory")
-    info = read_json(path / "state.json")
-    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
-        raise _state_error(path / "state.json", "expected an object with an integer 'step'")
+        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) "
+                        "in that directory")
+    info = _state_info(path)
     try:
         tensors = load_file(path / "state.safetensors")
     except (SafetensorError, OSError) as e:
-        raise _state_error(path / "state.safetensors", f"not a readable safetensors file ({e})") from None
+        raise _damaged(path / "state.safetensors", f"not readable as safetensors ({e})") from None
     try:
         if optimizer is not None:
             state: dict[int, dict] = {}
@@ -441,14 +472,14 @@ def load_state(run: str | Path, optimizer: torch.optim.Optimizer | None = None
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         version, ints, gauss = info["python_random"]
         random.setstate((version, tuple(ints), gauss))
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a missing key, a wrong shape/type
-        raise _state_error(path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a missing key, a wrong shape
+        raise _damaged(path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
     return info["step"], tensors, info
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's rows. A last line without its newline (torn by a kill) is left out: Run cuts
-    it on resume. Any other line that is not a JSON object with a 'step' is one error, file:line."""
+    """metrics.jsonl's rows. A last line without its newline (torn by a kill) is left out (Run
+    cuts it on resume); any other line that is not a JSON object with a 'step' is one error."""
     rows, lines = [], path.read_bytes().split(b"\n")[:-1]  # [:-1]: what follows the last newline
     for number, line in enumerate(lines, 1):
         try:
@@ -462,36 +493,36 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def check_types(cls, saved: dict, where: str) -> None:
-    """A saved config's values have the types of their flags (a tampered config.json: one line)."""
+    """A saved config's values have their flags' types (a tampered config.json: one line)."""
     kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
     for f in dataclasses.fields(cls):
-        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if f.name in saved and name in kinds:
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if f.name in saved and kind in kinds:
             value = saved[f.name]
-            if not isinstance(value, kinds[name]) or (isinstance(value, bool) and name != "bool"):
-                raise UserError(f"{where}: {f.name} is {value!r}, expected a {name}")
+            if not isinstance(value, kinds[kind]) or (isinstance(value, bool) and kind != "bool"):
+                article = "an" if kind == "int" else "a"
+                raise UserError(f"{where}: {f.name} is {value!r}, expected {article} {kind}")
 
 
 def resume_run(cls, run: str, script: str):
-    """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its state
-    holds, its metrics.jsonl lines up to that step). Flags given beside --resume are ignored. A run
-    still going (RUN/.lock held by a live process) is refused."""
+    """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its
+    state holds, its metrics.jsonl lines up to that step). Flags given beside --resume are ignored.
+    A run still going (RUN/.lock held by a live process) is refused; so is a damaged one."""
     path = Path(run)
     if not (path / "config.json").is_file():
         raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     if (pid := lock_holder(path)) is not None:
         raise _in_use(path, pid)
     if (state := state_dir(path)) is None:
-        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) in that directory")
-    info = read_json(state / "state.json")
-    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
-        raise _state_error(state / "state.json", "expected an object with an integer 'step'")
-    step = info["step"]
+        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) "
+                        "in that directory")
+    step = _state_info(state)["step"]
     saved = read_json(path / "config.json")
     if not isinstance(saved, dict):
         raise UserError(f"{path / 'config.json'}: expected a JSON object of flags")
     check_types(cls, saved, str(path / "config.json"))
-    cfg = cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in saved.items() if k in names})
     cfg = dataclasses.replace(cfg, out_dir=str(path.parent), run=path.name, resume=str(path))
     check_flags(cfg)
     metrics = path / "metrics.jsonl"
