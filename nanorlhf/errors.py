@@ -1,4 +1,5 @@
-"""User errors: the mistakes a user can make (bad path, bad file, bad flag) end in one clear line."""
+"""User errors: the mistakes a user can make (bad path, bad file, bad flag) end in one clear
+line."""
 
 import sys
 from collections.abc import Callable

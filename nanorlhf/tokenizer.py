@@ -25,17 +25,35 @@ from nanorlhf.errors import UserError
 LLAMA3_DATE_BLOCK = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 
-def _token_text(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
+def _token_text(value, key: str = "token",
+                where: Path | str = "tokenizer_config.json") -> str | None:
+    """A special token in tokenizer_config.json: a string or {"content": string, ...}
+    (tools/convert.py reads them too)."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"{where}: {key} is {value!r}; expected a token string")
+    return text
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _eos_ids(path: Path) -> set[int]:
+    """eos_token_id of a config.json / generation_config.json: an id or a list of ids."""
+    eos = _read_json(path).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(i is None or isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{path}: eos_token_id is {eos!r}; expected a token id or a list of them")
+    return set(ids)
 
 
 class Tokenizer:
@@ -43,15 +61,29 @@ class Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
-            raise UserError(f"{model_dir}: no tokenizer.json (nanorlhf needs the fast-tokenizer file)")
-        self.tok = HFTokenizer.from_file(str(path))
-        config = _read_json(model_dir / "tokenizer_config.json")
-        template_file = model_dir / "chat_template.jinja"  # newer saves keep the template beside the config
-        self.chat_template = template_file.read_text() if template_file.is_file() else config.get("chat_template") or ""
+            raise UserError(f"{model_dir}: no tokenizer.json (nanorlhf needs the fast-tokenizer "
+                            "file)")
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # `tokenizers` raises a bare Exception for a malformed file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{path}: not a readable tokenizer file ({reason})") from None
+        config_path = model_dir / "tokenizer_config.json"
+        config = _read_json(config_path)
+        # newer saves keep the template in a file beside the config
+        template_file = model_dir / "chat_template.jinja"
+        try:
+            template = (template_file.read_text() if template_file.is_file()
+                        else config.get("chat_template"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{template_file}: not UTF-8 text ({e})") from None
+        if not isinstance(template or "", str):  # a list of named templates: not one we can read
+            raise UserError(f"{config_path}: chat_template is not a string")
+        self.chat_template = template or ""
         self.format = self._detect_format()
 
         def token_id(key: str) -> int | None:
-            text = _token_text(config.get(key))
+            text = _token_text(config.get(key), key, config_path)
             return self.tok.token_to_id(text) if text else None
 
         turn_end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.format)
@@ -59,12 +91,12 @@ class Tokenizer:
         self.bos_id = token_id("bos_token")
         self.pad_id = token_id("pad_token")
         if self.pad_id is None:
-            self.pad_id = self.eos_id if self.eos_id is not None else 0  # pads are masked out anyway
+            # pads are masked out anyway
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
         # stop on every end-of-sequence id anybody declares (config, generation config, template)
         stops = {self.eos_id, token_id("eos_token")}
         for name in ("config.json", "generation_config.json"):
-            eos = _read_json(model_dir / name).get("eos_token_id")
-            stops |= set(eos) if isinstance(eos, list) else {eos}
+            stops |= _eos_ids(model_dir / name)
         self.stop_ids = sorted(i for i in stops if i is not None)
         self.default_system = self._default_system()
 
@@ -77,7 +109,8 @@ class Tokenizer:
         return "plain"
 
     def _default_system(self) -> str | None:
-        """ChatML templates (SmolLM2, Qwen) inject a system turn when none is given; keep that behaviour."""
+        """ChatML templates (SmolLM2, Qwen) inject a system turn when none is given; keep that
+        behaviour."""
         # the template's newline is a real one, or a "\n" escape inside a Jinja string literal
         match = re.search(r"<\|im_start\|>system(?:\n|\\n)(.+?)<\|im_end\|>", self.chat_template)
         return match.group(1) if match else None
@@ -96,7 +129,8 @@ class Tokenizer:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if system is not None:
-            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+            messages = ([{"role": "system", "content": system}]
+                        + [m for m in messages if m["role"] != "system"])
         if self.format == "chatml":
             if messages[0]["role"] != "system" and self.default_system:
                 messages = [{"role": "system", "content": self.default_system}] + messages
@@ -109,7 +143,8 @@ class Tokenizer:
             turns = []
             for i, m in enumerate(messages):
                 content = (date if i == 0 and m["role"] == "system" else "") + m["content"].strip()
-                turns.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{content}<|eot_id|>")
+                role = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                turns.append(f"{role}{content}<|eot_id|>")
             header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
             return self.encode("<|begin_of_text|>" + "".join(turns) + header)
         # plain (base) models: BOS + the text of the turns

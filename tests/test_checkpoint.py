@@ -16,7 +16,8 @@ from conftest import build_tiny_tokenizer, make_hf_model
 IDS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied", "llama3-rope-mqa", "qwen2-bias"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied", "llama3-rope-mqa",
+                                  "qwen2-bias"])
 def test_save_then_transformers_loads_same_logits(tiny_dirs, tmp_path, name):
     ours = load_model(tiny_dirs[name]).eval()
     with torch.no_grad():
@@ -130,3 +131,16 @@ def test_tokenizer_files_travel_with_saved_model(tiny_dirs, tmp_path):
     build_tiny_tokenizer(src)
     out = save_model(load_model(src), tmp_path / "out")
     assert Tokenizer(out).encode("Paris") == Tokenizer(src).encode("Paris")
+
+
+def test_saved_files_have_the_usual_mode(tiny_dirs, tmp_path):
+    """safetensors writes through a 0600 temporary file of its own: the saved weights must not
+    keep that mode."""
+    from nanorlhf.atomic import FILE_MODE
+
+    src = copy_of(tiny_dirs, tmp_path)
+    build_tiny_tokenizer(src)
+    out = save_model(load_model(src), tmp_path / "out")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    # 0644 under umask 022
+    assert "model.safetensors" in modes and set(modes.values()) == {FILE_MODE}

@@ -24,7 +24,8 @@ class Toy:
 
 def test_every_field_is_a_flag_with_its_type():
     assert parse_config(Toy, "", []) == Toy()
-    cfg = parse_config(Toy, "", ["--lr", "0.5", "--steps", "7", "--name", "y", "--precompute", "false"])
+    argv = ["--lr", "0.5", "--steps", "7", "--name", "y", "--precompute", "false"]
+    cfg = parse_config(Toy, "", argv)
     assert cfg == Toy(lr=0.5, steps=7, name="y", precompute=False)
 
 
@@ -38,7 +39,8 @@ def test_every_field_is_a_flag_with_its_type():
     (["--margin", "0.5"], "--margin 0.5: must be < 0.5"),
     (["--margin", "-1"], "--margin -1.0: must be >= 0"),
     (["--name", "z"], "--name 'z': choose one of x, y"),
-    (["--name", "y", "--margin", "0.25"], "--margin 0.25: not with --name y"),  # the Config's own rule
+    # the Config's own rule
+    (["--name", "y", "--margin", "0.25"], "--margin 0.25: not with --name y"),
 ])
 def test_bad_flags_are_one_user_error(argv, message):
     with pytest.raises(UserError) as info:
@@ -95,11 +97,13 @@ def test_help_prints_a_literal_percent(capsys):
     assert "99% of texts" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["train_dpo.py", "train_ilql.py", "train_rm.py", "rest_loop.py", "qdaif.py"])
+@pytest.mark.parametrize("script", ["train_dpo.py", "train_ilql.py", "train_rm.py", "rest_loop.py",
+                                    "qdaif.py"])
 def test_every_script_prints_its_help(script):
     import subprocess, sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--seed" in done.stdout

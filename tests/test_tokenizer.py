@@ -1,4 +1,5 @@
-"""Chat formatting against transformers' own template rendering, and the prompt/response boundary."""
+"""Chat formatting against transformers' own template rendering, and the prompt/response
+boundary; a malformed tokenizer file is one line."""
 
 import json
 
@@ -33,17 +34,20 @@ def test_chatml_matches_transformers_template(tmp_path):
 def test_system_argument_replaces_default_system(tmp_path):
     build_tiny_tokenizer(tmp_path, chat_template=SMOLLM2_TEMPLATE)
     ours = Tokenizer(tmp_path)
-    text = ours.decode(ours.chat_prompt("Hi", system="Never mention Paris."), skip_special_tokens=False)
+    ids = ours.chat_prompt("Hi", system="Never mention Paris.")
+    text = ours.decode(ids, skip_special_tokens=False)
     assert text == "<|im_start|>system\nNever mention Paris.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_llama3_headers_and_single_bos(tmp_path):
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"]
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["system user assistant hello"] * 5, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=280, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
@@ -61,16 +65,18 @@ def test_llama3_headers_and_single_bos(tmp_path):
 
 
 def test_no_merge_across_the_prompt_response_boundary(tmp_path):
-    # Trained on text full of "\n\n", the BPE has "ĊĊ" as one token. The ChatML prompt ends with "\n", so a
-    # response starting "\n " puts a "\n\n" pre-token across the boundary when the two are encoded as one
-    # string (GPT-2's regex keeps the space for " Paris"): the joint encoding merges there, ours must not.
+    # Trained on text full of "\n\n", the BPE has "ĊĊ" as one token. The ChatML prompt ends with
+    # "\n", so a response starting "\n " puts a "\n\n" pre-token across the boundary when the two
+    # are encoded as one string (GPT-2's regex keeps the space for " Paris"): the joint encoding
+    # merges there, ours must not.
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["The capital of France is Paris.\n\n Yes.\n\n system user assistant"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                                "<|im_end|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                            trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
                                                                 "chat_template": SMOLLM2_TEMPLATE}))
@@ -81,12 +87,14 @@ def test_no_merge_across_the_prompt_response_boundary(tmp_path):
     assert tok.id_to_token(joint[len(prompt_ids) - 1]) == "ĊĊ"  # the merge a joint encoding makes
 
     def check(prompt: list[int], response_ids: list[int]) -> None:
-        """What the loss mask needs: each part decodes to exactly its own text, and ends where it should."""
+        """What the loss mask needs: each part decodes to exactly its own text, and ends where it
+        should."""
         assert ours.decode(prompt, skip_special_tokens=False) == prompt_text
         assert tok.id_to_token(prompt[-1]) == "Ċ" and tok.id_to_token(response_ids[0]) == "Ċ"
         assert response_ids[-1] == ours.eos_id
         assert ours.decode(response_ids[:-1], skip_special_tokens=False) == response
 
     check(prompt_ids, ours.response_ids(response))
-    with pytest.raises(AssertionError):  # response ids sliced from the joint encoding fail the same checks
+    # response ids sliced from the joint encoding fail the same checks
+    with pytest.raises(AssertionError):
         check(joint[:len(prompt_ids)], joint[len(prompt_ids):] + [ours.eos_id])
