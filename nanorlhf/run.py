@@ -540,13 +540,13 @@ def resume_run(cls, run: str, script: str, step_key: str = "step"):
     Flags given beside --resume are ignored. A run still going (RUN/.lock held by a live process)
     is refused; so is a damaged one."""
     path = Path(run)
-    if (state := state_dir(path)) is None:
-        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) "
-                        "in that directory")
     if not (path / "config.json").is_file():
         raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
     if (pid := lock_holder(path)) is not None:
         raise _in_use(path, pid)
+    if (state := state_dir(path)) is None:
+        raise UserError(f"--resume {run}: no resumable state ({STATE}/state.json) "
+                        "in that directory")
     step = _state_info(state)["step"]
     saved = read_json(path / "config.json")
     if not isinstance(saved, dict):

@@ -282,7 +282,7 @@ def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tm
     (["--prompts", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--eval-prompts", "10"], "p.jsonl: 10 prompts, but --eval-prompts 10 holds out that many"),
     (["--reward", "rm:nowhere"], "--model nowhere: no such directory"),
-    (["--resume", "nowhere"], "--resume nowhere: no resumable state"),
+    (["--resume", "nowhere"], "--resume nowhere: no config.json there"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_chat_model, gold_rm, tmp_path, monkeypatch,
                                                   capsys, args, message):

@@ -227,4 +227,4 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         train_rm.main()
     message = str(e.value)
-    assert "--resume" in message and "no resumable state" in message and "\n" not in message
+    assert "--resume" in message and "no config.json there" in message and "\n" not in message
