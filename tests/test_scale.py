@@ -1,31 +1,44 @@
-"""The scale flags: gradient checkpointing changes memory, not gradients; bad flags end in one clear line."""
+"""The scale flags: gradient checkpointing changes memory, not gradients; bad flags end in one clear
+line."""
 
 import pytest
 import torch
 
 import rest_loop
 import train_dpo
-from nanorlhf import scale
-from nanorlhf.fast.packed import PackedLinear
+from nanorlhf import lora
+from nanorlhf.fast.packed import PackedLinear, pack_linears
 from nanorlhf.checkpoint import load_model
 from nanorlhf.logprobs import collate, response_logps
 from nanorlhf.errors import UserError
 from conftest import randomise_adapters
 
 
+def prepare(model, lora_rank: int = 0, grad_checkpointing: bool = False, onednn: bool = False):
+    """What a script's main() does with --lora-rank, --grad-checkpointing and --onednn."""
+    lora.adapt(model, lora_rank, 16.0, ",".join(lora.TARGETS), seed=0)
+    model.model.grad_checkpointing = grad_checkpointing
+    if onednn:
+        pack_linears(model)
+    return model
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_grad_checkpointing_gives_the_same_gradients(tiny_chat_model, lora_rank):
-    batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)  # padded rows
+    # padded rows
+    batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
     grads = []
     for checkpointing in (False, True):
-        model = scale.prepare(load_model(tiny_chat_model).train(),
-                              train_dpo.Config(lora_rank=lora_rank, grad_checkpointing=checkpointing))
+        model = load_model(tiny_chat_model).train()
+        model = prepare(model, lora_rank, grad_checkpointing=checkpointing)
         randomise_adapters(model)  # with B = 0 the gradient of A would be zero: nothing to compare
         calls = []
         for block in model.model.layers:
-            block.register_forward_pre_hook(lambda *args: calls.append(1))  # pre: a recompute stops early
+            # pre: a recompute stops early
+            block.register_forward_pre_hook(lambda *args: calls.append(1))
         (-response_logps(model, batch).sum()).backward()
-        assert len(calls) == (2 if checkpointing else 1) * len(model.model.layers)  # recomputed in backward
+        # recomputed in backward
+        assert len(calls) == (2 if checkpointing else 1) * len(model.model.layers)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
@@ -34,15 +47,15 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_chat_model, lora_rank)
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_onednn_gives_the_same_gradients_through_its_own_matmuls(tiny_chat_model, lora_rank):
-    # --onednn: the same fp32 products, summed in oneDNN's order. Each is off by at most ~(n + 1) 2^-24 of its
-    # terms' magnitude (n <= 64 here), compounded over two blocks' few products: ~1e-5 of a gradient's scale.
-    # 1e-4 of each tensor's largest entry bounds that; a wrong or missing term moves a gradient by O(1) of it
+    # --onednn: the same fp32 products, summed in oneDNN's order. Each is off by at most
+    # ~(n + 1) 2^-24 of its terms' magnitude (n <= 64 here), compounded over two blocks' few
+    # products: ~1e-5 of a gradient's scale. 1e-4 of each tensor's largest entry bounds that; a
+    # wrong or missing term moves a gradient by O(1) of it
     batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
     grads = []
     for onednn in (False, True):
         torch.manual_seed(0)
-        model = scale.prepare(load_model(tiny_chat_model).train(),
-                              train_dpo.Config(lora_rank=lora_rank, onednn=onednn))
+        model = prepare(load_model(tiny_chat_model).train(), lora_rank, onednn=onednn)
         randomise_adapters(model)
         assert isinstance(model.lm_head, PackedLinear) == onednn  # packed, or nn.Linear
         (-response_logps(model, batch).sum()).backward()
@@ -66,15 +79,18 @@ def test_no_recomputation_without_gradients(tiny_chat_model):
 @pytest.mark.parametrize("flags, message", [
     (["--lora-rank", "-1"], "--lora-rank -1: must be >= 0"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
-    (["--lora-targets", "q_proj,qv_proj"], "--lora-targets 'q_proj,qv_proj': unknown projection 'qv_proj'"),
+    (["--lora-targets", "q_proj,qv_proj"],
+     "--lora-targets 'q_proj,qv_proj': unknown projection 'qv_proj'"),
     (["--lora-targets", ""], "--lora-targets '': unknown projection ''"),
 ])
 @pytest.mark.parametrize("script", [train_dpo, rest_loop])
-def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys, script,
+def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_path, monkeypatch,
+                                                        capsys, script,
                                                         flags, message):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path / "out"), *flags])
+    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model),
+                                     "--out-dir", str(tmp_path / "out"), *flags])
     with pytest.raises(SystemExit) as info:
         script.run_cli(script.main)
     assert info.value.code == 2
@@ -85,12 +101,14 @@ def test_bad_scale_flags_are_one_line_and_write_nothing(tiny_chat_model, tmp_pat
 
 @pytest.mark.parametrize("script, message", [
     (train_dpo, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"),
-    (rest_loop, "--fsdp: rest_loop samples from the policy between training steps"),  # not "use torchrun"
+    (rest_loop, "unrecognized arguments: --fsdp true"),  # rest_loop cannot shard: no such flag
 ])
-def test_fsdp_without_torchrun_says_the_right_thing(tiny_chat_model, tmp_path, monkeypatch, capsys, script, message):
+def test_fsdp_without_torchrun_says_the_right_thing(tiny_chat_model, tmp_path, monkeypatch, capsys,
+                                                   script, message):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model), "--out-dir", str(tmp_path / "out"),
+    monkeypatch.setattr("sys.argv", ["x.py", "--model", str(tiny_chat_model),
+                                     "--out-dir", str(tmp_path / "out"),
                                      "--fsdp", "true"])
     with pytest.raises(SystemExit):
         script.run_cli(script.main)
@@ -102,12 +120,6 @@ def test_fsdp_without_torchrun_says_the_right_thing(tiny_chat_model, tmp_path, m
 def test_onednn_with_fsdp_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="--onednn with --fsdp: FSDP's sharded weights cannot be packed"):
+    refused = "--onednn with --fsdp: FSDP's sharded weights cannot be packed"
+    with pytest.raises(UserError, match=refused):
         train_dpo.Config(fsdp=True, onednn=True).check()
-
-
-def test_rest_loop_refuses_fsdp_under_torchrun(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="--fsdp: rest_loop samples from the policy between training steps"):
-        rest_loop.Config(fsdp=True).check()
