@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -38,7 +38,7 @@ class ModelConfig:
     hf_config: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     """Inverse frequencies theta^(-2i/d), shape (head_dim/2,), with optional long-context scaling.
 
     llama3 scaling (Llama 3.1/3.2) keeps high frequencies, divides low ones by `factor` and blends
@@ -66,12 +66,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, heads, T, d); cos/sin: (B, 1, T, d). HF layout: dim i pairs with dim i + d/2."""
     return x * cos + rotate_half(x) * sin
 
@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         # normalise in fp32 even under bf16, cast back, then scale: the order HF uses
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -90,10 +90,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim).
-
-    `pos` counts the positions already written; the model advances it after each forward.
-    """
+    """Pre-allocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim). `pos`
+    counts the positions already written; the model advances it after each forward."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -112,9 +110,7 @@ class KVCache:
         out.pos = self.pos
         return out
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v (B, kv_heads, T, d) at `pos`; return all keys/values so far
         (B, kv_heads, pos+T, d)."""
         end = self.pos + k.shape[2]
@@ -136,7 +132,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=cfg.o_bias)
 
-    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x, cos, sin) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, hidden) -> rotated q (B, nh, T, d), rotated k and v (B, nkv, T, d)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
@@ -144,9 +140,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(
-        self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None
-    ) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
@@ -167,7 +161,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -184,7 +178,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+def attention_mask_4d(attention_mask: Tensor, T: int) -> Tensor:
     """(B, S) 1=token/0=pad over all keys -> bool (B, 1, T, S), True = may attend.
 
     The T queries are the last T of the S positions (the rest sit in the KV cache), so the causal
@@ -199,10 +193,8 @@ def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    """Embeddings + blocks + final norm: token ids -> last hidden states.
-
-    Shared by the LM and reward models.
-    """
+    """Embeddings + blocks + final norm: token ids -> last hidden states (the LM's and the reward
+    models')."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -216,24 +208,19 @@ class Backbone(nn.Module):
         # forward of compute
         self.grad_checkpointing = False
 
-    def rope(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim).
-
-        Computed in fp32, then cast to dtype.
-        """
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32, cast to dtype."""
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, d/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, S): S = cached + T; 1 = token, 0 = pad
+        input_ids: Tensor,  # (B, T)
+        attention_mask: Tensor | None = None,  # (B, S): S = cached + T; 1 = token, 0 = pad
         cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,  # (B, T); required with a 4-D mask
-    ) -> torch.Tensor:  # (B, T, hidden)
+        position_ids: Tensor | None = None,  # (B, T); required with a 4-D mask
+    ) -> Tensor:  # (B, T, hidden)
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -286,13 +273,13 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,  # logits for the last position only (sampling): skips a big matmul
-        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only where True -> (N, vocab)
-        position_ids: torch.Tensor | None = None,  # (B, T): default from the mask (0.. without one)
+        logits_at: Tensor | None = None,  # (B, T) bool: logits only where True -> (N, vocab)
+        position_ids: Tensor | None = None,  # (B, T): default from the mask (0.. without one)
     ):
         hidden = self.model(input_ids, attention_mask, cache, position_ids)  # (B, T, hidden)
         picked = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[logits_at]
@@ -301,10 +288,8 @@ class Transformer(nn.Module):
 
 
 def device() -> torch.device:
-    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32.
-
-    Under torchrun "cuda" is this rank's GPU (distributed.init() made it the current device).
-    """
+    """CUDA (with bf16 autocast at the call sites) when present, else the CPU in fp32. Under
+    torchrun "cuda" is this rank's GPU (distributed.init() made it the current device)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
