@@ -51,7 +51,6 @@ from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched,
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import pink
-from nanorlhf.tasks.pink_eval import avoid_messages
 from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, paired_gain
 from nanorlhf.tokenizer import Tokenizer
 
@@ -361,8 +360,8 @@ def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Score
         train = pink.eval_rows_from_pairs(pink.load_pairs(), "train")
         held = pink.load_eval_rows(pink.HELDOUT_PATH)
         judge = lambda rows, texts: [-float(pink.judge(t, r)["pink"]) for r, t in zip(rows, texts)]
-        return ([{**r, "messages": avoid_messages(r)} for r in train],
-                [{**r, "messages": avoid_messages(r)} for r in held], {"reward": judge, **gold})
+        return ([{**r, "messages": pink.avoid_messages(r)} for r in train],
+                [{**r, "messages": pink.avoid_messages(r)} for r in held], {"reward": judge, **gold})
     prompts = read_prompts(cfg.prompts)
     if len(prompts) <= cfg.eval_prompts:
         raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts "

@@ -97,6 +97,12 @@ def mention_starts(tok, text: str, names: list[str]) -> list[int]:
     return starts
 
 
+def avoid_messages(row: dict) -> list[dict]:
+    """The conversation every pink-elephant prompt is posed in (training data uses the same one)."""
+    instruction = AVOID_TEMPLATE.format(pink=row["pink"], grey=row["grey"])
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": row["prompt"]}]
+
+
 def judge(response: str, row: dict) -> dict[str, bool]:
     """Score one response to an eval row: does it mention the pink entity, and the grey one?"""
     return {"pink": mentions(response, [row["pink"], *row.get("pink_aliases", [])]),

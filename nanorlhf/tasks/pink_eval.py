@@ -18,14 +18,8 @@ import torch
 
 from nanorlhf.logprobs import response_logps_batched
 from nanorlhf.sampling import Ids, LogitsHook, sample_responses
-from nanorlhf.tasks.pink import AVOID_TEMPLATE, judge
+from nanorlhf.tasks.pink import avoid_messages, judge
 from nanorlhf.tokenizer import Tokenizer
-
-
-def avoid_messages(row: dict) -> list[dict]:
-    """The conversation every pink-elephant prompt is posed in (training data uses the same one)."""
-    instruction = AVOID_TEMPLATE.format(pink=row["pink"], grey=row["grey"])
-    return [{"role": "system", "content": instruction}, {"role": "user", "content": row["prompt"]}]
 
 
 def distinct_n(token_lists: list[list[int]], n: int = 2) -> float:
