@@ -10,11 +10,12 @@ import transformers
 from safetensors.torch import load_file
 
 import train_dpo
-from nanorlhf import logprobs, lora, scale
+from nanorlhf import logprobs, lora
 from nanorlhf.checkpoint import load_model, save_model
 from nanorlhf.data import read_preferences
 from nanorlhf.tokenizer import Tokenizer
 from conftest import randomise_adapters
+from test_train_dpo import train_as_main
 
 IDS = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(0))
 CPU = torch.device("cpu")
@@ -80,9 +81,8 @@ def test_dpo_reference_with_adapters_off_equals_a_frozen_copy(tiny_chat_model, t
     pairs, _ = train_dpo.tokenize_pairs(read_preferences(tmp_path / "p.jsonl"), tok, 192, 320)
     model = load_model(tiny_chat_model)
     cfg = train_dpo.Config(lora_rank=4, lora_alpha=16, batch_size=2, grad_accum=1, lr=1e-2, warmup_steps=1)
-    scale.prepare(model, cfg)
-    run = type("NoRun", (), {"log": lambda self, **kw: None})()
-    history = train_dpo.train(cfg, model, pairs, tok.pad_id, CPU, run)
+    lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # as main() does
+    history = train_as_main(cfg, model, pairs, tok.pad_id)
     assert history[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # step 1: policy == reference
     assert history[-1]["rewards/margins"] > 0  # the adapters learned something
 

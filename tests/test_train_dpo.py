@@ -6,14 +6,24 @@ import random
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import train_dpo
+from conftest import crash_at_step
 from nanorlhf import logprobs
 from nanorlhf.checkpoint import load_model
 from nanorlhf.data import fit_to_length, read_preferences
 from nanorlhf.logprobs import collate, sequence_logps
 from nanorlhf.errors import UserError
 from nanorlhf.tokenizer import Tokenizer
+
+
+def train_as_main(cfg, model, pairs, pad_id):
+    """train_dpo.train() on what main() prepares for one process (the net is the model itself),
+    with a run that writes nothing -> its history."""
+    cpu, run = torch.device("cpu"), type("NoRun", (), {"log": lambda self, **kw: None, "writes": False})()
+    return train_dpo.train(cfg, model, *train_dpo.prepare(cfg, model, model, pairs, pad_id, cpu), pad_id, cpu,
+                           run, [])
 
 
 def write_pairs(path, n=8):
@@ -60,9 +70,8 @@ def test_steps_split_by_accumulation_give_the_same_update(tiny_chat_model, tmp_p
         model = load_model(tiny_chat_model)
         pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
         cfg = train_dpo.Config(batch_size=batch_size, grad_accum=accum, warmup_steps=1, lr=1e-3, seed=0)
-        run = type("NoRun", (), {"log": lambda self, **kw: None})()
         random.seed(0)
-        history = train_dpo.train(cfg, model, pairs, tok.pad_id, torch.device("cpu"), run)
+        history = train_as_main(cfg, model, pairs, tok.pad_id)
         assert len(history) == 1 and history[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # policy == ref
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-4)
@@ -136,8 +145,47 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch, flags):
+    """6 steps, RUN/state every 2: a crash in step 6 leaves the state of step 4 (and metrics of 5);
+    --resume continues from step 4 to the same metrics and, to the bit, the same weights."""
+    rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 12))
+    for i, row in enumerate(rows):  # pairs of different lengths: each step's update differs
+        row["chosen"] = "Grey elephants" + " are large" * (i % 4) + "."
+    (tmp_path / "p.jsonl").write_text("".join(
+        json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for row in rows))
+    out = tmp_path / "out"
+
+    def main(*args):
+        monkeypatch.setattr("sys.argv", ["train_dpo.py", *map(str, args)])
+        train_dpo.main()
+
+    args = ["--model", tiny_chat_model, "--data", tmp_path / "p.jsonl", "--eval-data", "", "--out-dir", out,
+            "--batch-size", 2, "--grad-accum", 1, "--lr", 1e-3, "--warmup-steps", 2, "--save-every", 2, *flags]
+    main(*args, "--run", "straight")
+    crash_at_step(monkeypatch, 6, lambda: main(*args, "--run", "broken"))
+    broken, straight = out / "broken", out / "straight"
+    assert json.loads((broken / "state" / "state.json").read_text())["step"] == 4
+    assert len((broken / "metrics.jsonl").read_text().splitlines()) == 5 and not (broken / "model").exists()
+    main("--resume", broken, "--lr", 5)  # flags beside --resume are ignored: the run's own config holds
+    assert (broken / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 5, 6]
+    a, b = (load_file(run / "model" / "model.safetensors") for run in (straight, broken))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (broken / "state").exists() and not (straight / "state").exists()  # finished runs
+
+
+def test_fsdp_cannot_save_resumable_state(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+    with pytest.raises(UserError, match="--save-every with --fsdp: RUN/state holds whole tensors"):
+        train_dpo.Config(fsdp=True).check()
+    train_dpo.Config(fsdp=True, save_every=0).check()
+
+
 def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monkeypatch):
-    def interrupted(cfg, model, pairs, pad_id, dev, run):
+    def interrupted(cfg, net, trainable, optimizer, steps, pad_id, dev, run, history):
         run.log(step=1, loss=0.69)
         raise KeyboardInterrupt
 
@@ -164,8 +212,7 @@ def test_ipo_trains_on_per_token_mean_logps(tiny_chat_model, tmp_path):
     pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
     beta = 0.1
     cfg = train_dpo.Config(loss_type="ipo", beta=beta, batch_size=3, grad_accum=1, warmup_steps=1, lr=1e-3)
-    run = type("NoRun", (), {"log": lambda self, **kw: None})()
-    history = train_dpo.train(cfg, model, [dict(p) for p in pairs], tok.pad_id, torch.device("cpu"), run)
+    history = train_as_main(cfg, model, [dict(p) for p in pairs], tok.pad_id)
     assert history[0]["loss"] == pytest.approx(1 / (2 * beta) ** 2, rel=1e-6)  # h = 0: (0 - 1/(2β))²
 
     fresh = load_model(tiny_chat_model).double()
@@ -195,8 +242,7 @@ def test_reference_is_scored_once_per_pair(tiny_chat_model, tmp_path, monkeypatc
     tok, model = Tokenizer(tiny_chat_model), load_model(tiny_chat_model)
     pairs, _ = train_dpo.tokenize_pairs(read_preferences(write_pairs(tmp_path / "p.jsonl", 5)), tok, 192, 320)
     cfg = train_dpo.Config(epochs=3, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1)
-    run = type("NoRun", (), {"log": lambda self, **kw: None})()
-    history = train_dpo.train(cfg, model, pairs, tok.pad_id, torch.device("cpu"), run)
+    history = train_as_main(cfg, model, pairs, tok.pad_id)
     assert len(history) == 9  # 3 epochs x 3 micro-batches
     assert sorted(scored) == sorted(id(p) for p in pairs)  # every pair once, not once per epoch
 
