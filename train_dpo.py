@@ -1,6 +1,6 @@
 """DPO on the pink-elephant task: teach a chat model not to mention what it was told to avoid.
 
-    python train_dpo.py --model llama               # the embedded SmolLM2-135M-Instruct, CPU, ~10 min
+    python train_dpo.py --model llama               # embedded SmolLM2-135M-Instruct, CPU, ~10 min
     python train_dpo.py --resume out/train_dpo/RUN  # continue an interrupted run exactly
     torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA
     torchrun --nproc_per_node 8 train_dpo.py -- --model BIG --fsdp true --save-every 0   # FSDP2
@@ -11,8 +11,7 @@ model, no sampling during training. Variants: cDPO (label smoothing), robust DPO
 
 The run, top to bottom: tokenise TRL-format pairs -> the base model's mention rate on held-out
 entity pairs -> π_ref's log-probs of every pair, once -> DPO steps (AdamW, warmup, clipping,
-accumulation; metrics.jsonl, RUN/state every --save-every steps) -> the same evaluation for the
-trained model, side by side -> checkpoint in HF layout + SVG.
+accumulation; RUN/state every --save-every) -> the same evaluation after -> HF checkpoint + SVG.
 """
 import shutil
 import sys
@@ -46,24 +45,20 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 @dataclass
 class Config:
-    # the run
     model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded "
                                "SmolLM2-135M-Instruct)")
     data: str = flag(str(DATA_DIR / "pink_dpo_train.jsonl"),
                      "TRL preference jsonl: prompt, chosen, rejected")
     out_dir: str = flag("out/train_dpo", "runs are written to OUT_DIR/RUN")
-    run: str = flag("", "run name (default: a timestamp)")
+    run: str = flag("", "run name ('' = a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
-    save_every: int = flag(8, "write RUN/state every N optimizer steps (0 = never: a crash loses "
-                              "the run)", min=0)
+    save_every: int = flag(8, "write RUN/state every N optimizer steps (0 = never)", min=0)
     threads: int = flag(0, THREADS_HELP, min=0)
     seed: int = flag(0, "seed for shuffling, init and sampling")
-    # the loss
     loss_type: str = flag("sigmoid", "sigmoid (DPO) | robust | hinge | ipo", choices=LOSS_TYPES)
     beta: float = flag(0.1, "DPO beta: strength of the pull toward the reference", gt=0)
     label_smoothing: float = flag(0.0, "cDPO/robust: assumed fraction of flipped labels",
                                   min=0, max=0.5)
-    # the steps
     lr: float = flag(1e-4, "AdamW peak learning rate", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     warmup_steps: int = flag(4, "linear warmup steps, then linear decay to 0", min=0)
@@ -75,18 +70,17 @@ class Config:
     max_pairs: int = flag(0, "use only the first N pairs (0 = all)", min=0)
     max_len: int = flag(192, "max prompt+response tokens (see data.fit_to_length)", min=2)
     grad_clip: float = flag(1.0, "max gradient norm", gt=0)
-    # the held-out evaluation (nanorlhf/tasks/pink_eval.py)
     eval_data: str = flag(str(HELDOUT_PATH), "pink-elephant eval jsonl ({pink, grey, prompt}); "
                                              "'' skips")
     eval_n: int = flag(2, "samples per eval prompt", min=1)
     eval_temperature: float = flag(0.7, "eval sampling temperature (0 = greedy)", min=0.0)
     eval_max_new_tokens: int = flag(80, "eval response length cap", min=1)
     eval_batch_size: int = flag(56, "eval generation batch size", min=1)
-    # beyond one small model on one device
     lora_rank: int = flag(0, "LoRA rank r: train rank-r adapters on --lora-targets only (0 = full "
                              "fine-tuning)", min=0)
     lora_alpha: float = flag(16.0, "LoRA α: the adapter update is scaled by α/r", gt=0)
-    lora_targets: str = flag(",".join(lora.TARGETS), "comma-separated projections that get adapters")
+    lora_targets: str = flag(",".join(lora.TARGETS),
+                             "comma-separated projections that get adapters")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less "
                                            "memory, ~1/3 more compute")
     fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) "
@@ -195,7 +189,7 @@ def dpo_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
     }
 
 
-# --- data: pairs -> token ids -> batches ---
+# --- data: pairs -> token ids ---
 
 def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int,
                    vocab_size: int) -> tuple[list[dict], int]:
@@ -220,9 +214,8 @@ def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int,
 # --- the run ---
 
 def prepare(cfg: Config, net, model, pairs: list[dict], pad_id: int, dev):
-    """main()'s work for train() once `net` (`model`, or wrapped for torchrun) is made: π_ref scored
-    on every pair, the trainable tensors by name, AdamW over them, and per optimizer step this
-    rank's micro-batches of pairs, each with the weight of its summed loss."""
+    """main()'s work for train() once `net` is made: π_ref on every pair, the trainable tensors by
+    name, AdamW over them, and per optimizer step this rank's micro-batches with their weights."""
     epochs = epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed)  # each epoch's batches
     # π_ref never changes, so every pair is scored once, before the first step (the first epoch
     # holds each pair once). With LoRA the reference is the base network: adapters off, no copy.
@@ -238,7 +231,7 @@ def prepare(cfg: Config, net, model, pairs: list[dict], pad_id: int, dev):
         steps.append([(mine, distributed.world_size() / n_pairs if real else 0.0)
                       for mine, real in map(distributed.shard, step_batches)])
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # LoRA: A, B
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return trainable, optimizer, steps
 
 
@@ -246,7 +239,7 @@ def train(cfg: Config, net, trainable: dict[str, Tensor], optimizer: torch.optim
           steps: list[list[tuple]], pad_id: int, dev, run: Run, history: list[dict]) -> list[dict]:
     """DPO steps on `net` from step len(history) on (a resumed run's history holds its finished
     steps). main() and prepare() made every argument: nothing here knows of LoRA or ranks."""
-    average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs, the others on sums
+    average = cfg.loss_type == "ipo"  # IPO: on per-token mean log-probs; the others on sums
     bar = tqdm(total=len(steps), initial=len(history), desc="DPO", unit="step",
                disable=not run.writes)  # shown by the rank that writes the run
     net.train()
@@ -256,11 +249,11 @@ def train(cfg: Config, net, trainable: dict[str, Tensor], optimizer: torch.optim
             group["lr"] = lr
         step_metrics = []
         for i, (pairs, weight) in enumerate(steps[step]):
-            # DDP all-reduces gradients in backward: only the step's last backward needs to, the
-            # others add up locally (nanoGPT's trick; a module that is not DDP ignores the attribute)
+            # DDP all-reduces in the step's last backward only (nanoGPT's trick; not DDP: ignored)
             net.require_backward_grad_sync = i == len(steps[step]) - 1
-            # one forward over the chosen and the rejected rows: log π(y|x) over the response tokens
-            policy_chosen, policy_rejected = batch_logps(net, pair_batch(pairs, pad_id), dev, average)
+            # one forward over the chosen, then the rejected rows: log π(y|x) of the response tokens
+            batch = pair_batch(pairs, pad_id)
+            policy_chosen, policy_rejected = batch_logps(net, batch, dev, average)
             # DPO eq. 7: -log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]),
             # with the cached π_ref; no reward model and no sampling anywhere in training
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -310,7 +303,7 @@ def main() -> None:
     tok = Tokenizer(model_dir)
 
     def adapt(model):  # LoRA adapters (A drawn from --seed), gradient checkpointing, oneDNN
-        lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # rank 0: no-op
+        lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # rank 0: none
         model.model.grad_checkpointing = cfg.grad_checkpointing
         if cfg.onednn:  # the optional speed layer, imported only where its flag is read
             from nanorlhf.fast.packed import pack_linears
@@ -323,8 +316,8 @@ def main() -> None:
         model = adapt(load_model(model_dir, device=dev).eval())
         net = distributed.wrap(model)  # DDP under torchrun, else the model itself
     pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
-    print0(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
-           f"(response cut at the right first, then prompt from the left); torch threads: {threads}")
+    print0(f"torch threads: {threads}; {len(pairs)} pairs from {cfg.data}; {truncated} truncated "
+           f"to {cfg.max_len} tokens (response cut at the right first, then prompt from the left)")
     run = Run("train_dpo", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
     results = {}
     if eval_rows:  # the base model is the policy before its first step
@@ -333,9 +326,7 @@ def main() -> None:
     if cfg.resume:  # the trained tensors, AdamW's moments and the RNG as after the saved step
         run.rewrite(history)  # metrics.jsonl back to the saved state's step
         saved = load_state(run.dir, optimizer)[1]
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(saved[name])
+        model.load_state_dict({name: saved[name] for name in trainable}, strict=False)
     try:
         history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
@@ -360,9 +351,9 @@ def main() -> None:
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples "
               f"(temperature {cfg.eval_temperature}, seed {cfg.seed})")
         print(format_table(results))
-        base_rate, dpo_rate = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
-        if base_rate > 0:
-            print(f"relative change in pink mention rate: {(dpo_rate - base_rate) / base_rate:+.0%}")
+        before, after = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
+        if before > 0:
+            print(f"relative change in pink mention rate: {(after - before) / before:+.0%}")
     print(f"model, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 

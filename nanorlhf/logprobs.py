@@ -2,7 +2,7 @@
 right-padded, a loss mask on the response tokens) and the one forward that scores it.
 
     batch = collate(prompts, responses, pad_id)   # input_ids, attention_mask, loss_mask: (B, T)
-    logps = response_logps(model, batch)          # (B,) log p(response | prompt), summed over tokens
+    logps = response_logps(model, batch)          # (B,): log p(response | prompt), a token sum
 """
 
 import torch
@@ -62,10 +62,9 @@ def response_logps(model, batch: dict[str, Tensor], average: bool = False) -> Te
     skip the largest matmul and the log-softmax over the vocabulary. -> (B,) fp32."""
     scored = batch["loss_mask"][:, 1:].bool()  # (B, T-1): position t predicts token t+1
     at = F.pad(scored, (0, 1))  # (B, T): the last position predicts nothing
-    # one call of model's forward (DDP and FSDP hook it); fp32 before the log-softmax, even under
-    # bf16 autocast. N = the scored tokens of all rows
+    # one forward call (DDP and FSDP hook it); fp32 before the log-softmax, even under bf16 autocast
     logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at).float()  # (N, V)
-    targets = batch["input_ids"][:, 1:][scored]  # (N,)
+    targets = batch["input_ids"][:, 1:][scored]  # (N,): the N scored tokens of all rows
     token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
     rows = scored.nonzero()[:, 0]  # (N,): the row of each scored token
     total = torch.zeros(scored.shape[0], device=scored.device).index_add(0, rows, token_logps)

@@ -23,10 +23,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
 def mean_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
     """[(weight, {name: value})] of this rank -> {name: Σ weight·value / Σ weight} over the parts
     of every rank: under torchrun one all-reduce adds up every rank's sums."""
-    names = list(parts[0][1])
-    rows = [[w * m[k] for k in names] + [w] for w, m in parts]  # Σ w·value per name, then Σ w
+    keys = list(parts[0][1])
+    rows = [[w * m[k] for k in keys] + [w] for w, m in parts]  # weight·value per key, then weight
     sums = torch.tensor(rows, dtype=torch.float64).sum(0)
     if dist.is_initialized():
         sums = sums.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA tensors only
         dist.all_reduce(sums)
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(names)}
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
