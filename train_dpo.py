@@ -11,7 +11,7 @@ model, no sampling during training. Variants: cDPO (label smoothing), robust DPO
 
 The run, top to bottom: tokenise TRL-format pairs -> the base model's mention rate on held-out
 entity pairs -> π_ref's log-probs of every pair, once -> DPO steps (AdamW, warmup, clipping,
-accumulation; RUN/state every --save-every) -> the same evaluation after -> HF checkpoint + SVG.
+accumulation; RUN/state every --save-every) -> the trained model's evaluation -> HF checkpoint, SVG.
 """
 import shutil
 import sys
