@@ -163,21 +163,23 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tiny_chat_model, tmp_path, 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_path, monkeypatch,
                                                           flags):
     """6 steps, RUN/state every 2: a crash in step 6 leaves the state of step 4 (and metrics of 5);
-    --resume continues from step 4 to the same metrics and, to the bit, the same weights."""
+    --resume continues from step 4 to the same metrics, evaluation and, to the bit, weights."""
     rows = read_preferences(write_pairs(tmp_path / "p.jsonl", 12))
     for i, row in enumerate(rows):  # pairs of different lengths: each step's update differs
         row["chosen"] = "Grey elephants" + " are large" * (i % 4) + "."
     (tmp_path / "p.jsonl").write_text("".join(
         json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for row in rows))
-    out = tmp_path / "out"
+    out, eval_rows = tmp_path / "out", tmp_path / "eval.jsonl"
+    eval_rows.write_text(json.dumps({"pink": "Paris", "grey": "elephant", "prompt": "Capital?"})
+                         + "\n")
 
     def main(*args):
         monkeypatch.setattr("sys.argv", ["train_dpo.py", *map(str, args)])
         train_dpo.main()
 
-    args = ["--model", tiny_chat_model, "--data", tmp_path / "p.jsonl", "--eval-data", "",
-            "--out-dir", out, "--batch-size", 2, "--grad-accum", 1, "--lr", 1e-3,
-            "--warmup-steps", 2, "--save-every", 2, *flags]
+    args = ["--model", tiny_chat_model, "--data", tmp_path / "p.jsonl", "--eval-data", eval_rows,
+            "--eval-max-new-tokens", 4, "--out-dir", out, "--batch-size", 2, "--grad-accum", 1,
+            "--lr", 1e-3, "--warmup-steps", 2, "--save-every", 2, *flags]
     main(*args, "--run", "straight")
     crash_at_step(monkeypatch, 6, lambda: main(*args, "--run", "broken"))
     broken, straight = out / "broken", out / "straight"
@@ -191,6 +193,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, tmp_p
     a, b = (load_file(run / "model" / "model.safetensors") for run in (straight, broken))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (broken / "state").exists() and not (straight / "state").exists()  # finished runs
+    evals = [json.loads((run / "eval.json").read_text()) for run in (straight, broken)]
+    for results in evals:
+        for column in results.values():
+            column.pop("seconds")
+    assert evals[0] == evals[1] and set(evals[0]) == {"base", "DPO"}
 
 
 def test_fsdp_cannot_save_resumable_state(monkeypatch):
