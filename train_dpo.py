@@ -1,20 +1,19 @@
 """DPO on the pink-elephant task: teach a chat model not to mention what it was told to avoid.
 
-    python train_dpo.py --model llama            # the embedded SmolLM2-135M-Instruct, CPU, ~10 minutes
-    torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA (nanorlhf/scale.py)
-    torchrun --nproc_per_node 8 train_dpo.py -- --model BIG --fsdp true        # FSDP2, loaded straight into shards
+    python train_dpo.py --model llama               # embedded SmolLM2-135M-Instruct, CPU, ~10 min
+    python train_dpo.py --resume out/train_dpo/RUN  # continue an interrupted run exactly
+    torchrun --nproc_per_node 2 train_dpo.py -- --model llama --lora-rank 16   # DDP + LoRA
+    torchrun --nproc_per_node 8 train_dpo.py -- --model BIG --fsdp true --save-every 0   # FSDP2
 
-Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to preference
-pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward model, no
-sampling during training. Variants: conservative DPO (label smoothing), robust DPO, hinge (SLiC), IPO.
+Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) fits the policy to
+preference pairs with a classification loss on implicit rewards r = β·log(π/π_ref): no reward
+model, no sampling during training. Variants: cDPO (label smoothing), robust DPO, hinge (SLiC), IPO.
 
-The run, top to bottom: read TRL-format pairs -> tokenise prompt and responses separately -> one
-forward over the reference for all pairs, cached (it never changes) -> mention rate of the base model
-on held-out entity pairs -> DPO steps (AdamW, warmup, clipping, accumulation), metrics.jsonl and a
-tqdm bar -> the same evaluation for the trained model, side by side -> checkpoint in HF layout + SVG.
+The run, top to bottom: tokenise TRL-format pairs -> the base model's mention rate on held-out
+entity pairs -> π_ref's log-probs of every pair, once -> DPO steps (AdamW, warmup, clipping,
+accumulation; RUN/state every --save-every) -> the trained model's evaluation -> HF checkpoint, SVG.
 """
-
-import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,18 +21,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from nanorlhf import distributed, lora, scale
+from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.run import Run, flag, parse_config, run_dir, seed_everything
-from nanorlhf.model import device
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
-from nanorlhf.logprobs import batch_logps, pair_batch, reference_logps
+from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.tasks.pink import DATA_DIR, load_eval_rows
-from nanorlhf.tasks.pink_eval import EvalConfig, evaluate_as, format_table
-from nanorlhf.schedule import lr_at
+from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.logprobs import batch_logps, pair_batch, reference_logps
+from nanorlhf.model import device
+from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
+from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
+from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, load_eval_rows
+from nanorlhf.tasks.pink_eval import evaluate_as, format_table
 from nanorlhf.tokenizer import Tokenizer
 
 
@@ -41,38 +44,73 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
 
 @dataclass
-class Config(EvalConfig, scale.ScaleConfig):  # + the --eval-* flags and the scale flags (--lora-rank, ...)
-    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M-Instruct)")
-    data: str = flag(str(DATA_DIR / "pink_dpo_train.jsonl"), "TRL preference jsonl: prompt, chosen, rejected")
+class Config:
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded "
+                               "SmolLM2-135M-Instruct)")
+    data: str = flag(str(DATA_DIR / "pink_dpo_train.jsonl"),
+                     "TRL preference jsonl: prompt, chosen, rejected")
     out_dir: str = flag("out/train_dpo", "runs are written to OUT_DIR/RUN")
-    run: str = flag("", "run name (default: a timestamp)")
+    run: str = flag("", "run name ('' = a timestamp)")
+    resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
+    save_every: int = flag(8, "write RUN/state every N optimizer steps (0 = never)", min=0)
+    threads: int = flag(0, THREADS_HELP, min=0)
+    seed: int = flag(0, "seed for shuffling, init and sampling")
     loss_type: str = flag("sigmoid", "sigmoid (DPO) | robust | hinge | ipo", choices=LOSS_TYPES)
     beta: float = flag(0.1, "DPO beta: strength of the pull toward the reference", gt=0)
-    label_smoothing: float = flag(0.0, "cDPO/robust: assumed fraction of flipped labels", min=0, max=0.5)
+    label_smoothing: float = flag(0.0, "cDPO/robust: assumed fraction of flipped labels",
+                                  min=0, max=0.5)
     lr: float = flag(1e-4, "AdamW peak learning rate", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     warmup_steps: int = flag(4, "linear warmup steps, then linear decay to 0", min=0)
     epochs: int = flag(1, "passes over the pairs", min=1)
-    batch_size: int = flag(4, "pairs per forward pass, summed over torchrun's ranks (chosen and rejected together)",
-                           min=1)
-    grad_accum: int = flag(2, "forward passes per optimizer step: batch_size x grad_accum pairs per step", min=1)
+    batch_size: int = flag(4, "pairs per forward pass, summed over torchrun's ranks (chosen and "
+                              "rejected together)", min=1)
+    grad_accum: int = flag(2, "forward passes per optimizer step: batch_size x grad_accum pairs "
+                              "per step", min=1)
     max_pairs: int = flag(0, "use only the first N pairs (0 = all)", min=0)
     max_len: int = flag(192, "max prompt+response tokens (see data.fit_to_length)", min=2)
     grad_clip: float = flag(1.0, "max gradient norm", gt=0)
-    seed: int = flag(0, "seed for shuffling, init and sampling")
+    eval_data: str = flag(str(HELDOUT_PATH), "pink-elephant eval jsonl ({pink, grey, prompt}); "
+                                             "'' skips")
+    eval_n: int = flag(2, "samples per eval prompt", min=1)
+    eval_temperature: float = flag(0.7, "eval sampling temperature (0 = greedy)", min=0.0)
+    eval_max_new_tokens: int = flag(80, "eval response length cap", min=1)
+    eval_batch_size: int = flag(56, "eval generation batch size", min=1)
+    lora_rank: int = flag(0, "LoRA rank r: train rank-r adapters on --lora-targets only (0 = full "
+                             "fine-tuning)", min=0)
+    lora_alpha: float = flag(16.0, "LoRA α: the adapter update is scaled by α/r", gt=0)
+    lora_targets: str = flag(",".join(lora.TARGETS),
+                             "comma-separated projections that get adapters")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in backward: less "
+                                           "memory, ~1/3 more compute")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) "
+                             "instead of DDP")
+    onednn: bool = flag(False, "CPU matmuls (training and sampling) through oneDNN with packed "
+                               "weights: ~1.9x faster steps on AMD CPUs, where MKL runs AVX2 "
+                               "kernels; equal to MKL's up to rounding, so not bit-equal to a "
+                               "default run")
 
     def check(self) -> None:
         """Rules that tie two flags together (each flag's own range is in its flag() above)."""
-        super().check()
+        lora.parse_targets(self.lora_targets)  # an unknown projection is one line too
+        if self.onednn and self.fsdp:
+            raise UserError("--onednn with --fsdp: FSDP's sharded weights cannot be packed for "
+                            "oneDNN; use one of the two")
+        if self.fsdp and not distributed.launched():
+            raise UserError("--fsdp shards the model over processes: launch with torchrun "
+                            "--nproc_per_node N")
+        if self.fsdp and self.save_every:
+            raise UserError("--save-every with --fsdp: RUN/state holds whole tensors, not FSDP's "
+                            "shards; add --save-every 0")
         if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
-            raise UserError(f"--label-smoothing {self.label_smoothing}: applies to sigmoid and robust only, "
-                            f"not to --loss-type {self.loss_type}")
+            raise UserError(f"--label-smoothing {self.label_smoothing}: applies to sigmoid and "
+                            f"robust only, not to --loss-type {self.loss_type}")
         if self.loss_type == "robust" and self.label_smoothing >= 0.5:
-            raise UserError(f"--label-smoothing {self.label_smoothing}: robust DPO needs < 0.5 (it divides by 1-2ε)")
+            raise UserError(f"--label-smoothing {self.label_smoothing}: robust DPO needs < 0.5 "
+                            f"(it divides by 1-2ε)")
 
 
 # --- the DPO family of losses ---
-
 
 def dpo_loss(
     policy_chosen_logps: Tensor,
@@ -136,13 +174,8 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def dpo_metrics(
-    losses: Tensor,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-) -> dict[str, float]:
+def dpo_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
+                policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, float]:
     """Batch means of the per-pair (B,) tensors, under TRL's metric names."""
     return {
         "loss": losses.mean().item(),
@@ -156,9 +189,10 @@ def dpo_metrics(
     }
 
 
-# --- data: pairs -> token ids -> batches ---
+# --- data: pairs -> token ids ---
 
-def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: int) -> tuple[list[dict], int]:
+def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int,
+                   vocab_size: int) -> tuple[list[dict], int]:
     """-> [{prompt, chosen, rejected} as id lists], number of pairs that had to be truncated.
 
     Prompt and responses are encoded separately (no merge across the boundary); each response ends
@@ -179,122 +213,147 @@ def tokenize_pairs(rows: list[dict], tok: Tokenizer, max_len: int, vocab_size: i
 
 # --- the run ---
 
-def train(cfg: Config, model, pairs: list[dict], pad_id: int, dev, run: Run) -> list[dict]:
-    """DPO steps on `model` (prepared by scale.prepare: with LoRA only the adapters train). Under torchrun
-    every rank builds the same micro-batches and trains on its shard of each (distributed.shard)."""
-    average = cfg.loss_type == "ipo"  # IPO is defined on per-token mean log-probs, the others on sums
-    epochs = epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed)  # per epoch, its micro-batches
-    micro_batches = [b for epoch in epochs for b in epoch]
-    if cfg.fsdp:  # FSDP, the optional scale layer: imported only when asked
-        from nanorlhf.fast import fsdp
-        net = fsdp.wrap(model)
-    else:
-        net = distributed.wrap(model)  # DDP under torchrun, else model itself
-    # π_ref never changes, so every pair is scored once, before the first step (the first epoch holds each
-    # pair once). With LoRA the reference is the base network itself: adapters off, no second copy.
+def prepare(cfg: Config, net, model, pairs: list[dict], pad_id: int, dev):
+    """main()'s work for train() once `net` is made: π_ref on every pair, the trainable tensors by
+    name, AdamW over them, and per optimizer step this rank's micro-batches with their weights."""
+    epochs = epoch_batches(pairs, cfg.batch_size, cfg.epochs, cfg.seed)  # each epoch's batches
+    # π_ref never changes, so every pair is scored once, before the first step (the first epoch
+    # holds each pair once). With LoRA the reference is the base network: adapters off, no copy.
     with lora.disabled(model):
-        reference_logps(net, epochs[0], pad_id, dev, average)
-    model.train()
-    optimizer = torch.optim.AdamW(scale.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
-    history, bar = [], distributed.bar(total=total_steps, desc="DPO", unit="step")
-    for step in range(total_steps):
-        lr = cfg.lr * lr_at(step, total_steps, cfg.warmup_steps)
+        reference_logps(net, epochs[0], pad_id, dev, cfg.loss_type == "ipo")
+    micro_batches, steps = [b for epoch in epochs for b in epoch], []
+    for i in range(0, len(micro_batches), cfg.grad_accum):
+        step_batches = micro_batches[i:i + cfg.grad_accum]
+        n_pairs = sum(map(len, step_batches))  # the pairs of this optimizer step, over all ranks
+        # Each rank trains on its shard of every micro-batch (distributed.py's rules). The step's
+        # loss is the mean over its n_pairs pairs: each part adds its sum / n_pairs, times
+        # world_size as DDP averages over ranks; a rank left without a pair runs a dummy weighing 0.
+        steps.append([(mine, distributed.world_size() / n_pairs if real else 0.0)
+                      for mine, real in map(distributed.shard, step_batches)])
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # LoRA: A, B
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return trainable, optimizer, steps
+
+
+def train(cfg: Config, net, trainable: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+          steps: list[list[tuple]], pad_id: int, dev, run: Run, history: list[dict]) -> list[dict]:
+    """DPO steps on `net` from step len(history) on (a resumed run's history holds its finished
+    steps). main() and prepare() made every argument: nothing here knows of LoRA or ranks."""
+    average = cfg.loss_type == "ipo"  # IPO: on per-token mean log-probs; the others on sums
+    bar = tqdm(total=len(steps), initial=len(history), desc="DPO", unit="step",
+               disable=not run.writes)  # shown by the rank that writes the run
+    net.train()
+    for step in range(len(history), len(steps)):
+        lr = cfg.lr * lr_at(step, len(steps), cfg.warmup_steps)  # warmup, then linear decay to 0
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_batches = micro_batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        n_pairs = sum(map(len, step_batches))  # the pairs of this optimizer step, over all ranks
         step_metrics = []
-        for i, batch in enumerate(step_batches):
-            batch_pairs, real = distributed.shard(batch)  # this rank's pairs (a weight-0 dummy if none)
-            # DDP all-reduces gradients during backward; on all but the last micro-batch of the step they
-            # only accumulate locally, and the last all-reduce carries the sum (nanoGPT's require_backward_grad_sync)
-            with distributed.no_sync(net, skip=i < len(step_batches) - 1):
-                # one forward over the chosen and the rejected rows: log π(y|x) over the response tokens only
-                policy_chosen, policy_rejected = batch_logps(net, pair_batch(batch_pairs, pad_id), dev, average)
-                # DPO eq. 7: -log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]),
-                # with the cached π_ref; no reward model and no sampling anywhere in training
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    policy_chosen, policy_rejected,
-                    torch.tensor([p["ref_chosen"] for p in batch_pairs], device=dev),
-                    torch.tensor([p["ref_rejected"] for p in batch_pairs], device=dev),
-                    cfg.beta, cfg.loss_type, cfg.label_smoothing)
-                # The step's loss is the mean over its n_pairs pairs, however they are split into micro-batches
-                # and ranks: each part contributes its sum / n_pairs. DDP averages gradients over ranks, so a rank
-                # multiplies by world_size to get back the sum; a dummy pair weighs 0.
-                weight = distributed.world_size() / n_pairs if real else 0.0
-                (losses.sum() * weight).backward()
-            step_metrics.append((len(batch_pairs) * real, dpo_metrics(losses, chosen_rewards, rejected_rewards,
-                                                                      policy_chosen, policy_rejected)))
-        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.grad_clip)  # before clipping, logged
+        for i, (pairs, weight) in enumerate(steps[step]):
+            # DDP all-reduces in the step's last backward only (nanoGPT's trick; not DDP: ignored)
+            net.require_backward_grad_sync = i == len(steps[step]) - 1
+            # one forward over the chosen, then the rejected rows: log π(y|x) of the response tokens
+            batch = pair_batch(pairs, pad_id)
+            policy_chosen, policy_rejected = batch_logps(net, batch, dev, average)
+            # DPO eq. 7: -log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]),
+            # with the cached π_ref; no reward model and no sampling anywhere in training
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected,
+                torch.tensor([p["ref_chosen"] for p in pairs], device=dev),
+                torch.tensor([p["ref_rejected"] for p in pairs], device=dev),
+                cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            # the weight (world_size / the step's pairs) makes the step's gradient its mean loss's
+            (losses.sum() * weight).backward()
+            step_metrics.append((len(pairs) if weight else 0, dpo_metrics(
+                losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)))
+        grad_norm = clip_grad_norm(trainable.values(), cfg.grad_clip)  # before clipping, logged
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = distributed.mean_metrics(step_metrics)  # means over the step's pairs of every rank
-        metrics.update(step=step + 1, grad_norm=grad_norm, lr=lr)
+        # means over the step's pairs of every rank (a dummy pair weighs 0)
+        metrics = {**mean_metrics(step_metrics), "step": step + 1, "grad_norm": grad_norm, "lr": lr}
         run.log(**metrics)
         history.append(metrics)
-        # the implicit rewards' margin and accuracy are DPO's progress signal; the loss alone says little
+        # the implicit rewards' margin and accuracy are DPO's progress signal; the loss says little
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}",
                         acc=f"{metrics['rewards/accuracies']:.2f}")
         bar.update()
+        if (run.writes and cfg.save_every and (step + 1) % cfg.save_every == 0
+                and step + 1 < len(steps)):  # after the last step, model/ is the state
+            save_state(run.dir, step + 1, trainable, optimizer)  # what --resume continues from
     bar.close()
-    model.eval()
+    net.eval()
     return history
 
 
 def main() -> None:
-    cfg = parse_config(Config, __doc__)  # every flag checked here, before any work
-    run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
+    cfg, history = parse_config(Config, __doc__), []  # every flag checked here, before any work
+    if cfg.resume:  # the interrupted run's own config, and its metrics up to its saved state
+        cfg, _, history = resume_run(Config, cfg.resume, "train_dpo")
+    else:
+        run_dir(cfg.out_dir, cfg.run)  # refuse a used --run now, not after the model has loaded
+    threads = choose_threads(cfg.threads)
     distributed.init()  # torchrun: join the process group (a no-op otherwise)
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     rows = read_preferences(cfg.data)[:cfg.max_pairs or None]
-    eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validate inputs before any work
-    if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep; evaluate the saved model instead
-        distributed.print0("--fsdp: no pink-elephant evaluation here; run python tools/pink_eval.py "
-                           "on the saved model")
+    eval_rows = load_eval_rows(cfg.eval_data) if cfg.eval_data else []  # validated before any work
+    if cfg.fsdp and eval_rows:  # generation would need every rank in lockstep
+        print0("--fsdp: no evaluation here; run python tools/pink_eval.py on the saved model")
     eval_rows = [] if cfg.fsdp or not distributed.is_main() else eval_rows  # rank 0 evaluates
     model_dir = resolve_model(cfg.model)
-    tok, prepare = Tokenizer(model_dir), lambda m: scale.prepare(m, cfg, cfg.seed)  # LoRA adapters, grad checkpointing
-    if cfg.fsdp:  # every rank reads only its shard of each tensor: the model is never whole on one device
-        from nanorlhf.fast import fsdp
-        model = fsdp.load_model_sharded(model_dir, dev, prepare).eval()
-    else:
-        model = prepare(load_model(model_dir, device=dev).eval())
-    pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
-    distributed.print0(f"{len(pairs)} pairs from {cfg.data}; {truncated} truncated to {cfg.max_len} tokens "
-                       f"(response cut at the right first, then prompt from the left)")
-    run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
+    tok = Tokenizer(model_dir)
 
+    def adapt(model):  # LoRA adapters (A drawn from --seed), gradient checkpointing, oneDNN
+        lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # rank 0: none
+        model.model.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.onednn:  # the optional speed layer, imported only where its flag is read
+            from nanorlhf.fast.packed import pack_linears
+            pack_linears(model)  # after LoRA: adapted projections keep their own forward
+        return model
+    if cfg.fsdp:  # each rank reads only its shard of each tensor, straight into FSDP2's shards
+        from nanorlhf.fast import fsdp
+        net = model = fsdp.load_model_sharded(model_dir, dev, adapt).eval()
+    else:
+        model = adapt(load_model(model_dir, device=dev).eval())
+        net = distributed.wrap(model)  # DDP under torchrun, else the model itself
+    pairs, truncated = tokenize_pairs(rows, tok, cfg.max_len, model.cfg.vocab_size)
+    print0(f"torch threads: {threads}; {len(pairs)} pairs from {cfg.data}; {truncated} truncated "
+           f"to {cfg.max_len} tokens (response cut at the right first, then prompt from the left)")
+    run = Run("train_dpo", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
     results = {}
     if eval_rows:  # the base model is the policy before its first step
         results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
+    trainable, optimizer, steps = prepare(cfg, net, model, pairs, tok.pad_id, dev)
+    if cfg.resume:  # the trained tensors, AdamW's moments and the RNG as after the saved step
+        run.rewrite(history)  # metrics.jsonl back to the saved state's step
+        saved = load_state(run.dir, optimizer)[1]
+        model.load_state_dict({name: saved[name] for name in trainable}, strict=False)
     try:
-        history = train(cfg, model, pairs, tok.pad_id, dev, run)
+        history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
         save_model(model.eval(), run.dir / "model", copy_from=model_dir)  # LoRA: merged weights
-        print(f"\ninterrupted: model after the last finished step in {run.dir / 'model'}, metrics in "
-              f"{run.dir / 'metrics.jsonl'}", file=sys.stderr)
+        print(f"\ninterrupted: model after the last finished step in {run.dir / 'model'}, "
+              f"metrics in {run.dir / 'metrics.jsonl'}", file=sys.stderr)
         sys.exit(130)
     save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes
     if not distributed.is_main():
         return
-    line_plots([("DPO loss", {"loss": [(m["step"], m["loss"]) for m in history]}),
-                ("implicit rewards", {name: [(m["step"], m[f"rewards/{name}"]) for m in history]
-                                      for name in ("chosen", "rejected", "margins")}),
-                ("reward accuracy", {"accuracy": [(m["step"], m["rewards/accuracies"]) for m in history]})],
+    shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
+    curve = lambda key: [(m["step"], m[key]) for m in history]  # (step, value) points
+    rewards = {name: curve(f"rewards/{name}") for name in ("chosen", "rejected", "margins")}
+    line_plots([("DPO loss", {"loss": curve("loss")}), ("implicit rewards", rewards),
+                ("reward accuracy", {"accuracy": curve("rewards/accuracies")})],
                run.dir / "training.svg")
     if eval_rows:
-        # NLL of the trained samples under the base: with LoRA the base is the model with adapters off
-        base_model = lora.BaseView(model) if cfg.lora_rank else load_model(model_dir, device=dev).eval()
-        results["DPO"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, base_model, desc="eval DPO")
+        # NLL of the trained samples under the base: with LoRA, the model with its adapters off
+        base = lora.BaseView(model) if cfg.lora_rank else load_model(model_dir, device=dev).eval()
+        results["DPO"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, base, desc="eval DPO")
         run.write_json("eval.json", results)
         print(f"\nheld-out pink-elephant eval: {len(eval_rows)} prompts x {cfg.eval_n} samples "
               f"(temperature {cfg.eval_temperature}, seed {cfg.seed})")
         print(format_table(results))
-        base_rate, dpo_rate = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
-        if base_rate > 0:
-            print(f"relative change in pink mention rate: {(dpo_rate - base_rate) / base_rate:+.0%}")
+        before, after = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
+        if before > 0:
+            print(f"relative change in pink mention rate: {(after - before) / before:+.0%}")
     print(f"model, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repo root
 import train_dpo  # noqa: E402
 from nanorlhf import logprobs, lora
 from nanorlhf.checkpoint import load_model, resolve_model
@@ -48,11 +48,13 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def setup(args, dev):
-    """-> model (fp32, on dev), pad id, the micro-batches of pairs for args.steps steps, train tokens per step."""
+    """-> model (fp32, on dev), pad id, the micro-batches of pairs for args.steps steps, train
+    tokens per step."""
     model_dir = resolve_model(args.model)
     tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev)
     n_pairs = args.steps * args.batch_size * args.grad_accum
-    pairs, _ = train_dpo.tokenize_pairs(read_preferences(args.data)[:n_pairs], tok, 192, model.cfg.vocab_size)
+    rows = read_preferences(args.data)[:n_pairs]
+    pairs, _ = train_dpo.tokenize_pairs(rows, tok, 192, model.cfg.vocab_size)
     batches = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
     tokens_per_step = 2 * sum(len(p["prompt"]) + (len(p["chosen"]) + len(p["rejected"])) / 2
                               for p in pairs) / args.steps
@@ -80,9 +82,11 @@ def timed_steps(model, batches, pad_id, dev, grad_accum: int) -> dict[str, float
         fwd = bwd = 0.0
         for chunk in batches[step * grad_accum:(step + 1) * grad_accum]:
             t0 = time.perf_counter()
-            chosen, rejected = logprobs.batch_logps(model, logprobs.pair_batch(chunk, pad_id), dev, False)
-            losses, _, _ = train_dpo.dpo_loss(chosen, rejected, torch.tensor([p["ref_chosen"] for p in chunk], device=dev),
-                                              torch.tensor([p["ref_rejected"] for p in chunk], device=dev), 0.1)
+            batch = logprobs.pair_batch(chunk, pad_id)
+            chosen, rejected = logprobs.batch_logps(model, batch, dev, False)
+            ref_chosen = torch.tensor([p["ref_chosen"] for p in chunk], device=dev)
+            ref_rejected = torch.tensor([p["ref_rejected"] for p in chunk], device=dev)
+            losses, _, _ = train_dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
             sync(dev)
             t1 = time.perf_counter()
             losses.mean().backward()
@@ -93,13 +97,16 @@ def timed_steps(model, batches, pad_id, dev, grad_accum: int) -> dict[str, float
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(dev)
-        for name, value in (("forward", fwd), ("backward", bwd), ("optimizer", time.perf_counter() - t2)):
+        optimizer_s = time.perf_counter() - t2
+        for name, value in (("forward", fwd), ("backward", bwd), ("optimizer", optimizer_s)):
             timings[name].append(value)
     return {k: statistics.median(v[1:] or v) for k, v in timings.items()}
 
 
 def main() -> None:
-    args = add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = add_args(parser).parse_args()
     dev = device()
     model, pad_id, batches, tokens_per_step = setup(args, dev)
     rss_loaded = peak_mib(torch.device("cpu"))
@@ -107,13 +114,16 @@ def main() -> None:
     medians = timed_steps(model, batches, pad_id, dev, args.grad_accum)
     step_s = sum(medians.values())
     peak = peak_mib(dev)
-    print(f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.batch_size} pairs x "
-          f"{args.grad_accum} accumulation = {args.batch_size * args.grad_accum} pairs/step, "
-          f"~{tokens_per_step:.0f} tokens/step")
-    print(f"optimizer steps/s: {1 / step_s:.3f}  ({step_s:.1f} s/step, {tokens_per_step / step_s:.0f} train tokens/s)")
-    for name, seconds in [("reference (once, per step of pairs)", reference_s)] + list(medians.items()):
+    print(f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.batch_size} pairs x {args.grad_accum} accumulation = "
+          f"{args.batch_size * args.grad_accum} pairs/step, ~{tokens_per_step:.0f} tokens/step")
+    print(f"optimizer steps/s: {1 / step_s:.3f}  ({step_s:.1f} s/step, "
+          f"{tokens_per_step / step_s:.0f} train tokens/s)")
+    parts = [("reference (once, per step of pairs)", reference_s)] + list(medians.items())
+    for name, seconds in parts:
         print(f"  {name:38s} {seconds:7.2f} s  ({seconds / (step_s + reference_s):5.1%})")
-    print(f"peak memory: {peak:.0f} MiB ({'allocated' if dev.type == 'cuda' else f'RSS; {rss_loaded:.0f} MiB after loading the model'})")
+    what = "allocated" if dev.type == "cuda" else f"RSS; {rss_loaded:.0f} MiB after loading"
+    print(f"peak memory: {peak:.0f} MiB ({what})")
 
 
 if __name__ == "__main__":

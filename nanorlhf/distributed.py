@@ -1,23 +1,23 @@
 """torchrun: one process per device, each training on its shard of every global batch.
 
     torchrun --nproc_per_node 2 train_dpo.py --model llama          # DDP: NCCL on GPUs, gloo on CPU
-    torchrun --nproc_per_node 8 train_dpo.py --model BIG --fsdp     # FSDP2: parameters sharded too
+    torchrun --nproc_per_node 8 train_dpo.py --model BIG --fsdp true --save-every 0   # FSDP2
 
-Without torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) nothing here does anything: rank 0 of 1,
-no process group, the model unwrapped, sums over one rank. Under it, the rules a training loop follows:
+Without torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) nothing here does anything: rank 0
+of 1, no process group, the model unwrapped, sums over one rank. Under it, the rules a training
+loop follows:
 
 - every rank builds the same global batches (same data, same seeds) and trains on shard() of each;
-- a loss is a sum over the rank's shard divided by the *global* count, times world_size(): DDP and
-  FSDP average gradients over ranks, so the averaged gradient is the 1-process gradient of the batch;
-- every rank runs the same number of forward/backward passes (a rank with nothing to do gets a dummy
-  item and weight 0), or the collectives inside DDP/FSDP would wait for each other forever;
-- only rank 0 prints (print0, bar), writes (cli.Run and checkpoint.save_model do nothing elsewhere)
-  and evaluates.
+- a loss is a sum over the rank's shard divided by the *global* count, times world_size(): DDP
+  and FSDP average gradients over ranks, so the averaged gradient is the 1-process gradient of the
+  batch;
+- every rank runs the same number of forward/backward passes (a rank with nothing to do gets a
+  dummy item and weight 0), or the collectives inside DDP/FSDP would wait for each other forever;
+- only rank 0 prints (print0, bar), writes (run.Run and checkpoint.save_model do nothing
+  elsewhere) and evaluates.
 
-DDP keeps a whole model, its gradients and optimizer state on every device. FSDP (torch's
-fully_shard, one unit per transformer block plus the root) keeps 1/N of each and gathers a block's
-weights just before it runs: for a model whose training state does not fit one device. FSDP lives in
-nanorlhf/fast/fsdp.py, with the loading of a model straight into its shards.
+DDP keeps a whole model, its gradients and optimizer state on every device; FSDP (nanorlhf/fast/
+fsdp.py) shards them. A step's gradient norm and its metrics over every rank: nanorlhf/schedule.py.
 """
 
 import atexit
@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+# the step's rules moved to schedule.py; distributed.clip_grad_norm and .mean_metrics still work
+from nanorlhf.schedule import clip_grad_norm, mean_metrics  # noqa: F401
+
 
 def launched() -> bool:
     """Started by torchrun (or anything that sets its environment variables)?"""
@@ -37,14 +40,16 @@ def launched() -> bool:
 
 
 def init() -> None:
-    """Join torchrun's process group; pin this process to GPU LOCAL_RANK. A no-op without torchrun."""
+    """Join torchrun's process group; pin this process to GPU LOCAL_RANK. No-op without torchrun."""
     if not launched() or dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so cli.device()'s "cuda" is this rank's GPU
+        # so model.device()'s "cuda" is this rank's GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    # left to interpreter teardown, gloo's threads can abort the process after its work is done ("terminate
-    # called without an active exception", seen once on a loaded 2-core machine): leave the group first
+    # left to interpreter teardown, gloo's threads can abort the process after its work is done
+    # ("terminate called without an active exception", seen once on a loaded 2-core machine):
+    # leave the group first
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
@@ -55,8 +60,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def bar(*args, **kwargs) -> tqdm:
-    """A tqdm progress bar shown on rank 0 only (the other ranks' bars are disabled, not removed, so the
-    loop code is the same on every rank)."""
+    """A tqdm progress bar shown on rank 0 only (the other ranks' bars are disabled, not removed,
+    so the loop code is the same on every rank)."""
     return tqdm(*args, disable=not is_main() or kwargs.pop("disable", False), **kwargs)
 
 
@@ -73,15 +78,16 @@ def is_main() -> bool:
 
 
 def shard(items: list) -> tuple[list, bool]:
-    """This rank's share of `items` (every world_size-th, from rank()) and whether it is real. A rank left
-    with nothing gets items[:1] and False: it must still run forward and backward, with its loss times 0."""
+    """This rank's share of `items` (every world_size-th, from rank()) and whether it is real. A
+    rank left with nothing gets items[:1] and False: it must still run forward and backward, with
+    its loss times 0."""
     mine = items[rank()::world_size()]
     return (mine, True) if mine or not items else (items[:1], False)
 
 
 def all_reduce_sum(x: Tensor | float) -> Tensor | float:
-    """Σ over ranks of x, a tensor (on x's device) or a number (as a CPU tensor); x itself without torchrun.
-    Carries no gradient."""
+    """Σ over ranks of x, a tensor (on x's device) or a number (as a CPU tensor); x itself without
+    torchrun. Carries no gradient."""
     if not dist.is_initialized():
         return x
     x = torch.as_tensor(x)
@@ -91,7 +97,8 @@ def all_reduce_sum(x: Tensor | float) -> Tensor | float:
 
 
 def max_over_ranks(n: int) -> int:
-    """The largest n of any rank (n itself without torchrun): e.g. how many forwards all ranks must run."""
+    """The largest n of any rank (n itself without torchrun): e.g. how many forwards all ranks
+    must run."""
     if not dist.is_initialized():
         return n
     x = torch.tensor(n, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -99,19 +106,14 @@ def max_over_ranks(n: int) -> int:
     return int(x)
 
 
-def mean_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """[(weight, {name: value})] of every rank -> {name: Σ weight·value / Σ weight} over all of them."""
-    names = list(parts[0][1])
-    sums = all_reduce_sum(torch.tensor([[w * m[k] for k in names] + [w] for w, m in parts], dtype=torch.float64).sum(0))
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(names)}
-
-
 def broadcast(obj):
-    """Rank 0's `obj` (picklable) on every rank: e.g. a list whose length sets how many steps all ranks take."""
+    """Rank 0's `obj` (picklable) on every rank: e.g. a list whose length sets how many steps all
+    ranks take."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=torch.device("cuda") if dist.get_backend() == "nccl" else None)
+    nccl = dist.get_backend() == "nccl"
+    dist.broadcast_object_list(box, src=0, device=torch.device("cuda") if nccl else None)
     return box[0]
 
 
@@ -125,18 +127,13 @@ def wrap(model: nn.Module) -> nn.Module:
 
 
 def no_sync(net: nn.Module, skip: bool):
-    """Context for one backward of an accumulated step: DDP skips its all-reduce when `skip` (all but the
-    last backward of the step; gradients add up locally and the last all-reduce carries them all)."""
+    """Context for one backward of an accumulated step: DDP skips its all-reduce when `skip` (all
+    but the last backward of the step; gradients add up locally and the last all-reduce carries
+    them all). train_dpo.py does the same with `net.require_backward_grad_sync = last`."""
     return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """clip_grad_norm_ -> the norm before clipping as a float (FSDP's norm is a DTensor: gathered)."""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 def gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """FSDP's sharded tensors (DTensors) made whole, one at a time onto the CPU; other tensors as they are.
-    A collective under FSDP: every rank must call it."""
+    """FSDP's sharded tensors (DTensors) made whole, one at a time onto the CPU; other tensors as
+    they are. A collective under FSDP: every rank must call it."""
     return {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v for k, v in state.items()}

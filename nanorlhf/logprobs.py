@@ -1,8 +1,8 @@
-"""Log-probabilities of responses: the batch layout every loss reads (prompt + response rows, right-padded,
-a loss mask on the response tokens) and the one forward that scores it.
+"""Log-probabilities of responses: the batch layout every loss reads (prompt + response rows,
+right-padded, a loss mask on the response tokens) and the one forward that scores it.
 
-    batch = collate(prompts, responses, pad_id)      # input_ids, attention_mask, loss_mask: (B, T) each
-    logps = response_logps(model, batch)             # (B,) log p(response | prompt), summed over its tokens
+    batch = collate(prompts, responses, pad_id)   # input_ids, attention_mask, loss_mask: (B, T)
+    logps = response_logps(model, batch)          # (B,): log p(response | prompt), a token sum
 """
 
 import torch
@@ -13,11 +13,11 @@ from nanorlhf import distributed
 from nanorlhf.model import autocast
 
 
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded batch of prompt+response rows.
 
-    -> input_ids (B, T), attention_mask (B, T) 1 on real tokens, loss_mask (B, T) 1 on response tokens
-    only: the tokens whose log-probability the losses score.
+    -> input_ids (B, T), attention_mask (B, T) 1 on real tokens, loss_mask (B, T) 1 on response
+    tokens only: the tokens whose log-probability the losses score.
     """
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -30,18 +30,20 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, average: bool = False) -> Tensor:
-    """Log-prob of the masked tokens of each row: logits (B, T, V), input_ids (B, T), loss_mask (B, T) -> (B,).
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor,
+                   average: bool = False) -> Tensor:
+    """Log-prob of the masked tokens of each row: logits (B, T, V), input_ids (B, T),
+    loss_mask (B, T) -> (B,).
 
     The result is fp32 for bf16/fp16/fp32 logits (fp64 stays fp64).
-    loss_mask is aligned with input_ids: 1 where the token is a target (the completion, including its
-    EOS), 0 on prompt and padding. Logits at position t predict token t+1, so token t+1 is scored by
-    logits[:, t] and loss_mask[:, 0] is never used (the first token has nothing predicting it).
-    average=False gives the sum over the masked tokens (DPO); True gives their mean (IPO), and 0 for a
-    row with no masked tokens.
+    loss_mask is aligned with input_ids: 1 where the token is a target (the completion, including
+    its EOS), 0 on prompt and padding. Logits at position t predict token t+1, so token t+1 is
+    scored by logits[:, t] and loss_mask[:, 0] is never used (the first token has nothing
+    predicting it). average=False gives the sum over the masked tokens (DPO); True gives their
+    mean (IPO), and 0 for a row with no masked tokens.
     """
     # At least fp32 before log_softmax: in bf16/fp16 the normaliser loses precision and fp16 can
-    # overflow (trl#878). promote_types keeps fp64 as fp64 (the tests' precision) instead of narrowing it.
+    # overflow (trl#878). promote_types keeps fp64 as fp64 (the tests' precision), not narrowed.
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     logps = logits.log_softmax(dim=-1)  # (B, T-1, V)
     targets = input_ids[:, 1:]  # (B, T-1)
@@ -55,25 +57,25 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, average
 
 
 def response_logps(model, batch: dict[str, Tensor], average: bool = False) -> Tensor:
-    """sequence_logps(model(input_ids), ...) for a collate() batch, but the vocabulary projection runs
-    only where a token is scored: prompt and padding positions (a third of a typical pair) skip the
-    largest matmul and the log-softmax over the vocabulary. -> (B,) fp32."""
+    """sequence_logps(model(input_ids), ...) for a collate() batch, but the vocabulary projection
+    runs only where a token is scored: prompt and padding positions (a third of a typical pair)
+    skip the largest matmul and the log-softmax over the vocabulary. -> (B,) fp32."""
     scored = batch["loss_mask"][:, 1:].bool()  # (B, T-1): position t predicts token t+1
     at = F.pad(scored, (0, 1))  # (B, T): the last position predicts nothing
-    # one call of model's forward (DDP and FSDP hook it); fp32 before the log-softmax even under bf16 autocast
-    logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at).float()  # (N, V), N = scored tokens
-    targets = batch["input_ids"][:, 1:][scored]  # (N,)
+    # one forward call (DDP and FSDP hook it); fp32 before the log-softmax, even under bf16 autocast
+    logits = model(batch["input_ids"], batch["attention_mask"], logits_at=at).float()  # (N, V)
+    targets = batch["input_ids"][:, 1:][scored]  # (N,): the N scored tokens of all rows
     token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-    rows = torch.arange(scored.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]  # (N,)
+    rows = scored.nonzero()[:, 0]  # (N,): the row of each scored token
     total = torch.zeros(scored.shape[0], device=scored.device).index_add(0, rows, token_logps)
     return total / scored.sum(-1).clamp(min=1) if average else total
 
 
 @torch.no_grad()
-def response_logps_batched(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                           batch_size: int = 16) -> list[float]:
-    """log p(response | prompt), summed over each response's tokens: response_logps in right-padded batches
-    on the model's device (bf16 autocast on CUDA)."""
+def response_logps_batched(model, prompts: list[list[int]], responses: list[list[int]],
+                           pad_id: int, batch_size: int = 16) -> list[float]:
+    """log p(response | prompt), summed over each response's tokens: response_logps in
+    right-padded batches on the model's device (bf16 autocast on CUDA)."""
     device, out = next(model.parameters()).device, []
     for i in range(0, len(prompts), batch_size):
         batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
@@ -85,23 +87,24 @@ def response_logps_batched(model, prompts: list[list[int]], responses: list[list
 # --- preference pairs: one forward pass scores a batch's chosen and rejected responses together ---
 
 def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, Tensor]:
-    """B pairs -> one batch of 2B rows: chosen rows first, then rejected (one forward pass for both)."""
+    """B pairs -> one batch of 2B rows: chosen rows first, then rejected (one forward for both)."""
     prompts = [p["prompt"] for p in pairs]
-    return collate(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return collate(prompts + prompts, responses, pad_id)
 
 
-def batch_logps(model, batch: dict[str, Tensor], dev: torch.device, average: bool) -> tuple[Tensor, Tensor]:
+def batch_logps(model, batch: dict[str, Tensor], dev, average: bool) -> tuple[Tensor, Tensor]:
     """-> (chosen_logps, rejected_logps), each (B,), for a pair_batch."""
     batch = {k: v.to(dev) for k, v in batch.items()}
     with autocast(dev):
-        logps = response_logps(model, batch, average)  # (2B,), fp32; = sequence_logps of the full logits
+        logps = response_logps(model, batch, average)  # (2B,) fp32: sequence_logps of full logits
     return logps.chunk(2)
 
 
 @torch.no_grad()
 def reference_logps(model, batches: list[list[dict]], pad_id: int, dev, average: bool) -> None:
     """π_ref never changes, so score every pair once before training and store it on the pair.
-    With LoRA, call it inside lora.disabled(model): the reference is the base network, no second copy."""
+    With LoRA, call it inside lora.disabled(model): the reference is the base network, no copy."""
     model.eval()
     for chunk in distributed.bar(batches, desc="reference log-probs", unit="batch"):
         chosen, rejected = batch_logps(model, pair_batch(chunk, pad_id), dev, average)

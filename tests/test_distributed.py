@@ -97,7 +97,8 @@ def test_train_dpo_two_ranks_reproduce_one(tiny_chat_model, dpo_pairs, tmp_path,
     args = ["--model", tiny_chat_model, "--data", dpo_pairs, "--eval-data", "", "--out-dir", tmp_path, "--batch-size", 2,
             "--grad-accum", 2, "--lr", 1e-3, "--warmup-steps", 1, *flags]
     launch("train_dpo.py", [*args, "--run", "one"])
-    launch("train_dpo.py", [*args, "--run", "two", "--fsdp", str(fsdp)], ranks=2)
+    # RUN/state holds whole tensors, not FSDP's shards: --fsdp needs --save-every 0
+    launch("train_dpo.py", [*args, "--run", "two", "--fsdp", str(fsdp), "--save-every", 0], ranks=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
     for a, b in zip(one, two):

@@ -1,7 +1,7 @@
 """The DPO loss family and sequence log-probs on plain tensors.
 
-Expected values are hand-computed constants (research notes §5.1, §5.2, §5.4) or float64 re-derivations
-with `math`, never numbers produced by the functions under test.
+Expected values are hand-computed constants (research notes §5.1, §5.2, §5.4) or float64
+re-derivations with `math`, never numbers produced by the functions under test.
 """
 
 import math
@@ -90,8 +90,9 @@ def test_case_b_values_and_dl_dh(loss_type, hand, hand_grad, derived, derived_gr
 
 
 # Case D: at initialisation every log-ratio is 0.
-CASE_D = [("sigmoid", 0.0, math.log(2)), ("sigmoid", 0.1, math.log(2)), ("sigmoid", 0.5, math.log(2)),
-          ("robust", 0.1, math.log(2)), ("robust", 0.3, math.log(2)), ("hinge", 0.0, 1.0), ("ipo", 0.0, 25.0)]
+CASE_D = [("sigmoid", 0.0, math.log(2)), ("sigmoid", 0.1, math.log(2)),
+          ("sigmoid", 0.5, math.log(2)), ("robust", 0.1, math.log(2)), ("robust", 0.3, math.log(2)),
+          ("hinge", 0.0, 1.0), ("ipo", 0.0, 25.0)]
 
 
 @pytest.mark.parametrize("loss_type,eps,expected", CASE_D)
@@ -175,12 +176,15 @@ def test_robust_is_unbiased():
     for eps in (0.0, 0.1, 0.25, 0.45):
         fwd = dpo_loss(pc, pr, zero, zero, beta, "robust", eps)[0]
         back = dpo_loss(pr, pc, zero, zero, beta, "robust", eps)[0]
-        expected = torch.tensor([nls(beta * (c - r)) for c, r in zip(pc.tolist(), pr.tolist())], dtype=D)
+        expected = torch.tensor([nls(beta * (c - r)) for c, r in zip(pc.tolist(), pr.tolist())],
+                                dtype=D)
         torch.testing.assert_close((1 - eps) * fwd + eps * back, expected, atol=1e-12, rtol=0)
     # the notes' example: βh = 1, ε = 0.1
     one, zero1 = t(10.0), t(0.0)
-    assert dpo_loss(one, zero1, zero1, zero1, 0.1, "robust", 0.1)[0].item() == pytest.approx(0.1882617, abs=5e-8)
-    assert dpo_loss(zero1, one, zero1, zero1, 0.1, "robust", 0.1)[0].item() == pytest.approx(1.4382617, abs=5e-8)
+    assert dpo_loss(one, zero1, zero1, zero1, 0.1, "robust", 0.1)[0].item() == pytest.approx(
+        0.1882617, abs=5e-8)
+    assert dpo_loss(zero1, one, zero1, zero1, 0.1, "robust", 0.1)[0].item() == pytest.approx(
+        1.4382617, abs=5e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -202,11 +206,13 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="sigmoid.*robust.*hinge.*ipo"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="simpo")
     with pytest.raises(ValueError):
-        dpo_loss(x, x, x, x, beta=0.1, loss_type="robust", label_smoothing=0.5)  # divides by 1 - 2ε = 0
+        # divides by 1 - 2ε = 0
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="sigmoid", label_smoothing=0.6)
     with pytest.raises(ValueError):
-        dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo", label_smoothing=0.1)  # would be silently ignored
+        # would be silently ignored
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo", label_smoothing=0.1)
 
 
 # --- §5.4 sequence log-probs and masking ---
@@ -223,7 +229,8 @@ def test_uniform_logits(prompt_len):
     mask = completion_mask(prompt_len, 3)
     assert sequence_logps(logits, ids, mask).item() == pytest.approx(-4.1588831, abs=1e-6)
     assert sequence_logps(logits, ids, mask).item() == pytest.approx(-3 * math.log(4), rel=1e-6)
-    assert sequence_logps(logits, ids, mask, average=True).item() == pytest.approx(-1.3862944, abs=1e-6)
+    assert sequence_logps(logits, ids, mask, average=True).item() == pytest.approx(-1.3862944,
+                                                                                   abs=1e-6)
 
 
 def test_off_by_one_detector():
@@ -236,7 +243,8 @@ def test_off_by_one_detector():
     mask = completion_mask(3, 4)
     per_token = -math.log1p(3 * math.exp(-10))  # 10 - log(e^10 + 3)
     assert per_token == pytest.approx(-1.3619e-4, rel=1e-4)
-    assert sequence_logps(logits, ids, mask, average=True).item() == pytest.approx(per_token, rel=1e-9)
+    assert sequence_logps(logits, ids, mask, average=True).item() == pytest.approx(per_token,
+                                                                                   rel=1e-9)
     assert sequence_logps(logits, ids, mask).item() == pytest.approx(4 * per_token, rel=1e-9)
 
 
@@ -244,7 +252,8 @@ def random_batch(seed: int, B: int = 3, T: int = 9, V: int = 11, dtype=D):
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(B, T, V, generator=g)).to(dtype)
     ids = torch.randint(0, V, (B, T), generator=g)
-    # rows: prompt 2 + completion 7; prompt 4 + completion 3 + 2 pads; prompt 1 + completion 5 + 3 pads
+    # rows: prompt 2 + completion 7; prompt 4 + completion 3 + 2 pads;
+    # prompt 1 + completion 5 + 3 pads
     mask = torch.cat([completion_mask(2, 7), completion_mask(4, 3, 2), completion_mask(1, 5, 3)])
     return logits, ids, mask
 
@@ -269,14 +278,17 @@ def test_prompt_positions_do_not_matter():
     unscored[:, :-1] = mask[:, 1:] == 0
     unscored[:, -1] = True  # the last position predicts nothing
     changed = logits.clone()
-    changed[unscored] = 100 * torch.randn(int(unscored.sum()), logits.shape[-1], generator=g, dtype=D)
+    changed[unscored] = 100 * torch.randn(int(unscored.sum()), logits.shape[-1], generator=g,
+                                          dtype=D)
     other_ids = ids.clone()
-    other_ids[mask == 0] = (ids[mask == 0] + 1) % logits.shape[-1]  # different prompt and pad tokens
+    # different prompt and pad tokens
+    other_ids[mask == 0] = (ids[mask == 0] + 1) % logits.shape[-1]
     torch.testing.assert_close(sequence_logps(changed, other_ids, mask), before, atol=1e-12, rtol=0)
     # even -inf there (log-prob -inf of an unscored token) must not leak in as nan
     changed[0, 0, other_ids[0, 1]] = -math.inf
     torch.testing.assert_close(sequence_logps(changed, other_ids, mask), before, atol=1e-12, rtol=0)
-    # the test can fail: touching one scored position (the first completion target of row 0) does change it
+    # the test can fail: touching one scored position (the first completion target of row 0) does
+    # change it
     changed[0, 1] += torch.randn(logits.shape[-1], generator=g, dtype=D)
     assert (sequence_logps(changed, ids, mask) - before)[0].abs() > 1e-3
 
