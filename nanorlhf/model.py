@@ -39,11 +39,9 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies theta^(-2i/d), shape (head_dim/2,), with optional long-context scaling.
-
-    llama3 scaling (Llama 3.1/3.2) keeps high frequencies, divides low ones by `factor` and blends
-    the band in between, as in transformers' `_compute_llama3_parameters`.
-    """
+    """Inverse frequencies theta^(-2i/d), shape (head_dim/2,), with optional long-context scaling:
+    llama3's (Llama 3.1/3.2) keeps high frequencies, divides low ones by `factor` and blends the
+    band in between, as in transformers' `_compute_llama3_parameters`."""
     d = cfg.head_dim
     # device="cpu" explicitly: the model may be built under torch.device("meta") for loading
     dims = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float()  # 0, 2, ..., d-2
@@ -179,12 +177,10 @@ class Block(nn.Module):
 
 
 def attention_mask_4d(attention_mask: Tensor, T: int) -> Tensor:
-    """(B, S) 1=token/0=pad over all keys -> bool (B, 1, T, S), True = may attend.
-
-    The T queries are the last T of the S positions (the rest sit in the KV cache), so the causal
-    part is aligned to the lower right. A pad query still sees itself: a softmax row with every
-    entry masked would be NaN, and NaN in a pad row can leak into gradients.
-    """
+    """(B, S) 1=token/0=pad over all keys -> bool (B, 1, T, S), True = may attend. The T queries
+    are the last T of the S positions (the rest sit in the KV cache), so the causal part is aligned
+    to the lower right. A pad query still sees itself: a softmax row with every entry masked would
+    be NaN, and NaN in a pad row can leak into gradients."""
     S = attention_mask.shape[1]
     q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
@@ -203,9 +199,8 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # keep only each block's input and recompute its activations in backward: memory per
-        # block drops from its intermediates to one (B, T, hidden) tensor, for about one more
-        # forward of compute
+        # keep only each block's input and recompute its activations in backward: memory per block
+        # drops from its intermediates to one (B, T, hidden) tensor, for about one more forward
         self.grad_checkpointing = False
 
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -254,11 +249,9 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal LM: Backbone + lm_head. `model(ids)` -> logits (B, T, vocab).
-
-    Everything a training step needs goes through forward() (not model.model + model.lm_head), so
-    DDP and FSDP, which hook the wrapped module's forward, see the whole step.
-    """
+    """Causal LM: Backbone + lm_head. `model(ids)` -> logits (B, T, vocab). Everything a training
+    step needs goes through forward() (not model.model + model.lm_head), so DDP and FSDP, which
+    hook the wrapped module's forward, see the whole step."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
