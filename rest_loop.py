@@ -71,6 +71,7 @@ from nanorlhf.reward import (bradley_terry_sum, make_gold_scorer, pair_ids, rewa
 from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
                           seed_everything, state_dir)
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, sample_responses
+from nanorlhf.schedule import clip_grad_norm
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR
 from nanorlhf.tokenizer import Tokenizer
@@ -244,7 +245,7 @@ def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str,
         # DDP averages gradients over ranks; x world_size turns that average back into the batch's
         # sum
         (loss * distributed.world_size()).backward()
-        distributed.clip_grad_norm(model.parameters(), grad_clip)
+        clip_grad_norm(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())

@@ -54,7 +54,7 @@ from nanorlhf.model import autocast, device
 from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
                           seed_everything)
 from nanorlhf.sampling import LogitsHook, top_k_filter
-from nanorlhf.schedule import lr_at
+from nanorlhf.schedule import clip_grad_norm, lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import (DATA_DIR, HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs,
                                  mention_starts)
@@ -524,23 +524,23 @@ def train(cfg: Config, net: nn.Module, ilql: ILQLNet, optimizer: torch.optim.Opt
             batch = {k: v.to(dev) for k, v in ilql_batch(samples_i, pad_id).items()}
             # DDP all-reduces the gradients on the step's last backward only; before it they add up
             # locally
-            with distributed.no_sync(net, skip=i < len(shards) - 1):
-                # The targets come from the target Q heads (Q̂ = their min), never from the online
-                # ones: bootstrapping from the heads being trained is what makes Q-learning diverge.
-                with autocast(dev):
-                    qs, target_qs, vs, logits, actions = net(batch, cfg.train_lm)
-                # L_Q regresses Q(s,a) on r + γ·V(s') (V detached), L_V pulls V to an upper
-                # expectile of Q̂ (τ > 0.5: V ≈ the best action seen in the data, not the data's
-                # average), L_CQL keeps Q low on tokens never taken, L_AWAC (a trained LM only) is
-                # advantage-weighted BC.
-                loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"],
-                                             batch["next_nonterminal"], batch["action_mask"],
-                                             cfg.gamma, cfg.tau, cfg.cql_scale, cfg.awac_scale,
-                                             cfg.awac_beta, n)
-                # DDP averages the ranks' gradients: × world size makes that the sum the loss
-                # defines. A rank with no real samples left runs a dummy micro-batch (real = False)
-                # with weight 0.
-                (loss * (distributed.world_size() if real else 0)).backward()
+            net.require_backward_grad_sync = i == len(shards) - 1
+            # The targets come from the target Q heads (Q̂ = their min), never from the online
+            # ones: bootstrapping from the heads being trained is what makes Q-learning diverge.
+            with autocast(dev):
+                qs, target_qs, vs, logits, actions = net(batch, cfg.train_lm)
+            # L_Q regresses Q(s,a) on r + γ·V(s') (V detached), L_V pulls V to an upper
+            # expectile of Q̂ (τ > 0.5: V ≈ the best action seen in the data, not the data's
+            # average), L_CQL keeps Q low on tokens never taken, L_AWAC (a trained LM only) is
+            # advantage-weighted BC.
+            loss, stats, adv = ilql_loss(qs, target_qs, vs, logits, actions, batch["rewards"],
+                                         batch["next_nonterminal"], batch["action_mask"],
+                                         cfg.gamma, cfg.tau, cfg.cql_scale, cfg.awac_scale,
+                                         cfg.awac_beta, n)
+            # DDP averages the ranks' gradients: × world size makes that the sum the loss
+            # defines. A rank with no real samples left runs a dummy micro-batch (real = False)
+            # with weight 0.
+            (loss * (distributed.world_size() if real else 0)).backward()
             chosen = batch["action_mask"] * (batch["label"] > 0)[:, None]
             rejected = batch["action_mask"] * (batch["label"] < 0)[:, None]
             # the stats are shares of the step's mean already; the advantages are averaged per
@@ -552,7 +552,7 @@ def train(cfg: Config, net: nn.Module, ilql: ILQLNet, optimizer: torch.optim.Opt
             for k, v in named.items():
                 sums[k] = sums.get(k, 0.0) + real * v
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip)
+        grad_norm = clip_grad_norm(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Polyak after every optimizer step, as Snell's loop does: trlX syncs once per epoch at

@@ -51,7 +51,7 @@ from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched,
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import pink
-from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, paired_gain
+from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, report
 from nanorlhf.tokenizer import Tokenizer
 
 
@@ -279,14 +279,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Multiplier on the peak lr at optimizer step `step` (0-based): linear warmup over `warmup`
-    steps, then linear decay to 0 at `total` (nanoGPT's get_lr without the cosine)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 # --- the networks: rows are left-padded prompts (P columns), then right-padded responses (L) ---
 
 def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
@@ -360,8 +352,8 @@ def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Score
         train = pink.eval_rows_from_pairs(pink.load_pairs(), "train")
         held = pink.load_eval_rows(pink.HELDOUT_PATH)
         judge = lambda rows, texts: [-float(pink.judge(t, r)["pink"]) for r, t in zip(rows, texts)]
-        return ([{**r, "messages": pink.avoid_messages(r)} for r in train],
-                [{**r, "messages": pink.avoid_messages(r)} for r in held], {"reward": judge, **gold})
+        chats = lambda rows: [{**r, "messages": pink.avoid_messages(r)} for r in rows]
+        return chats(train), chats(held), {"reward": judge, **gold}
     prompts = read_prompts(cfg.prompts)
     if len(prompts) <= cfg.eval_prompts:
         raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts "
@@ -471,7 +463,10 @@ def update(cfg: Config, net: nn.Module, optimizer, batch: dict, old: dict, advan
     logs: dict[str, list[float]] = {}
     first, params = update_index, optimizer.param_groups[0]["params"]
     for part in (part for parts in epochs for part in parts):
-        lr = cfg.lr * lr_at(update_index, total_updates, cfg.warmup_steps)
+        # linear warmup over --warmup-steps, then linear decay to 0 (nanoGPT's get_lr, no cosine)
+        i, warmup = update_index, cfg.warmup_steps
+        lr = cfg.lr * ((i + 1) / warmup if i < warmup
+                       else max(0.0, (total_updates - i) / max(1, total_updates - warmup)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         weights = token_weights(cfg, batch["mask"][part])  # over the whole minibatch
@@ -494,7 +489,7 @@ def update(cfg: Config, net: nn.Module, optimizer, batch: dict, old: dict, advan
         if update_index == first:  # N+: π_old came from this very forward, so ρ = 1 exactly
             named["ratio_dev_first"] = (named["ratio"] - 1).abs().amax().expand_as(mask)
         (loss * w).sum().backward()
-        grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # before clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_index += 1
@@ -640,20 +635,9 @@ def main() -> None:
                 ("losses", series("loss/policy", "loss/value", "loss/kl")),
                 ("clip fraction, approx KL(π_old‖π), entropy",
                  series("clipfrac", "approx_kl", "entropy"))], run.dir / "training.svg")
-    b, a = results["before"], results["after"]
-    scored = ("reward", "gold") if cfg.gold else ("reward",)
-    print(f"\nheld-out: {b['samples']} samples (temperature 1, seed {cfg.seed + 7}), "
-          f"reward {cfg.reward}\n| policy | reward ± SE |"
-          + (f" gold ({cfg.gold}) ± SE |" if cfg.gold else "")
-          + f" KL(π‖π₀) ± SE | EOS rate | tokens |\n|---|---|---|---|---|{'---|' * bool(cfg.gold)}")
-    for name, r in (("π₀", b), (cfg.algo, a)):
-        cells = "".join(f" {r[k]:+.3f} ± {r[k + '_se']:.3f} |" for k in scored)
-        print(f"| {name} |{cells} {r['kl']:.3f} ± {r['kl_se']:.3f} | {r['eos_rate']:.2f} | "
-              f"{r['mean_tokens']:.1f} |")
-    for name in scored:
-        gain, se = paired_gain(b[f"{name}_by_prompt"], a[f"{name}_by_prompt"])
-        print(f"{name} gain {gain:+.3f} ± {se:.3f} (SE over the {len(held_out)} prompts, paired "
-              "by prompt)")
+    print(f"\nheld-out: {results['before']['samples']} samples (temperature 1, seed "
+          f"{cfg.seed + 7}), reward {cfg.reward}")
+    print(report(results["before"], results["after"], cfg.algo, cfg.gold))
     minutes = (time.perf_counter() - started) / 60
     print(f"policy, metrics and plots in {run.dir} ({minutes:.1f} min)")
 

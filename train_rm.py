@@ -56,7 +56,7 @@ from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_m
                              save_reward_model, score_texts)
 from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
                           seed_everything)
-from nanorlhf.schedule import lr_at
+from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import human_ratings
 from nanorlhf.tasks.stats import corr_se, pairwise_accuracy, pearson, spearman
@@ -214,35 +214,35 @@ def train(cfg: Config, net, optimizer: torch.optim.Optimizer, weights: dict[str,
             # this rank's pairs (a weight-0 dummy if none)
             batch_pairs, real = distributed.shard(batch)
             # DDP all-reduces on the last backward of the step only; the others accumulate locally
-            with distributed.no_sync(net, skip=i < len(step_batches) - 1):
-                # one forward over the chosen rows then the rejected rows: the head at each last
-                # real token
-                ids = pair_batch(batch_pairs, pad_id)
-                with autocast(dev):
-                    scores = net(ids["input_ids"].to(dev), ids["attention_mask"].to(dev))
-                chosen, rejected = scores.chunk(2)
-                # Bradley-Terry: P(chosen ≻ rejected) = σ(r_c - r_r). The margin asks for a gap that
-                # grows with how much more positive the raters found the chosen text; centering
-                # pins the scores' offset, which BT alone leaves free. No margin at all (None) when
-                # --margin-scale is 0.
-                margin = (torch.tensor([p["margin"] for p in batch_pairs], device=dev)
-                          if cfg.margin_scale else None)
-                losses, accuracy = bradley_terry_loss(chosen, rejected, margin, cfg.center_coef)
-                # The step's loss is the mean over its n_pairs pairs however they are split over
-                # micro-batches and ranks; DDP averages over ranks, so a rank multiplies by
-                # world_size; a dummy weighs 0.
-                weight = distributed.world_size() / n_pairs if real else 0.0
-                (losses.sum() * weight).backward()
+            net.require_backward_grad_sync = i == len(step_batches) - 1
+            # one forward over the chosen rows then the rejected rows: the head at each last
+            # real token
+            ids = pair_batch(batch_pairs, pad_id)
+            with autocast(dev):
+                scores = net(ids["input_ids"].to(dev), ids["attention_mask"].to(dev))
+            chosen, rejected = scores.chunk(2)
+            # Bradley-Terry: P(chosen ≻ rejected) = σ(r_c - r_r). The margin asks for a gap that
+            # grows with how much more positive the raters found the chosen text; centering
+            # pins the scores' offset, which BT alone leaves free. No margin at all (None) when
+            # --margin-scale is 0.
+            margin = (torch.tensor([p["margin"] for p in batch_pairs], device=dev)
+                      if cfg.margin_scale else None)
+            losses, accuracy = bradley_terry_loss(chosen, rejected, margin, cfg.center_coef)
+            # The step's loss is the mean over its n_pairs pairs however they are split over
+            # micro-batches and ranks; DDP averages over ranks, so a rank multiplies by
+            # world_size; a dummy weighs 0.
+            weight = distributed.world_size() / n_pairs if real else 0.0
+            (losses.sum() * weight).backward()
             step_metrics.append((len(batch_pairs) * real, {
                 "loss": losses.mean().item(), "accuracy": accuracy.mean().item(),
                 "margin": (chosen - rejected).mean().item(),
                 "reward": (chosen + rejected).mean().item() / 2}))
         # the norm before clipping, logged
-        grad_norm = distributed.clip_grad_norm(net.parameters(), cfg.grad_clip)
+        grad_norm = clip_grad_norm(net.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # means over the step's pairs of every rank
-        metrics = distributed.mean_metrics(step_metrics)
+        metrics = mean_metrics(step_metrics)
         lr = optimizer.param_groups[0]["lr"]  # the backbone's; the head's is head_lr/lr times it
         metrics.update(step=step + 1, grad_norm=grad_norm, lr=lr)
         run.log(**metrics)

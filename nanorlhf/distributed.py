@@ -9,29 +9,25 @@ loop follows:
 
 - every rank builds the same global batches (same data, same seeds) and trains on shard() of each;
 - a loss is a sum over the rank's shard divided by the *global* count, times world_size(): DDP
-  and FSDP average gradients over ranks, so the averaged gradient is the 1-process gradient of the
-  batch;
+  and FSDP average gradients over ranks, so the average is the 1-process gradient of the batch;
 - every rank runs the same number of forward/backward passes (a rank with nothing to do gets a
   dummy item and weight 0), or the collectives inside DDP/FSDP would wait for each other forever;
-- only rank 0 prints (print0, bar), writes (run.Run and checkpoint.save_model do nothing
-  elsewhere) and evaluates.
+- gradients of an accumulated step are all-reduced on its last backward only (nanoGPT's
+  `net.require_backward_grad_sync = last`: an attribute DDP reads, harmless on a plain module);
+- only rank 0 prints (print0, bar), writes (run.Run, checkpoint.save_model) and evaluates.
 
-DDP keeps a whole model, its gradients and optimizer state on every device; FSDP (nanorlhf/fast/
-fsdp.py) shards them. A step's gradient norm and its metrics over every rank: nanorlhf/schedule.py.
+DDP keeps a whole model, its gradients and optimizer state on every device; FSDP
+(nanorlhf/fast/fsdp.py) shards them. Clipping and a step's metrics: nanorlhf/schedule.py.
 """
 
 import atexit
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-
-# the step's rules moved to schedule.py; distributed.clip_grad_norm and .mean_metrics still work
-from nanorlhf.schedule import clip_grad_norm, mean_metrics  # noqa: F401
 
 
 def launched() -> bool:
@@ -43,13 +39,11 @@ def init() -> None:
     """Join torchrun's process group; pin this process to GPU LOCAL_RANK. No-op without torchrun."""
     if not launched() or dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        # so model.device()'s "cuda" is this rank's GPU
+    if torch.cuda.is_available():  # so model.device()'s "cuda" is this rank's GPU
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     # left to interpreter teardown, gloo's threads can abort the process after its work is done
-    # ("terminate called without an active exception", seen once on a loaded 2-core machine):
-    # leave the group first
+    # ("terminate called without an active exception"): leave the group first
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
@@ -60,8 +54,7 @@ def print0(*args, **kwargs) -> None:
 
 
 def bar(*args, **kwargs) -> tqdm:
-    """A tqdm progress bar shown on rank 0 only (the other ranks' bars are disabled, not removed,
-    so the loop code is the same on every rank)."""
+    """A tqdm bar shown on rank 0 only (disabled elsewhere, so every rank runs the same code)."""
     return tqdm(*args, disable=not is_main() or kwargs.pop("disable", False), **kwargs)
 
 
@@ -86,8 +79,7 @@ def shard(items: list) -> tuple[list, bool]:
 
 
 def all_reduce_sum(x: Tensor | float) -> Tensor | float:
-    """Σ over ranks of x, a tensor (on x's device) or a number (as a CPU tensor); x itself without
-    torchrun. Carries no gradient."""
+    """Σ over ranks of x, a tensor (on x's device) or a number (a CPU tensor); no gradient."""
     if not dist.is_initialized():
         return x
     x = torch.as_tensor(x)
@@ -97,8 +89,7 @@ def all_reduce_sum(x: Tensor | float) -> Tensor | float:
 
 
 def max_over_ranks(n: int) -> int:
-    """The largest n of any rank (n itself without torchrun): e.g. how many forwards all ranks
-    must run."""
+    """The largest n of any rank (n without torchrun): e.g. how many forwards every rank runs."""
     if not dist.is_initialized():
         return n
     x = torch.tensor(n, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -107,8 +98,7 @@ def max_over_ranks(n: int) -> int:
 
 
 def broadcast(obj):
-    """Rank 0's `obj` (picklable) on every rank: e.g. a list whose length sets how many steps all
-    ranks take."""
+    """Rank 0's `obj` (picklable) on every rank: e.g. a list setting how many steps all take."""
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -124,13 +114,6 @@ def wrap(model: nn.Module) -> nn.Module:
         return model
     device = next(model.parameters()).device
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def no_sync(net: nn.Module, skip: bool):
-    """Context for one backward of an accumulated step: DDP skips its all-reduce when `skip` (all
-    but the last backward of the step; gradients add up locally and the last all-reduce carries
-    them all). train_dpo.py does the same with `net.require_backward_grad_sync = last`."""
-    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
 
 
 def gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:

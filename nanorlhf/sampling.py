@@ -66,7 +66,6 @@ def prefill(model: Transformer, ids: Tensor, mask: Tensor, extra_len: int
             ) -> tuple[Tensor, Tensor, KVCache]:
     """Left-padded prompts ids (B, P), mask (B, P) -> next-token logits (B, V) fp32 and hidden state
     (B, hidden) at the last prompt position, and a KV cache of the prompts with room for extra_len.
-
     Left padding puts every prompt's last token in the same column, so one forward serves the whole
     batch and the next token of every row is written at the same cache position P."""
     B, P = ids.shape
@@ -161,12 +160,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 # --- sampling many conversations, as the RL scripts and the evaluations do ---
 
 SAMPLERS = ("batch", "stream")
-SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (README's results) | "
-                "stream: continuous batching, one generator per sample (faster; other samples for "
-                "the same seed)")
+SAMPLER_HELP = ("batch: generate() batch by batch, one generator per batch (the published results) "
+                "| stream: continuous batching, one generator per sample (faster; other samples)")
 Ids = list[list[int]]  # token ids, one list per prompt or response
 # (model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, temperature, seed, hook, desc)
-# -> the response ids, one list per prompt
 Sampler = Callable[..., Ids]
 
 

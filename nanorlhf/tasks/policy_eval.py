@@ -57,3 +57,23 @@ def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
     Pairing by prompt removes the spread between prompts (some invite happier answers than others)
     from the gain's noise; the samples themselves are independent draws of the two policies."""
     return mean_se([a - b for a, b in zip(after, before, strict=True)])
+
+
+def report(before: dict, after: dict, name: str, gold: str = "") -> str:
+    """Two evaluate_policy results on the same prompts -> a markdown table (reward and, when the
+    reward is a proxy, the `gold` scorer's; KL; EOS rate; length) and each gain, paired by
+    prompt."""
+    scored = ("reward", "gold") if gold else ("reward",)
+    header = "| policy | reward ± SE |" + (f" gold ({gold}) ± SE |" if gold else "")
+    lines = [header + " KL(π‖π₀) ± SE | EOS rate | tokens |",
+             "|---|---|---|---|---|" + "---|" * bool(gold)]
+    for label, r in (("π₀", before), (name, after)):
+        cells = "".join(f" {r[k]:+.3f} ± {r[k + '_se']:.3f} |" for k in scored)
+        lines.append(f"| {label} |{cells} {r['kl']:.3f} ± {r['kl_se']:.3f} | "
+                     f"{r['eos_rate']:.2f} | {r['mean_tokens']:.1f} |")
+    for key in scored:
+        gain, se = paired_gain(before[f"{key}_by_prompt"], after[f"{key}_by_prompt"])
+        prompts = len(before[f"{key}_by_prompt"])
+        lines.append(f"{key} gain {gain:+.3f} ± {se:.3f} (SE over the {prompts} prompts, "
+                     "paired by prompt)")
+    return "\n".join(lines)
