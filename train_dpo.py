@@ -31,8 +31,8 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.fast.threads import THREADS_HELP, choose_threads
 from nanorlhf.logprobs import batch_logps, pair_batch, reference_logps
 from nanorlhf.model import device
-from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything)
+from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
+                          save_state, seed_everything)
 from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, load_eval_rows
@@ -266,6 +266,8 @@ def train(cfg: Config, net, trainable: dict[str, Tensor], optimizer: torch.optim
             step_metrics.append((len(pairs) if weight else 0, dpo_metrics(
                 losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)))
         grad_norm = clip_grad_norm(trainable.values(), cfg.grad_clip)  # before clipping, logged
+        # a NaN or inf stops the run here, before the weights step on it: the last state stays
+        check_finite(step + 1, "lower --lr or --beta", grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # means over the step's pairs of every rank (a dummy pair weighs 0)
@@ -330,8 +332,11 @@ def main() -> None:
     try:
         history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
+        if not history:  # no step finished: the model is the base, never to be labelled trained
+            print("\ninterrupted before the first step: nothing saved", file=sys.stderr)
+            sys.exit(130)
         save_model(model.eval(), run.dir / "model", copy_from=model_dir)  # LoRA: merged weights
-        print(f"\ninterrupted: model after the last finished step in {run.dir / 'model'}, "
+        print(f"\ninterrupted: model after step {len(history)} in {run.dir / 'model'}, "
               f"metrics in {run.dir / 'metrics.jsonl'}", file=sys.stderr)
         sys.exit(130)
     save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes

@@ -51,8 +51,8 @@ from nanorlhf.errors import UserError, run_cli
 from nanorlhf.fast.threads import THREADS_HELP, choose_threads
 from nanorlhf.logprobs import collate
 from nanorlhf.model import autocast, device
-from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything)
+from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
+                          save_state, seed_everything)
 from nanorlhf.sampling import LogitsHook, top_k_filter
 from nanorlhf.schedule import clip_grad_norm, lr_at
 from nanorlhf.svg import line_plots
@@ -553,6 +553,8 @@ def train(cfg: Config, net: nn.Module, ilql: ILQLNet, optimizer: torch.optim.Opt
                 sums[k] = sums.get(k, 0.0) + real * v
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = clip_grad_norm(params, cfg.grad_clip)
+        # a NaN or inf stops the run here, before the weights step on it: the last state stays
+        check_finite(step + 1, "lower --lr or --head-lr", grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Polyak after every optimizer step, as Snell's loop does: trlX syncs once per epoch at

@@ -46,7 +46,7 @@ from nanorlhf.fast.threads import THREADS_HELP, choose_threads
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.run import Run, flag, load_state, parse_config, resume_run, run_dir, save_state
-from nanorlhf.run import seed_everything
+from nanorlhf.run import check_finite, seed_everything
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, left_pad
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
@@ -490,6 +490,8 @@ def update(cfg: Config, net: nn.Module, optimizer, batch: dict, old: dict, advan
             named["ratio_dev_first"] = (named["ratio"] - 1).abs().amax().expand_as(mask)
         (loss * w).sum().backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # before clipping
+        # a NaN or inf stops the run here, before the weights step on it: the last state stays
+        check_finite(update_index + 1, "lower --lr (steps count updates)", grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_index += 1

@@ -54,8 +54,8 @@ from nanorlhf.logprobs import pair_batch
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm,
                              save_reward_model, score_texts)
-from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything)
+from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
+                          save_state, seed_everything)
 from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import human_ratings
@@ -239,6 +239,8 @@ def train(cfg: Config, net, optimizer: torch.optim.Optimizer, weights: dict[str,
                 "reward": (chosen + rejected).mean().item() / 2}))
         # the norm before clipping, logged
         grad_norm = clip_grad_norm(net.parameters(), cfg.grad_clip)
+        # a NaN or inf stops the run here, before the weights step on it: the last state stays
+        check_finite(step + 1, "lower --lr", grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # means over the step's pairs of every rank

@@ -84,9 +84,8 @@ def top_k_filter(scores: Tensor, k: int) -> Tensor:
 
 
 def top_p_filter(scores: Tensor, p: float) -> Tensor:
-    """scores (..., V) with the tokens outside the nucleus set to -inf (p = 1: unchanged).
-
-    The nucleus (Holtzman et al. 2019) is the smallest set of most likely tokens whose mass reaches
+    """scores (..., V) with the tokens outside the nucleus set to -inf (p = 1: unchanged). The
+    nucleus (Holtzman et al. 2019) is the smallest set of most likely tokens whose mass reaches
     p. Computed as transformers' TopPLogitsWarper does, so both drop the same tokens to the bit:
     sort ascending and drop every token whose cumulative mass is <= 1 - p. At an exact tie the set
     stops: probabilities (.5, .25, .125, .125) with p = .75 keep two tokens, not three. The most
@@ -115,9 +114,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              seed: int | None = None, logits_hook: LogitsHook | None = None, tokenizer=None,
              decoder: Decoder | None = None) -> Generation:
     """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
-    The same seed gives the same tokens: all randomness comes from one generator.
-
-    decoder: None runs the steps after the prefill through model.forward with the growing KV cache
+    The same seed gives the same tokens: all randomness comes from one generator. decoder: None runs the steps after the prefill through model.forward with the growing KV cache
     (the reference); nanorlhf/fast/static_decode.py passes its fixed-shape step here."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each

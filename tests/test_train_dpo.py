@@ -211,6 +211,7 @@ def test_fsdp_cannot_save_resumable_state(monkeypatch):
 def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monkeypatch):
     def interrupted(cfg, net, trainable, optimizer, steps, pad_id, dev, run, history):
         run.log(step=1, loss=0.69)
+        history.append({"step": 1, "loss": 0.69})  # as train() does: one step finished
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_dpo, "train", interrupted)
@@ -222,6 +223,43 @@ def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monke
     assert info.value.code == 130
     load_model(tmp_path / "out" / "r" / "model")  # a complete checkpoint, not half-written
     assert json.loads((tmp_path / "out" / "r" / "metrics.jsonl").read_text())["step"] == 1
+
+
+def test_ctrl_c_before_the_first_step_saves_no_model(tiny_chat_model, tmp_path, monkeypatch,
+                                                      capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # before any step finished: the model is still the base
+
+    monkeypatch.setattr(train_dpo, "train", interrupted)
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
+                                     str(write_pairs(tmp_path / "p.jsonl", 2)), "--eval-data", "",
+                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
+    with pytest.raises(SystemExit) as info:
+        train_dpo.main()
+    assert info.value.code == 130
+    assert "nothing saved" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "r" / "model").exists()  # never the base labelled as trained
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_saves_no_model(tiny_chat_model, tmp_path,
+                                                                   monkeypatch, capsys):
+    real = train_dpo.dpo_loss
+
+    def nan_loss(*args):  # what --lr 1e6 or --beta 1e308 lead to, a few steps in
+        losses, chosen, rejected = real(*args)
+        return losses * float("nan"), chosen, rejected
+
+    monkeypatch.setattr(train_dpo, "dpo_loss", nan_loss)
+    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
+                                     str(write_pairs(tmp_path / "p.jsonl", 8)), "--eval-data", "",
+                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
+    with pytest.raises(SystemExit) as info:
+        train_dpo.run_cli(train_dpo.main)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.endswith("error: step 1: grad_norm is nan — lower --lr or --beta")
+    run = tmp_path / "out" / "r"
+    assert not (run / "model").exists() and (run / "metrics.jsonl").read_text() == ""
 
 
 def test_ipo_trains_on_per_token_mean_logps(tiny_chat_model, tmp_path):
