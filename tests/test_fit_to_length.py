@@ -10,9 +10,11 @@ P, R = list(range(10)), list(range(100, 150))  # a 10-token prompt, a 50-token r
 @pytest.mark.parametrize("prompt,response,max_len,min_response,want", [
     (P, R[:20], 30, 16, (P, R[:20], False)),  # exact fit: untouched
     (P, R, 30, 16, (P, R[:20], True)),  # the response is cut first
-    (list(range(40)), R, 30, 16, (list(range(26, 40)), R[:16], True)),  # then the prompt, from the left
+    # then the prompt, from the left
+    (list(range(40)), R, 30, 16, (list(range(26, 40)), R[:16], True)),
     (P, R[:5], 12, 16, (P[3:], R[:5], True)),  # a response shorter than min_response is kept whole
-    (P, R, 10, 16, ([], R[:10], True)),  # max_len < min_response: the response's first max_len tokens only
+    # max_len < min_response: the response's first max_len tokens only
+    (P, R, 10, 16, ([], R[:10], True)),
     (P, R[:12], 10, 16, ([], R[:10], True)),
     ([], R, 10, 16, ([], R[:10], True)),  # empty prompt
     ([], R[:10], 10, 16, ([], R[:10], False)),  # empty prompt, exact fit
