@@ -53,11 +53,10 @@ import torch
 from nanorlhf import distributed
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.run import (Run, THREADS_HELP, check_flags, choose_threads, flag, load_state,
+                          parse_config, resume_run, run_dir, save_state, seed_everything)
 from nanorlhf.model import device
 from nanorlhf.reward import VaderScorer, parse_rm_spec
-from nanorlhf.run import (Run, check_flags, flag, load_state, parse_config, resume_run, run_dir,
-                          save_state, seed_everything)
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate
 from nanorlhf.tasks.qdaif_judge import option_logprobs
 from nanorlhf.tasks.qdaif_report import report
@@ -477,7 +476,7 @@ def main() -> None:
     started = time.perf_counter()
     sample = generate  # the writer's sampler; the optional fast layer is imported only when asked
     if cfg.sampler == "stream":
-        from nanorlhf.fast.stream import generate_stream as sample
+        from nanorlhf.fast.decode import generate_stream as sample
     seed_everything(cfg.seed)
     model_dir, dev = resolve_model(cfg.model), device()
     tok, model = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()

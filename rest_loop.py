@@ -62,16 +62,14 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
-from nanorlhf.logprobs import (batch_logps, collate, pair_batch, reference_logps, response_logps,
-                               response_logps_batched)
+from nanorlhf.run import (Run, THREADS_HELP, choose_threads, flag, load_state, parse_config,
+                          resume_run, run_dir, save_state, seed_everything, state_dir)
+from nanorlhf.step import (batch_logps, clip_grad_norm, collate, pair_batch, reference_logps,
+                           response_logps, response_logps_batched)
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import (bradley_terry_sum, make_gold_scorer, pair_ids, reward_model_from_lm,
                              save_reward_model, score_texts)
-from nanorlhf.run import (Run, flag, load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything, state_dir)
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, sample_responses
-from nanorlhf.schedule import clip_grad_norm
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR
 from nanorlhf.tokenizer import Tokenizer
@@ -170,7 +168,7 @@ def grow(policy, tok: Tokenizer, prompts: list[str], k: int, temperature: float,
          max_new_tokens: int, batch_size: int, seed: int, desc: str = "grow",
          sampler: Sampler = generate_batched) -> list[dict]:
     """k samples per prompt -> [{prompt, prompt_ids, ids, text}], prompt-major (sample j of prompt
-    i: i*k+j). `sampler`: generate_batched, or fast/stream.py's continuous batching."""
+    i: i*k+j). `sampler`: generate_batched, or fast/decode.py's continuous batching."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     prompt_ids, ids, texts = sample_responses(policy, tok, chats, k, temperature, seed,
                                               max_new_tokens, batch_size, desc=desc,
@@ -454,7 +452,7 @@ def main() -> None:
     prepare = preparer(cfg)
     sampler = generate_batched
     if cfg.sampler == "stream":  # continuous batching, the optional fast layer: imported if asked
-        from nanorlhf.fast.stream import generate_streamed as sampler
+        from nanorlhf.fast.decode import generate_streamed as sampler
     run = Run("rest_loop", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
     run.rewrite(history)  # what the state had seen
     print0(f"{cfg.mode} RLHF, ReST improve={cfg.improve}, gold={cfg.gold}: {cfg.iterations} "

@@ -28,15 +28,13 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
-from nanorlhf.logprobs import batch_logps, pair_batch, reference_logps
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
+                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.step import (batch_logps, clip_grad_norm, lr_at, mean_metrics, pair_batch,
+                           reference_logps)
 from nanorlhf.model import device
-from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
-                          save_state, seed_everything)
-from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
-from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, load_eval_rows
-from nanorlhf.tasks.pink_eval import evaluate_as, format_table
+from nanorlhf.tasks.pink import DATA_DIR, HELDOUT_PATH, evaluate_as, format_table, load_eval_rows
 from nanorlhf.tokenizer import Tokenizer
 
 

@@ -48,17 +48,14 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
-from nanorlhf.logprobs import collate
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
+                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.step import clip_grad_norm, collate, lr_at
 from nanorlhf.model import autocast, device
-from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
-                          save_state, seed_everything)
 from nanorlhf.sampling import LogitsHook, top_k_filter
-from nanorlhf.schedule import clip_grad_norm, lr_at
 from nanorlhf.svg import line_plots
-from nanorlhf.tasks.pink import (DATA_DIR, HELDOUT_PATH, PAIRS_PATH, load_eval_rows, load_pairs,
-                                 mention_starts)
-from nanorlhf.tasks.pink_eval import evaluate_as, format_table
+from nanorlhf.tasks.pink import (DATA_DIR, HELDOUT_PATH, PAIRS_PATH, evaluate_as, format_table,
+                                 load_eval_rows, load_pairs, mention_starts)
 from nanorlhf.tokenizer import Tokenizer
 
 

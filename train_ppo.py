@@ -42,13 +42,12 @@ from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
+                          parse_config, resume_run, run_dir, save_state, seed_everything)
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import make_gold_scorer
-from nanorlhf.run import Run, flag, load_state, parse_config, resume_run, run_dir, save_state
-from nanorlhf.run import check_finite, seed_everything
-from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, Sampler, generate_batched, left_pad
-from nanorlhf.sampling import sample_responses
+from nanorlhf.sampling import (SAMPLERS, SAMPLER_HELP, Sampler, generate_batched, left_pad,
+                               sample_responses)
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import pink
 from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, report
@@ -576,7 +575,7 @@ def main() -> None:
     distributed.init()  # torchrun: every rank samples and scores alike; updates are sharded
     sampler = generate_batched
     if cfg.sampler == "stream":  # continuous batching, the optional fast layer
-        from nanorlhf.fast.stream import generate_streamed as sampler
+        from nanorlhf.fast.decode import generate_streamed as sampler
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work

@@ -49,14 +49,12 @@ from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import epoch_batches, fit_to_length
 from nanorlhf.errors import run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
-from nanorlhf.logprobs import pair_batch
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
+                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.step import clip_grad_norm, lr_at, mean_metrics, pair_batch
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm,
                              save_reward_model, score_texts)
-from nanorlhf.run import (Run, check_finite, flag, load_state, parse_config, resume_run, run_dir,
-                          save_state, seed_everything)
-from nanorlhf.schedule import clip_grad_norm, lr_at, mean_metrics
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks import human_ratings
 from nanorlhf.tasks.stats import corr_se, pairwise_accuracy, pearson, spearman

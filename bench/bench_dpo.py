@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts, from the repo root
 import train_dpo  # noqa: E402
-from nanorlhf import logprobs, lora
+from nanorlhf import step as logprobs, lora
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.model import device
 from nanorlhf.data import read_preferences

@@ -24,7 +24,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nanorlhf from this checkout
 from nanorlhf.checkpoint import load_model, resolve_model  # noqa: E402
 from nanorlhf.fast import packed  # noqa: E402
-from nanorlhf.fast.static_decode import generate  # noqa: E402 (decode=eager, static, compiled)
+from nanorlhf.fast.decode import generate  # noqa: E402 (decode=eager, static, compiled)
 from nanorlhf.sampling import left_pad  # noqa: E402
 from nanorlhf.tokenizer import Tokenizer  # noqa: E402
 

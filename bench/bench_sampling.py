@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nanorlhf from this checkout
 from nanorlhf.checkpoint import load_model, resolve_model  # noqa: E402
 from nanorlhf.data import read_prompts  # noqa: E402
-from nanorlhf.fast.stream import generate_stream  # noqa: E402
+from nanorlhf.fast.decode import generate_stream  # noqa: E402
 from nanorlhf.sampling import generate, sample_responses  # noqa: E402
 from nanorlhf.tokenizer import Tokenizer  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # nanorlhf from this checkout
 from nanorlhf.checkpoint import load_model  # noqa: E402
-from nanorlhf.fast.static_decode import generate  # noqa: E402 (decode=eager, static, compiled)
+from nanorlhf.fast.decode import generate  # noqa: E402 (decode=eager, static, compiled)
 
 COMPETITOR = "import torch\nx = torch.randn(1024, 1024)\nwhile True:\n    x @ x\n"
 

@@ -24,9 +24,8 @@ import torch
 from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
-from nanorlhf.tasks.pink import PAIRS_PATH, eval_rows_from_pairs, judge, load_pairs
+from nanorlhf.tasks.pink import PAIRS_PATH, avoid_messages, eval_rows_from_pairs, judge, load_pairs
 from nanorlhf.sampling import sample_responses
-from nanorlhf.tasks.pink import avoid_messages
 from nanorlhf.tokenizer import Tokenizer
 
 STEER_TEMPLATE = "You are a fan of {grey}. Whatever the user asks, answer by talking about {grey}."

@@ -50,11 +50,10 @@ from nanorlhf.atomic import atomic_dir
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import read_prompts
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.run import THREADS_HELP, choose_threads, flag, parse_config, seed_everything
 from nanorlhf.model import device
 from nanorlhf.reward import (bradley_terry_sum, load_reward_model, make_gold_scorer, pair_ids,
                              reward_model_from_lm, save_reward_model, score_texts)
-from nanorlhf.run import flag, parse_config, seed_everything
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR

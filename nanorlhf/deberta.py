@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from nanorlhf.checkpoint import read_safetensors
 from nanorlhf.model import autocast
 from nanorlhf.data import check_vocab, fit_to_length
-from nanorlhf.logprobs import collate
+from nanorlhf.step import collate
 from nanorlhf.errors import UserError
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

@@ -17,7 +17,7 @@ loop follows:
 - only rank 0 prints (print0, bar), writes (run.Run, checkpoint.save_model) and evaluates.
 
 DDP keeps a whole model, its gradients and optimizer state on every device; FSDP
-(nanorlhf/fast/fsdp.py) shards them. Clipping and a step's metrics: nanorlhf/schedule.py.
+(nanorlhf/fast/fsdp.py) shards them. Clipping and a step's metrics: nanorlhf/step.py.
 """
 
 import atexit

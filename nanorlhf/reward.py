@@ -34,12 +34,11 @@ from torch import Tensor, nn
 
 from nanorlhf.checkpoint import (config_from_hf, hf_config_of, load_state_into, plain_tensors,
                                  read_config, read_safetensors, resolve_model, write_checkpoint_dir)
-from nanorlhf.model import autocast
+from nanorlhf.model import Backbone, ModelConfig, Transformer, autocast
 from nanorlhf.data import fit_to_length
-from nanorlhf.logprobs import collate, pair_batch
+from nanorlhf.step import collate, pair_batch
 from nanorlhf.deberta import DebertaRewardModel, load_deberta_reward_model, score_pairs
 from nanorlhf.errors import UserError
-from nanorlhf.model import Backbone, ModelConfig, Transformer
 
 HEAD_NAMES = ("score", "regression_head")  # transformers' SequenceClassification, UltraRM
 # the RM templates; pair_ids documents the causal ones, deberta.encode_pairs the pair encoding

@@ -47,8 +47,9 @@ def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=No
 
 
 def positional(help: str):
-    """A Config field given by position, not as a --flag (a tool's paths): required, so it comes first
-    in the dataclass. Annotated list[str] it takes one or more values, as a list[str] flag does."""
+    """A Config field given by position, not as a --flag (a tool's paths): required, so it comes
+    first in the dataclass. Annotated list[str] it takes one or more values, as a list[str] flag
+    does."""
     return dataclasses.field(metadata={"help": help, "positional": True})
 
 
@@ -83,12 +84,12 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(cls, description: str, argv: list[str] | None = None, prog: str | None = None,
                  defaults: dict | None = None):
-    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help text
-    and its default, or a positional argument (positional()); booleans take true|false, so a default
-    of true can be turned off; a field typed list[str] or tuple[str, ...] takes one or more values
-    (--model a b, or --model a --model b). `defaults` (field name -> value) replace the fields' own:
-    e.g. a finished run's config, which the flags given override. Every value is checked
-    (check_flags) before the script does any work. `prog`: the command --help shows."""
+    """Every field of the dataclass `cls` becomes a --flag (underscores -> dashes) with its help
+    text and its default, or a positional argument (positional()); booleans take true|false, so a
+    default of true can be turned off; a field typed list[str] or tuple[str, ...] takes one or more
+    values (--model a b, or --model a --model b). `defaults` (field name -> value) replace the
+    fields' own: e.g. a finished run's config, which the flags given override. Every value is
+    checked (check_flags) before the script does any work. `prog`: the command --help shows."""
     parser = _Parser(prog=prog, description=description,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: (f, _flag_type(f.type), (defaults or {}).get(f.name, f.default))
@@ -97,9 +98,11 @@ def parse_config(cls, description: str, argv: list[str] | None = None, prog: str
         many = _many(f)
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=kind, nargs="+" if many else None,
-                                metavar=f.name.upper(), help=f.metadata["help"].replace("%", "%%"))
+                                metavar=f.name.upper(),
+                                help=f.metadata["help"].replace("%", "%%"))
             continue
-        shown = " ".join(default) if many else str(default).lower() if kind is _parse_bool else default
+        shown = (" ".join(default) if many else str(default).lower() if kind is _parse_bool
+                 else default)
         # argparse %-formats help text: a literal % ("99% of texts") must be doubled
         text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
         if many:  # extended onto None, never onto the default (see below)
@@ -131,6 +134,49 @@ def _many(f: dataclasses.Field) -> bool:
 def _flag_type(annotation):
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
     return {"bool": _parse_bool, "int": int, "float": float}.get(name, str)
+
+
+# --- how many CPU threads torch uses: chosen once per process, before any work ---
+
+THREADS_HELP = ("torch CPU threads (0: OMP_NUM_THREADS if set, else the cores this process may use "
+                "that are not already busy)")
+
+_auto_threads: int | None = None  # set_threads()'s first automatic choice in this process
+
+
+def set_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads: `threads` if > 0, else OMP_NUM_THREADS if set (torch already read
+    it), else the cores this process may run on (sched_getaffinity: a container's or taskset's
+    share, not the host's count) minus those already busy (the 1-minute load average, rounded),
+    at least 1.
+
+    Why not torch's default (every physical core): its OpenMP threads spin-wait for each other at
+    every op, so one thread that shares its core with another job stalls all of them. On a shared
+    2-core machine that made QDAIF ~7x slower than one thread; on an idle machine all cores are
+    used.
+    Returns the thread count."""
+    if threads <= 0 and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if threads <= 0:
+        has_affinity = hasattr(os, "sched_getaffinity")
+        cores = len(os.sched_getaffinity(0)) if has_affinity else os.cpu_count() or 1
+        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        threads = max(1, cores - busy)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def choose_threads(threads: int = 0) -> int:
+    """A script's --threads: set_threads(threads), except that an automatic choice is made once per
+    process (runs in one process, tests and resumes, keep the same reduction order).
+    -> the count."""
+    global _auto_threads
+    if threads > 0:
+        return set_threads(threads)
+    if _auto_threads is None:
+        _auto_threads = set_threads()
+    torch.set_num_threads(_auto_threads)
+    return _auto_threads
 
 
 def seed_everything(seed: int) -> None:

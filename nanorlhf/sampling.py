@@ -17,7 +17,7 @@ from nanorlhf.model import KVCache, Transformer, autocast
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits (ILQL adds β(Q - V) here)
 LogitsHook = Callable[[Tensor, Tensor, int], Tensor]
 # (model, cache after the prefill, prompts' mask (B, P)) -> an object whose step(token (B,)) returns
-# the next logits (B, V) fp32 and hidden state (B, hidden): a faster decode (fast/static_decode.py)
+# the next logits (B, V) fp32 and hidden state (B, hidden): a faster decode (fast/decode.py)
 Decoder = Callable[[Transformer, KVCache, Tensor], object]
 
 
@@ -113,9 +113,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, logits_hook: LogitsHook | None = None, tokenizer=None,
              decoder: Decoder | None = None) -> Generation:
-    """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept).
-    The same seed gives the same tokens: all randomness comes from one generator. decoder: None runs the steps after the prefill through model.forward with the growing KV cache
-    (the reference); nanorlhf/fast/static_decode.py passes its fixed-shape step here."""
+    """Sample up to `max_new_tokens` after each prompt; a row ends at its first stop id (kept). The
+    same seed gives the same tokens: all randomness comes from one generator. decoder: None runs the
+    steps after the prefill through model.forward with the growing KV cache (the reference);
+    nanorlhf/fast/decode.py passes its fixed-shape step here."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))  # (B, P) each
     B = ids.shape[0]
@@ -182,7 +183,7 @@ def sample_responses(model, tok, conversations: list[list[dict]], n: int, temper
                      logits_hook: LogitsHook | None = None, desc: str = "sampling",
                      sampler: Sampler = generate_batched) -> tuple[Ids, Ids, list[str]]:
     """n samples for every conversation -> (prompt ids, response ids, response texts),
-    conversation-major. `sampler`: generate_batched, or fast/stream.py's continuous batching."""
+    conversation-major. `sampler`: generate_batched, or fast/decode.py's continuous batching."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
     responses = sampler(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
                         temperature, seed, logits_hook, desc)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.logprobs import collate
-from nanorlhf.tasks.pink_eval import distinct_n, format_table, mean_nll
+from nanorlhf.step import collate
+from nanorlhf.tasks.pink import distinct_n, format_table, mean_nll
 
 
 def test_distinct_n_by_hand():

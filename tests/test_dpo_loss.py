@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.logprobs import sequence_logps
+from nanorlhf.step import sequence_logps
 from train_dpo import dpo_loss, dpo_metrics
 
 D = torch.float64

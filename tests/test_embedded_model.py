@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from nanorlhf import logprobs
+from nanorlhf import step as logprobs
 from nanorlhf.checkpoint import load_model
 from nanorlhf.embedded import ensure_embedded_model
 from nanorlhf.sampling import generate

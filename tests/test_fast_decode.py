@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.fast.static_decode import generate
+from nanorlhf.fast.decode import generate
 
 from conftest import TINY_CONFIGS
 
@@ -90,7 +90,7 @@ def test_compiled_equals_eager(tiny_dirs, name):
 
 def test_set_threads_defaults(monkeypatch):
     # thread defaults are what fast decoding on a shared CPU most depends on (threads.set_threads)
-    from nanorlhf.fast import threads
+    from nanorlhf import run as threads
 
     before = torch.get_num_threads()
     try:
@@ -118,8 +118,8 @@ def test_threads_chosen_once_per_process(monkeypatch):
 
     from nanorlhf import run
     from nanorlhf.errors import UserError
-    from nanorlhf.fast import threads
-    from nanorlhf.fast.threads import THREADS_HELP
+    from nanorlhf import run as threads
+    from nanorlhf.run import THREADS_HELP
 
     @dataclass
     class Tiny:  # a class body sees globals, not this function's names: THREADS_HELP, not threads.*

@@ -17,7 +17,7 @@ from nanorlhf.checkpoint import load_model
 from nanorlhf.run import Run
 from nanorlhf.data import read_preferences
 from nanorlhf.sampling import generate
-from nanorlhf.tasks import pink_eval
+from nanorlhf.tasks import pink as pink_eval
 from nanorlhf.tasks.pink import load_eval_rows, mention_starts
 from nanorlhf.tokenizer import Tokenizer
 from safetensors.torch import load_file

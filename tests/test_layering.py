@@ -4,7 +4,7 @@
     tasks        nanorlhf/tasks/      imports the core
     fast         nanorlhf/fast/       imports the core
     scripts      *.py at the root     import the core, tasks and fast (fast only inside a function,
-                                      where its flag is read; nanorlhf.fast.threads anywhere), never
+                                      where its flag is read; nanorlhf.run anywhere), never
                                       another script
     tools/, experiments/, data/       import the core, tasks and fast, never a script
     bench/, tests/                    may import anything, scripts included
@@ -49,7 +49,7 @@ FORBIDDEN = {
 
 
 def layer_of_file(path: str) -> str:
-    """'nanorlhf/fast/stream.py' -> 'fast'; `path` is relative to the repository root."""
+    """'nanorlhf/fast/decode.py' -> 'fast'; `path` is relative to the repository root."""
     parts = path.split("/")
     if len(parts) == 1:
         return "script"
@@ -115,10 +115,10 @@ def layering_violations(path: str, source: str, scripts: set[str]) -> list[str]:
             errors.append(f"{path}:{line}: {layer} imports {target} ({module}): "
                           f"{FORBIDDEN[layer][target]}")
         elif (layer == "script" and target == "fast" and not in_function
-              and not (module + ".").startswith("nanorlhf.fast.threads.")):
+              and not (module + ".").startswith("nanorlhf.run.")):
             errors.append(f"{path}:{line}: script imports {module} at module level: import the "
                           f"fast layer inside the function that reads its flag (only "
-                          f"nanorlhf.fast.threads is exempt)")
+                          f"nanorlhf.run is exempt)")
     return errors
 
 
@@ -173,15 +173,15 @@ FAST_AT_MODULE_LEVEL = "script imports {} at module level"
     ("nanorlhf/data.py", "from tools import convert\n", 1, "core imports tools"),
     ("nanorlhf/run.py", "import importlib\nimportlib.import_module('train_dpo')\n", 2,
      "core imports script"),
-    ("nanorlhf/tasks/pink.py", "from nanorlhf.fast.stream import generate_streamed\n", 1,
+    ("nanorlhf/tasks/pink.py", "from nanorlhf.fast.decode import generate_streamed\n", 1,
      "tasks imports fast"),
     ("nanorlhf/tasks/pink.py", "from ..fast import stream\n", 1, "tasks imports fast"),
     ("nanorlhf/tasks/pink.py", "from experiments import frontier\n", 1,
      "tasks imports experiments"),
-    ("nanorlhf/fast/stream.py", "from nanorlhf.tasks.pink import judge\n", 1,
+    ("nanorlhf/fast/decode.py", "from nanorlhf.tasks.pink import judge\n", 1,
      "fast imports tasks"),
-    ("nanorlhf/fast/stream.py", "from nanorlhf import tasks\n", 1, "fast imports tasks"),
-    ("nanorlhf/fast/stream.py", "import rest_loop\n", 1, "fast imports script"),
+    ("nanorlhf/fast/decode.py", "from nanorlhf import tasks\n", 1, "fast imports tasks"),
+    ("nanorlhf/fast/decode.py", "import rest_loop\n", 1, "fast imports script"),
     ("train_ppo.py", "from train_dpo import dpo_loss\n", 1, "script imports script"),
     ("train_ppo.py", "def main():\n    import rest_loop\n", 2, "script imports script"),
     ("train_ppo.py", "from tools.seeds import mean_se\n", 1, "script imports tools"),
@@ -204,12 +204,12 @@ def test_a_planted_layering_violation_is_caught(path, source, line, rule):
 
 @pytest.mark.parametrize("path, source", [
     ("nanorlhf/tasks/pink.py", "from nanorlhf import run\nfrom nanorlhf.sampling import Ids\n"),
-    ("nanorlhf/fast/static_decode.py", "from nanorlhf import sampling\nfrom . import packed\n"),
-    ("train_dpo.py", "from nanorlhf.fast.threads import THREADS_HELP, choose_threads\n"),
-    ("train_dpo.py", "from nanorlhf.fast import threads\nimport nanorlhf.fast.threads\n"),
+    ("nanorlhf/fast/decode.py", "from nanorlhf import sampling\nfrom . import packed\n"),
+    ("train_dpo.py", "from nanorlhf.run import THREADS_HELP, choose_threads\n"),
+    ("train_dpo.py", "from nanorlhf import run as threads\nimport nanorlhf.run\n"),
     ("train_dpo.py", "def main():\n    from nanorlhf.fast.packed import pack_linears\n"),
     ("train_dpo.py", "import train_dpo\n"),  # itself (e.g. to pickle by name), not another script
-    ("tools/pink_eval.py", "from nanorlhf.fast.stream import generate_streamed\n"),
+    ("tools/pink_eval.py", "from nanorlhf.fast.decode import generate_streamed\n"),
     ("experiments/frontier.py", "import subprocess\nsubprocess.run(['python', 'rest_loop.py'])\n"),
     ("bench/bench_dpo.py", "import train_dpo\nfrom tools import convert\n"),
     ("tests/test_x.py", "import train_dpo\nfrom conftest import crash_at_step\n"),

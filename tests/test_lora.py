@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file
 
 import train_dpo
-from nanorlhf import logprobs, lora
+from nanorlhf import step as logprobs, lora
 from nanorlhf.checkpoint import load_model, save_model
 from nanorlhf.data import read_preferences
 from nanorlhf.tokenizer import Tokenizer

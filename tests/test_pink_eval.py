@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from nanorlhf.tasks import pink_eval
+from nanorlhf.tasks import pink as pink_eval
 from tools import pink_eval as pink_eval_cli
 from nanorlhf.checkpoint import load_model
 from nanorlhf.tasks.pink import load_eval_rows

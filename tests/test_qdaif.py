@@ -323,7 +323,7 @@ def test_rm_fitness_with_a_template(tiny_chat_model):
 def test_poetry_domain_runs_end_to_end_on_a_tiny_model(tiny_chat_model, tmp_path, monkeypatch,
                                                        capsys, sampler):
     used = []
-    from nanorlhf.fast import stream
+    from nanorlhf.fast import decode as stream
 
     for module, name in ((qdaif, "generate"), (stream, "generate_stream")):
         real = getattr(module, name)

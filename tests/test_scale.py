@@ -9,7 +9,7 @@ import train_dpo
 from nanorlhf import lora
 from nanorlhf.fast.packed import PackedLinear, pack_linears
 from nanorlhf.checkpoint import load_model
-from nanorlhf.logprobs import collate, response_logps
+from nanorlhf.step import collate, response_logps
 from nanorlhf.errors import UserError
 from conftest import randomise_adapters
 

@@ -8,7 +8,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from nanorlhf.checkpoint import load_model
 from nanorlhf.sampling import generate, sample_responses, top_k_filter
-from nanorlhf.fast.stream import (Pool, generate_stream, generate_streamed, inverse_cdf, nucleus,
+from nanorlhf.fast.decode import (Pool, generate_stream, generate_streamed, inverse_cdf, nucleus,
                                   sample_rows)
 from nanorlhf.tokenizer import Tokenizer
 

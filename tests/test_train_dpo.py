@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 import train_dpo
 from conftest import crash_at_step
-from nanorlhf import logprobs
+from nanorlhf import step as logprobs
 from nanorlhf.checkpoint import load_model
 from nanorlhf.data import fit_to_length, read_preferences
-from nanorlhf.logprobs import collate, sequence_logps
+from nanorlhf.step import collate, sequence_logps
 from nanorlhf.errors import UserError
 from nanorlhf.tokenizer import Tokenizer
 
@@ -55,7 +55,7 @@ def test_chosen_and_rejected_batched_together_equal_separately(tiny_chat_model, 
 
 @pytest.mark.parametrize("average", [False, True])
 def test_response_logps_equals_sequence_logps_of_full_logits(tiny_chat_model, average):
-    from nanorlhf.logprobs import response_logps
+    from nanorlhf.step import response_logps
     model = load_model(tiny_chat_model).eval()
     batch = collate([[5, 6, 7], [8, 9], [10]], [[11, 12], [13, 14, 15, 16], [17, 18, 19]], pad_id=2)
     with torch.no_grad():
@@ -358,7 +358,7 @@ def test_lora_run_scores_the_nll_guard_with_adapters_off(tiny_chat_model, tmp_pa
                                      "--out-dir", str(tmp_path / "out"), "--run", "r",
                                      "--eval-max-new-tokens", "6", "--lr", "1e-2",
                                      "--lora-rank", "4"])
-    from nanorlhf.tasks import pink_eval
+    from nanorlhf.tasks import pink as pink_eval
     scored = []  # (prompts, responses, NLL) of every NLL the evaluation computes
     real_nll = pink_eval.mean_nll
     monkeypatch.setattr(pink_eval, "mean_nll",

@@ -320,7 +320,7 @@ def test_two_ranks_reproduce_one(tiny_chat_model, gold_rm, tmp_path, algo):
 
 def test_stream_sampler_reaches_rollouts_and_evaluation(tiny_chat_model, gold_rm, tmp_path,
                                                         monkeypatch):
-    from nanorlhf.fast import stream
+    from nanorlhf.fast import decode as stream
 
     calls, real = [], stream.generate_stream
     monkeypatch.setattr(stream, "generate_stream",

@@ -12,8 +12,7 @@ import transformers
 
 import train_rm
 from conftest import crash_at_step
-from nanorlhf.tasks import stats
-from nanorlhf.tasks import human_ratings as hr
+from nanorlhf.tasks import human_ratings as hr, stats
 from nanorlhf.checkpoint import load_model
 from nanorlhf.run import parse_config
 from nanorlhf.errors import UserError

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
+from nanorlhf.run import THREADS_HELP, choose_threads, flag, parse_config, positional
 from nanorlhf.model import device
-from nanorlhf.run import flag, parse_config, positional
 from nanorlhf.sampling import generate
 from nanorlhf.tokenizer import Tokenizer
 

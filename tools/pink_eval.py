@@ -1,5 +1,5 @@
 """Pink-elephant evaluation of saved models, side by side: how often does each mention what it was
-told not to? (nanorlhf/tasks/pink_eval.py)
+told not to? (nanorlhf/tasks/pink.py)
 
     python tools/pink_eval.py --model llama --model out/train_dpo/run1/model [--data rows.jsonl]
 
@@ -14,8 +14,7 @@ from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.errors import run_cli
 from nanorlhf.model import device
 from nanorlhf.run import flag, parse_config
-from nanorlhf.tasks.pink import HELDOUT_PATH, load_eval_rows
-from nanorlhf.tasks.pink_eval import format_table, sample_eval, score_nll
+from nanorlhf.tasks.pink import HELDOUT_PATH, format_table, load_eval_rows, sample_eval, score_nll
 from nanorlhf.tokenizer import Tokenizer
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanorlhf.logprobs import response_logps_batched
+from nanorlhf.step import response_logps_batched
 from nanorlhf.sampling import Sampler, generate_batched, sample_responses
 from nanorlhf.tasks.stats import mean_se
 from nanorlhf.tokenizer import Tokenizer
