@@ -1,35 +1,35 @@
 """RL from verifiable rewards: GRPO and its 2025 variants, with a checker instead of a reward model.
 
-    python data/build_verify.py                         # once: the problems (seeded, shipped)
-    python train_grpo.py                                # SmolLM2-135M-Instruct on a + b, a, b in 1..9
+    python data/build_verify.py                       # once: the problems (seeded, shipped)
+    python train_grpo.py                              # SmolLM2-135M-Instruct on a + b, a, b in 1..9
     python train_grpo.py --loss-type grpo --epsilon-high 0.2 --beta 0.04   # DeepSeekMath's GRPO
     python train_grpo.py --advantage rloo --scale-rewards none             # RLOO's baseline
-    python train_grpo.py --resume out/train_grpo/RUN    # continue an interrupted run exactly
+    python train_grpo.py --resume out/train_grpo/RUN  # continue an interrupted run exactly
 
 One step, top to bottom:
 
-  rollout   --prompts-per-step problems from data/verify_train.jsonl (--tasks), --group-size G replies
-            to each from the current policy π_old at --temperature (no top-k / top-p: the trainer must
-            see the distribution the replies were drawn from).
-  reward    1 when the reply's last number equals the answer, else 0 (nanorlhf/tasks/verify.py states
-            the rule). frac_reward_zero_std: the share of groups whose G rewards are all equal; their
-            advantages are 0 (no signal), and --filter-zero-std drops them from the update.
-  advantage A_i = r_i - mean_G(r) (Shao et al. 2024), or --advantage rloo: r_i - the mean of the other
-            G-1 (Ahmadian et al. 2024); then divided by the std of the group, of the whole batch, or
-            not at all (--scale-rewards group | batch | none; none is Dr. GRPO's, Liu et al. 2025).
+  rollout   --prompts-per-step problems from data/verify_train.jsonl (--tasks), --group-size G
+            replies to each from the current policy π_old at --temperature (no top-k / top-p: the
+            trainer must see the distribution the replies were drawn from).
+  reward    1 when the reply's last number equals the answer, else 0 (nanorlhf/tasks/verify.py
+            states the rule). frac_reward_zero_std: the share of groups whose G rewards are all
+            equal; their advantages are 0 (no signal); --filter-zero-std drops them from the update.
+  advantage A_i = r_i - mean_G(r) (Shao et al. 2024), or --advantage rloo: r_i - the mean of the
+            other G-1 (Ahmadian et al. 2024); then divided by the std of the group, of the whole
+            batch, or not at all (--scale-rewards group | batch | none; none: Dr. GRPO's).
   update    --epochs passes over shuffled minibatches (one AdamW step each, accumulated over
-            micro-batches): the clipped surrogate with clip-higher, ρ clipped to [1 - ε_low, 1 + ε_high]
-            (DAPO, Yu et al. 2025), plus β·k3 to the reference when --beta > 0 (β = 0 loads no
-            reference), reduced by --loss-type: grpo | dr_grpo | dapo (see their functions).
-            π_old of the first minibatch is its own forward (ρ = 1 exactly, logged as ratio_dev_first);
-            the others' come from a no-grad forward before the first update, in the same layout.
+            micro-batches): the clipped surrogate with clip-higher, ρ clipped to [1 - ε_low,
+            1 + ε_high] (DAPO, Yu et al. 2025), plus β·k3 to the reference when --beta > 0 (β = 0
+            loads no reference), reduced by --loss-type: grpo | dr_grpo | dapo (their functions).
+            π_old of the first minibatch is its own forward (ρ = 1 exactly: ratio_dev_first); the
+            others' come from a no-grad forward before the first update, in the same layout.
 
-Evaluation, before and after training (and every --eval-every steps), on the held-out problems of the
-same tasks: greedy accuracy, T = 1 pass@1 and pass@k (the unbiased estimator of Chen et al. 2021) from
---eval-n samples per problem, each mean ± SE over problems, beside the mean reply length and KL(π‖π₀)
-(the mean of log π(y|x) - log π₀(y|x) over the T = 1 samples; π₀ is loaded for it, after training,
-when --beta 0 kept no reference). Outputs in RUN/: config.json, metrics.jsonl, eval.json,
-training.svg, model/ (HF layout); RUN/state/ every --save-every steps until the end.
+Evaluation, before and after training (and every --eval-every steps), on the held-out problems of
+the same tasks: greedy accuracy, T = 1 pass@1 and pass@k (the unbiased estimator of Chen et al.
+2021) from --eval-n samples per problem, each mean ± SE over problems, beside the mean reply length
+and KL(π‖π₀) (the mean of log π(y|x) - log π₀(y|x) over the T = 1 samples; π₀ is loaded for it,
+after training, when --beta 0 kept no reference). Outputs in RUN/: config.json, metrics.jsonl,
+eval.json, training.svg, model/ (HF layout); RUN/state/ every --save-every steps until the end.
 """
 
 import json
@@ -62,7 +62,7 @@ from nanorlhf.tokenizer import Tokenizer
 
 @dataclass
 class Config:
-    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (embedded SmolLM2-135M)")
+    model: str = flag("llama", "checkpoint dir, local HF cache id, or 'llama' (SmolLM2-135M)")
     tasks: str = flag("add1", "comma-separated problem families: add1, add2, add3, mul1, count1")
     train_problems: str = flag(str(TRAIN_PATH), "jsonl of training problems")
     heldout_problems: str = flag(str(HELDOUT_PATH), "jsonl of held-out problems (evaluation)")
@@ -70,14 +70,14 @@ class Config:
     run: str = flag("", "run name (default: a timestamp)")
     resume: str = flag("", "RUN_DIR of an interrupted run: continue it with its own config")
     save_every: int = flag(10, "write RUN/state every N steps (0 = never)", min=0)
-    steps: int = flag(30, "rollout + update rounds", min=1)
+    steps: int = flag(8, "rollout + update rounds", min=1)
     prompts_per_step: int = flag(4, "problems per rollout", min=1)
     group_size: int = flag(8, "G: replies sampled per problem", min=2)
     minibatch_size: int = flag(16, "replies per optimizer step (0 = the whole rollout)", min=0)
     micro_batch_size: int = flag(8, "replies per forward/backward (gradients accumulate)", min=1)
     epochs: int = flag(1, "passes over each rollout (μ in GRPO's algorithm)", min=1)
     max_new_tokens: int = flag(16, "reply length cap (also Dr. GRPO's constant normaliser)", min=1)
-    temperature: float = flag(1.0, "sampling temperature; the trainer's log-probs use the same", gt=0)
+    temperature: float = flag(1.0, "sampling temperature (the trainer's log-probs use it)", gt=0)
     loss_type: str = flag("dapo", "grpo: per-sequence mean, then mean | dr_grpo: sum / (B·max "
                           "tokens) | dapo: token mean over the accumulated batch",
                           choices=("grpo", "dr_grpo", "dapo"))
@@ -85,17 +85,17 @@ class Config:
                           choices=("group", "rloo"))
     scale_rewards: str = flag("group", "divide advantages by the std of the group | batch | none",
                               choices=("group", "batch", "none"))
-    filter_zero_std: bool = flag(False, "leave groups whose rewards are all equal out of the update")
+    filter_zero_std: bool = flag(False, "leave groups whose rewards all equal out of the update")
     epsilon_low: float = flag(0.2, "ρ clipped below at 1 - ε_low", gt=0, lt=1)
     epsilon_high: float = flag(0.28, "ρ clipped above at 1 + ε_high (clip-higher: > ε_low)", gt=0)
     beta: float = flag(0.0, "β: weight of k3 KL to the reference in the loss (0: no reference)",
                        min=0)
     lr: float = flag(2e-5, "AdamW peak learning rate", gt=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
-    warmup_steps: int = flag(3, "rollout steps of linear warmup, then linear decay to 0", min=0)
+    warmup_steps: int = flag(2, "rollout steps of linear warmup, then linear decay to 0", min=0)
     grad_clip: float = flag(1.0, "max gradient norm", gt=0)
-    eval_n: int = flag(16, "T = 1 samples per held-out problem (pass@1, pass@k)", min=1)
-    eval_k: int = flag(8, "k of the reported pass@k (<= --eval-n)", min=1)
+    eval_n: int = flag(8, "T = 1 samples per held-out problem (pass@1, pass@k)", min=1)
+    eval_k: int = flag(4, "k of the reported pass@k (<= --eval-n)", min=1)
     eval_problems: int = flag(0, "held-out problems evaluated (0 = all of --tasks)", min=0)
     eval_every: int = flag(0, "also evaluate every N steps (0 = before and after only)", min=0)
     eval_seed: int = flag(7, "sampling seed of every evaluation (the same samples for π₀)")
@@ -127,10 +127,10 @@ def group_advantages(rewards: Tensor, scale: str, eps: float = 1e-4) -> Tensor:
 
         A_i = (r_i - mean_G(r)) / (std + eps)
 
-    std: of the group (scale "group", GRPO), of all P·G rewards ("batch", TRL's scale_rewards=batch),
-    or no division ("none": Dr. GRPO, Liu et al. 2025, whose point is that dividing by a group's std
-    up-weights problems that are nearly always or nearly never solved). std is the unbiased sample
-    std (torch.std), as TRL's."""
+    std: of the group (scale "group", GRPO), of all P·G rewards ("batch", TRL's
+    scale_rewards="batch"), or no division ("none": Dr. GRPO, Liu et al. 2025, whose point is that
+    dividing by a group's std up-weights problems that are nearly always or nearly never solved).
+    std is the unbiased sample std (torch.std), as TRL's."""
     centred = rewards - rewards.mean(-1, keepdim=True)
     return scale_advantages(centred, rewards, scale, eps)
 
@@ -159,7 +159,7 @@ def scale_advantages(advantages: Tensor, rewards: Tensor, scale: str, eps: float
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
                       eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped objective with clip-higher (DAPO, Yu et al. 2025, eq. 8), as a loss per token:
-    logp, old_logp (b, L), advantages (b,) -> loss (b, L) and where the clip is active, low and high:
+    logp, old_logp (b, L), advantages (b,) -> loss (b, L) and where the clip is active (low, high):
 
         L_{i,t} = -min(ρ_{i,t}·A_i, clip(ρ_{i,t}, 1 - ε_low, 1 + ε_high)·A_i),
         ρ_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_old(o_{i,t} | q, o_{i,<t})
@@ -186,7 +186,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def grpo_loss(token_loss: Tensor, mask: Tensor, num_sequences: int) -> Tensor:
-    """GRPO's reduction (Shao et al. 2024, eq. 3): a mean over each reply's tokens, then over replies,
+    """GRPO's reduction (Shao et al. 2024, eq. 3): a mean over each reply's tokens, then replies,
 
         L = 1/B · Σ_i 1/|o_i| · Σ_t L_{i,t}
 
@@ -226,7 +226,8 @@ def dapo_loss(token_loss: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased pass@k of Chen et al. 2021 (eq. 1) from n samples of which c are correct:
-    1 - C(n-c, k) / C(n, k), the chance that k of the n, drawn without replacement, hold a correct one."""
+    1 - C(n-c, k) / C(n, k): the chance that k of the n, drawn without replacement, hold a correct
+    one."""
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -251,8 +252,8 @@ def conversation(problem: dict) -> list[dict]:
 
 
 def step_rows(pool: list[dict], step: int, n: int, seed: int) -> list[dict]:
-    """Step `step`'s n problems: consecutive rows of the pool, reshuffled on every pass (seeded by the
-    pass), so any step's problems follow from its number alone (a resume needs nothing else)."""
+    """Step `step`'s n problems: consecutive rows of the pool, reshuffled on every pass (seeded by
+    the pass), so any step's problems follow from its number alone (a resume needs nothing else)."""
     out = []
     for i in range(step * n, (step + 1) * n):
         order = list(range(len(pool)))
@@ -277,8 +278,8 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
 
 def token_logps(net, batch: dict, rows: list[int], temperature: float) -> tuple[Tensor, Tensor]:
     """log π(o_t | q, o_<t) of the reply tokens of `rows`, (b, L) fp32, at the sampling temperature,
-    and the entropy of each of those next-token distributions (b, L), without gradient. The vocabulary
-    projection runs on reply positions only (one call of the model's forward)."""
+    and the entropy of each of those next-token distributions (b, L), without gradient. The
+    vocabulary projection runs on reply positions only (one call of the model's forward)."""
     ids, attn, P = batch["ids"][rows], batch["attn"][rows], batch["P"]
     at = torch.zeros_like(ids, dtype=torch.bool)
     at[:, P - 1:-1] = True  # the positions that predict reply tokens
@@ -296,7 +297,7 @@ def micro_batches(rows: list[int], size: int) -> list[list[int]]:
 
 
 def minibatches(rows: list[int], size: int, epochs: int, seed: str) -> list[list[list[int]]]:
-    """--epochs shuffles of `rows` cut into minibatches of `size` (0: all): [epoch][minibatch] -> rows."""
+    """--epochs shuffles of `rows` cut into minibatches of `size` (0: all): [epoch][minibatch]."""
     out = []
     for epoch in range(epochs):
         order = list(rows)
@@ -325,7 +326,7 @@ def update(cfg: Config, net, optimizer, params: list[Tensor], batch: dict, advan
     for epoch, parts in enumerate(epochs):
         for index, rows in enumerate(parts):
             mask = batch["mask"][rows]
-            # the normalisers count the whole minibatch: accumulation gives the loss of one big batch
+            # the normalisers count the whole minibatch: accumulated, the loss of one big batch
             num_sequences, num_tokens = len(rows), int(mask.sum())
             sums, ratio_dev = torch.zeros(5, dtype=torch.float64), 0.0
             for micro in micro_batches(rows, cfg.micro_batch_size):
@@ -366,11 +367,11 @@ def train(cfg: Config, policy, net, ref, optimizer, sample: Callable, pool: list
     dev, G = next(policy.parameters()).device, cfg.group_size
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        # every seed follows from (--seed, step): a resumed run draws what the uninterrupted one drew
+        # every seed follows from (--seed, step): a resumed run draws what the straight one drew
         problems = step_rows(pool, step, cfg.prompts_per_step, cfg.seed)
         policy.eval()
         prompts, responses, texts = sample(policy, [conversation(p) for p in problems], G,
-                                           cfg.temperature, cfg.seed * 100_003 + step, desc="rollout")
+                                           cfg.temperature, cfg.seed * 100_003 + step, "rollout")
         # the verifiable reward: the checker, nothing learned
         rewards = torch.tensor([float(check(t, problems[i // G]["answer"]))
                                 for i, t in enumerate(texts)]).view(-1, G)  # (P, G)
@@ -414,24 +415,28 @@ def trainable_tensors(policy) -> dict[str, Tensor]:
 # --- evaluation ---
 
 @torch.no_grad()
-def evaluate(policy, base: Callable, sample: Callable, problems: list[dict], tok, n: int, k: int,
-             seed: int, desc: str) -> dict:
+def evaluate(policy, base: Callable | None, sample: Callable, problems: list[dict], tok, n: int,
+             k: int, seed: int, desc: str) -> dict:
     """Greedy accuracy, T = 1 pass@1 and pass@k (n samples per problem), each mean ± SE over the
-    problems; mean reply length; KL(π‖π₀) ± SE over the T = 1 samples. base() -> π₀."""
+    problems; mean reply length; KL(π‖π₀) ± SE over the T = 1 samples. base() -> π₀ (None: the
+    policy is π₀)."""
     conversations = [conversation(p) for p in problems]
     _, _, greedy = sample(policy, conversations, 1, 0.0, seed, desc=f"{desc} greedy")
     prompts, responses, texts = sample(policy, conversations, n, 1.0, seed, desc=f"{desc} T=1")
     correct = [sum(check(texts[i * n + j], p["answer"]) for j in range(n))
                for i, p in enumerate(problems)]
     out = {}
-    for name, values in (("greedy", [float(check(t, p["answer"])) for t, p in zip(greedy, problems)]),
-                         ("pass1", [c / n for c in correct]),
+    greedy_correct = [float(check(t, p["answer"])) for t, p in zip(greedy, problems)]
+    for name, values in (("greedy", greedy_correct), ("pass1", [c / n for c in correct]),
                          (f"pass{k}", [pass_at_k(n, c, k) for c in correct])):
         out[name], out[f"{name}_se"] = mean_se(values)
         out[f"{name}_by_problem"] = values  # two evaluations compare problem by problem
-    logp = response_logps_batched(policy, prompts, responses, tok.pad_id)
-    base_logp = response_logps_batched(base(), prompts, responses, tok.pad_id)
-    out["kl"], out["kl_se"] = mean_se([a - b for a, b in zip(logp, base_logp)])
+    if base is None:  # the policy is π₀ itself (step 0): KL 0 exactly, no forward needed
+        out["kl"], out["kl_se"] = 0.0, 0.0
+    else:
+        logp = response_logps_batched(policy, prompts, responses, tok.pad_id)
+        base_logp = response_logps_batched(base(), prompts, responses, tok.pad_id)
+        out["kl"], out["kl_se"] = mean_se([a - b for a, b in zip(logp, base_logp)])
     out["mean_tokens"], out["mean_tokens_se"] = mean_se([float(len(r)) for r in responses])
     out["eos_rate"] = sum(bool(r) and r[-1] in tok.stop_ids for r in responses) / len(responses)
     out.update(problems=len(problems), samples=len(texts), k=k,
@@ -441,7 +446,7 @@ def evaluate(policy, base: Callable, sample: Callable, problems: list[dict], tok
 
 
 def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
-    """Per-problem values of two evaluations of the same problems -> (mean gain, SE over problems)."""
+    """Per-problem values of two evaluations of the same problems -> (gain, SE over problems)."""
     return mean_se([a - b for a, b in zip(after, before, strict=True)])
 
 
@@ -450,7 +455,7 @@ def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
 def main() -> None:
     cfg, history, start = parse_config(Config, __doc__), [], 0  # every flag checked first
     if launched():
-        raise UserError("train_grpo runs in one process (no torchrun): every rank would sample alike")
+        raise UserError("train_grpo runs in one process (no torchrun): ranks would sample alike")
     if cfg.resume:  # the interrupted run's own config and its metrics up to the saved state
         cfg, start, history = resume_run(Config, cfg.resume, "train_grpo")
     else:
@@ -508,7 +513,7 @@ def main() -> None:
     def evaluate_at(step: int, name: str = "") -> None:
         # at step 0 the policy is π₀ itself (KL 0 exactly, nothing to load)
         results.setdefault("steps", {})[str(step)] = evaluate(
-            policy, base if step else lambda: policy, sample, held_out, tok, cfg.eval_n, cfg.eval_k,
+            policy, base if step else None, sample, held_out, tok, cfg.eval_n, cfg.eval_k,
             cfg.eval_seed, f"eval step {step}")
         results.update({name: results["steps"][str(step)]} if name else {})
         run.write_json("eval.json", results)
