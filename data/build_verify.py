@@ -1,10 +1,10 @@
-"""Write data/verify_train.jsonl and data/verify_heldout.jsonl: verifiable problems of graded difficulty.
+"""Write data/verify_train.jsonl and data/verify_heldout.jsonl: verifiable problems, graded.
 
     python data/build_verify.py            # seeded: the same files every time
 
 Each row: {"id", "task", "prompt", "answer"} (an integer; nanorlhf/tasks/verify.py grades replies).
-Train and held-out problems are disjoint: addition and multiplication are split by the unordered pair
-{a, b} (3 + 5 held out means 5 + 3 is held out too), counting by the whole list and word.
+Train and held-out problems are disjoint: addition and multiplication are split by the unordered
+pair {a, b} (3 + 5 held out means 5 + 3 is held out too), counting by the whole list and word.
 
     task    problems                              train   held out
     add1    a + b, a, b in 1..9                   all other ordered pairs   15 unordered pairs
@@ -45,7 +45,7 @@ def arithmetic(task: str, op: str, lo: int, hi: int, heldout_pairs: int, train_n
 
 
 def counting(train_n: int, heldout_n: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """How many times a word occurs in a short list (4-8 words from 5 of WORDS): distinct problems."""
+    """How many times a word occurs in a short list (4-8 words from 5 of WORDS), all distinct."""
     seen, rows = set(), []
     while len(rows) < train_n + heldout_n:
         vocab = rng.sample(WORDS, 5)

@@ -1,5 +1,6 @@
 """train_grpo.py: the three loss reductions, clip-higher, reward scaling, RLOO and pass@k against
-float64 values worked out by hand; β = 0 loads no reference; whole runs on the tiny model; resume."""
+float64 values worked out by hand; β = 0 loads no reference; whole runs on the tiny model; resume.
+"""
 
 import json
 import math
@@ -19,7 +20,8 @@ F64 = torch.float64
 # --- the math, by hand ---
 
 def surrogate_case():
-    """Two replies, ratios chosen by hand: reply 0 (A = +1) has 2 tokens (+ a pad), reply 1 (A = -2) 3."""
+    """Two replies, ratios chosen by hand: reply 0 (A = +1) has 2 tokens and a pad, reply 1 (A = -2)
+    has 3."""
     ratios = torch.tensor([[1.5, 0.5, 1.0], [1.1, 0.7, 1.3]], dtype=F64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     return ratios.log(), torch.zeros(2, 3, dtype=F64), torch.tensor([1.0, -2.0], dtype=F64), mask
@@ -28,8 +30,8 @@ def surrogate_case():
 def test_clip_higher_by_hand():
     logp, old, adv, mask = surrogate_case()
     loss, low, high = train_grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28)
-    # A = +1: ρ 1.5 -> min(1.5, 1.28) = 1.28 (clipped high); ρ 0.5 -> min(0.5, 0.8) = 0.5 (unclipped)
-    # A = -2: ρ 1.1 -> -2.2; ρ 0.7 -> min(-1.4, -1.6) = -1.6 (clipped low); ρ 1.3 -> min(-2.6, -2.56)
+    # A = +1: ρ 1.5 -> min(1.5, 1.28) = 1.28 (clipped high); ρ 0.5 -> min(0.5, 0.8) = 0.5
+    # A = -2: ρ 1.1 -> -2.2; ρ 0.7 -> min(-1.4, -1.6) = -1.6 (clipped low); ρ 1.3 -> -2.6
     expected = torch.tensor([[-1.28, -0.5], [2.2, 1.6]], dtype=F64)
     assert torch.allclose(loss[:, :2], expected, atol=1e-12, rtol=0)
     assert abs(loss[1, 2].item() - 2.6) < 1e-12
@@ -57,7 +59,7 @@ def test_grpo_loss_by_hand():
 
 
 def test_dr_grpo_loss_by_hand():
-    # every token summed: -1.78 + 6.4 = 4.62, over B · L_max = 2 · 4 (the cap, not the longest reply)
+    # every token summed: -1.78 + 6.4 = 4.62, over B · L_max = 2 · 4 (the cap, not the longest)
     assert abs(train_grpo.dr_grpo_loss(TOKEN_LOSS, MASK, 2, 4).item() - 4.62 / 8) < 1e-12
 
 
@@ -110,7 +112,7 @@ def test_reward_scaling_by_hand():
 
 
 def test_rloo_by_hand():
-    # r_i minus the mean of the 3 others: group 0 -> [1, -1/3, -1/3, -1/3]; group 1 -> [1/3, 1/3, -1, 1/3]
+    # r_i minus the mean of the 3 others: [1, -1/3, -1/3, -1/3] and [1/3, 1/3, -1, 1/3]
     rloo = train_grpo.rloo_advantages(REWARDS, "none")
     expected = torch.tensor([[1, -1 / 3, -1 / 3, -1 / 3], [1 / 3, 1 / 3, -1, 1 / 3], [0, 0, 0, 0]],
                             dtype=F64)

@@ -1,5 +1,5 @@
-"""The verifiable task: the one answer-extraction rule on hand cases (adversarial ones included), the
-problem files (seeded, disjoint, answers right) and their reader."""
+"""The verifiable task: the one answer-extraction rule on hand cases (adversarial ones included),
+the problem files (seeded, disjoint, answers right) and their reader."""
 
 import json
 import re
@@ -84,7 +84,8 @@ def test_read_problems_and_tasks(tmp_path):
     with pytest.raises(UserError, match="unknown task 'add9'"):
         parse_tasks("add1,add9")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x", "task": "add1", "answer": 3}\n{"prompt": "y", "task": "add1"}\n')
+    bad.write_text('{"prompt": "x", "task": "add1", "answer": 3}\n'
+                   '{"prompt": "y", "task": "add1"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: needs"):
         read_problems(bad, ("add1",))
     one = tmp_path / "one.jsonl"

@@ -7,13 +7,14 @@ A problem is a jsonl row {"id", "task", "prompt", "answer"} (data/build_verify.p
     mul1   "What is 3 * 5? ..."                                   a, b in 2..9
     count1 "How many times does the word "cat" appear in this list: cat, dog, cat? ..."
 
-The one extraction rule (`extract_answer`): the reply's answer is the LAST number written in it with
-digits: an optional sign (- or the minus sign U+2212, only where no letter, digit or dot precedes it:
-"10-3" holds 10 and 3, not -3), digits with optional thousands commas in groups of three ("1,234"),
-an optional decimal part ("12.0"). A reply is correct when that number equals the answer exactly
-(12.0 == 12; 12.5 != 12). No number at all -> wrong. Number words ("twelve") are not numbers. The last
-number, not the first, because a chatty reply restates the question first ("3 + 5 = 8"), and one
-rule for every family keeps the reward easy to predict (the base model's replies decide nothing).
+The one extraction rule (`extract_answer`): the reply's answer is the LAST number written in it
+with digits: an optional sign (- or the minus sign U+2212, only where no letter, digit or dot
+precedes it: "10-3" holds 10 and 3, not -3), digits with optional thousands commas in groups of
+three ("1,234"), an optional decimal part ("12.0"). A reply is correct when that number equals the
+answer exactly (12.0 == 12; 12.5 != 12). No number at all -> wrong. Number words ("twelve") are not
+numbers; nor are digits glued to a letter ("H2O"). The last number, not the first, because a chatty
+reply restates the question first ("3 + 5 = 8"), and one rule for every family keeps the reward easy
+to predict (the base model's replies decide nothing).
 
     check("3 + 5 = 8.", 8)   -> True
     check("It is 8, not 9", 8) -> False   (the last number is 9)
@@ -35,7 +36,7 @@ NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\
 
 
 def extract_answer(reply: str) -> Fraction | None:
-    """The last number written with digits in `reply` (the module docstring's rule), exactly, or None."""
+    """The last number written with digits in `reply` (the module docstring's rule), or None."""
     found = None
     for match in NUMBER.finditer(reply):
         found = match
@@ -82,5 +83,6 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in tasks if t not in TASKS] or ([] if tasks else [""])
     if unknown:
-        raise UserError(f"--tasks {text!r}: unknown task {unknown[0]!r}; choose from {','.join(TASKS)}")
+        raise UserError(f"--tasks {text!r}: unknown task {unknown[0]!r}; "
+                        f"choose from {','.join(TASKS)}")
     return tasks
