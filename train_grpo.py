@@ -136,7 +136,7 @@ def group_advantages(rewards: Tensor, scale: str, eps: float = 1e-4) -> Tensor:
 
 
 def rloo_advantages(rewards: Tensor, scale: str, eps: float = 1e-4) -> Tensor:
-    """RLOO (Ahmadian et al. 2024, eq. 8): rewards (P, G), G >= 2 -> (P, G),
+    """RLOO (Ahmadian et al. 2024): rewards (P, G), G >= 2 -> (P, G),
 
         A_i = r_i - (Σ_j r_j - r_i) / (G - 1)      (= G/(G-1) · (r_i - mean_G(r)))
 
@@ -158,7 +158,7 @@ def scale_advantages(advantages: Tensor, rewards: Tensor, scale: str, eps: float
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
                       eps_high: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped objective with clip-higher (DAPO, Yu et al. 2025, eq. 8), as a loss per token:
+    """PPO's clipped objective with clip-higher (DAPO, Yu et al. 2025, §3.1), as a loss per token:
     logp, old_logp (b, L), advantages (b,) -> loss (b, L) and where the clip is active (low, high):
 
         L_{i,t} = -min(ρ_{i,t}·A_i, clip(ρ_{i,t}, 1 - ε_low, 1 + ε_high)·A_i),
@@ -199,7 +199,7 @@ def grpo_loss(token_loss: Tensor, mask: Tensor, num_sequences: int) -> Tensor:
 
 
 def dr_grpo_loss(token_loss: Tensor, mask: Tensor, num_sequences: int, max_tokens: int) -> Tensor:
-    """Dr. GRPO's reduction (Liu et al. 2025, "Understanding R1-Zero-like training", eq. 3): every
+    """Dr. GRPO's reduction (Liu et al. 2025, "Understanding R1-Zero-like training"): every
     token summed, over a constant,
 
         L = 1/(B · L_max) · Σ_i Σ_t L_{i,t}
@@ -212,7 +212,7 @@ def dr_grpo_loss(token_loss: Tensor, mask: Tensor, num_sequences: int, max_token
 
 
 def dapo_loss(token_loss: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
-    """DAPO's token-level reduction (Yu et al. 2025, eq. 12): a mean over every token of the whole
+    """DAPO's token-level reduction (Yu et al. 2025, §3.3): a mean over every token of the whole
     accumulated batch,
 
         L = 1/(Σ_i |o_i|) · Σ_i Σ_t L_{i,t}
