@@ -47,13 +47,11 @@ from nanorlhf import lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.distributed import launched
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.fast.threads import THREADS_HELP, choose_threads
-from nanorlhf.logprobs import response_logps_batched
+from nanorlhf.run import (Run, THREADS_HELP, choose_threads, flag, load_state, parse_config,
+                          resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.step import lr_at, response_logps_batched
 from nanorlhf.model import autocast, device
-from nanorlhf.run import Run, flag, load_state, parse_config, resume_run, run_dir, save_state
-from nanorlhf.run import seed_everything
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate_batched, left_pad, sample_responses
-from nanorlhf.schedule import lr_at
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.stats import mean_se
 from nanorlhf.tasks.verify import HELDOUT_PATH, TRAIN_PATH, check, parse_tasks, read_problems
@@ -463,7 +461,7 @@ def main() -> None:
     threads = choose_threads(cfg.threads)
     sampler = generate_batched
     if cfg.sampler == "stream":  # continuous batching, the optional fast layer: only when asked
-        from nanorlhf.fast.stream import generate_streamed as sampler
+        from nanorlhf.fast.decode import generate_streamed as sampler
     seed_everything(cfg.seed)
     started, dev = time.perf_counter(), device()
     tasks = parse_tasks(cfg.tasks)
