@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_model
-from nanorlhf.step import collate
 from nanorlhf.tasks.pink import distinct_n, format_table, mean_nll
 
 

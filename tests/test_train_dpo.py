@@ -208,37 +208,34 @@ def test_fsdp_cannot_save_resumable_state(monkeypatch):
     train_dpo.Config(fsdp=True, save_every=0).check()
 
 
-def test_ctrl_c_during_training_keeps_the_model(tiny_chat_model, tmp_path, monkeypatch):
+def cli_argv(model, tmp_path, pairs: int) -> list[str]:
+    """train_dpo.py's command line for a tiny run into tmp_path/out/r, without the evaluation."""
+    return ["train_dpo.py", "--model", str(model), "--data",
+            str(write_pairs(tmp_path / "p.jsonl", pairs)), "--eval-data", "",
+            "--out-dir", str(tmp_path / "out"), "--run", "r"]
+
+
+@pytest.mark.parametrize("finished", [1, 0])
+def test_ctrl_c_saves_what_finished_steps_learned_and_never_the_base(tiny_chat_model, tmp_path,
+                                                                      monkeypatch, capsys, finished):
     def interrupted(cfg, net, trainable, optimizer, steps, pad_id, dev, run, history):
-        run.log(step=1, loss=0.69)
-        history.append({"step": 1, "loss": 0.69})  # as train() does: one step finished
+        for step in range(1, finished + 1):  # as train() does for each finished step
+            run.log(step=step, loss=0.69)
+            history.append({"step": step, "loss": 0.69})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_dpo, "train", interrupted)
-    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
-                                     str(write_pairs(tmp_path / "p.jsonl", 2)), "--eval-data", "",
-                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
+    monkeypatch.setattr("sys.argv", cli_argv(tiny_chat_model, tmp_path, 2))
     with pytest.raises(SystemExit) as info:
         train_dpo.main()
     assert info.value.code == 130
-    load_model(tmp_path / "out" / "r" / "model")  # a complete checkpoint, not half-written
-    assert json.loads((tmp_path / "out" / "r" / "metrics.jsonl").read_text())["step"] == 1
-
-
-def test_ctrl_c_before_the_first_step_saves_no_model(tiny_chat_model, tmp_path, monkeypatch,
-                                                      capsys):
-    def interrupted(*args):
-        raise KeyboardInterrupt  # before any step finished: the model is still the base
-
-    monkeypatch.setattr(train_dpo, "train", interrupted)
-    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
-                                     str(write_pairs(tmp_path / "p.jsonl", 2)), "--eval-data", "",
-                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
-    with pytest.raises(SystemExit) as info:
-        train_dpo.main()
-    assert info.value.code == 130
-    assert "nothing saved" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "r" / "model").exists()  # never the base labelled as trained
+    run = tmp_path / "out" / "r"
+    if finished:
+        load_model(run / "model")  # a complete checkpoint, not half-written
+        assert json.loads((run / "metrics.jsonl").read_text())["step"] == 1
+    else:
+        assert "nothing saved" in capsys.readouterr().err
+        assert not (run / "model").exists()  # never the base labelled as trained
 
 
 def test_a_non_finite_loss_stops_with_one_line_and_saves_no_model(tiny_chat_model, tmp_path,
@@ -250,9 +247,7 @@ def test_a_non_finite_loss_stops_with_one_line_and_saves_no_model(tiny_chat_mode
         return losses * float("nan"), chosen, rejected
 
     monkeypatch.setattr(train_dpo, "dpo_loss", nan_loss)
-    monkeypatch.setattr("sys.argv", ["train_dpo.py", "--model", str(tiny_chat_model), "--data",
-                                     str(write_pairs(tmp_path / "p.jsonl", 8)), "--eval-data", "",
-                                     "--out-dir", str(tmp_path / "out"), "--run", "r"])
+    monkeypatch.setattr("sys.argv", cli_argv(tiny_chat_model, tmp_path, 8))
     with pytest.raises(SystemExit) as info:
         train_dpo.run_cli(train_dpo.main)
     assert info.value.code == 2
