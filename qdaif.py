@@ -52,6 +52,7 @@ import torch
 
 from nanorlhf import distributed
 from nanorlhf.checkpoint import load_model, resolve_model
+from nanorlhf.data import fit_prompts
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_flags, choose_threads, flag, load_state,
                           parse_config, resume_run, run_dir, save_state, seed_everything)
@@ -273,9 +274,11 @@ class PoetryDomain(Domain):
 
     def _generate(self, prompts: list[str], seed: int) -> list[str]:
         cfg, tok = self.cfg, self.tok
-        gen = self.sample(self.model, [tok.chat_prompt(p) for p in prompts], cfg.max_new_tokens,
-                          tok.stop_ids, tok.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=seed)
+        # a prompt longer than the model's context allows keeps its last tokens (the one rule)
+        ids = fit_prompts([tok.chat_prompt(p) for p in prompts],
+                          self.model.cfg.max_position_embeddings, cfg.max_new_tokens)
+        gen = self.sample(self.model, ids, cfg.max_new_tokens, tok.stop_ids, tok.pad_id,
+                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
         texts = []
         for ids in gen.ids:
             text = self.tok.decode(ids).strip()

@@ -6,6 +6,7 @@ Every bad line is reported as `file:line: what is wrong`, before anything is tra
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from nanorlhf.errors import UserError
@@ -105,6 +106,23 @@ def fit_to_length(prompt: list[int], response: list[int], max_len: int,
     # the last max_len - len(response) prompt tokens
     prompt = prompt[max(len(prompt) + len(response) - max_len, 0):]
     return prompt, response, True
+
+
+def fit_prompts(prompts: list[list[int]], context: int, max_new_tokens: int
+                ) -> list[list[int]]:
+    """The one rule for a prompt longer than the model can read with its reply: it keeps its last
+    context - max_new_tokens tokens (cut from the left, as fit_to_length cuts training prompts: the
+    end, with the question and the assistant header, matters most), and one line says how many
+    were cut. A --max-new-tokens that leaves no room for any prompt is refused."""
+    room = context - max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                        f"model's context of {context} tokens")
+    cut = sum(len(p) > room for p in prompts)
+    if cut:
+        print(f"{cut} of {len(prompts)} prompts longer than the model's context allows ({context} "
+              f"tokens less {max_new_tokens} new): each keeps its last {room}", file=sys.stderr)
+    return [p[-room:] if len(p) > room else p for p in prompts]
 
 
 def check_vocab(ids: list[int], vocab_size: int, where: str) -> None:

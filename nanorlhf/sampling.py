@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from nanorlhf import distributed
+from nanorlhf.data import fit_prompts
 from nanorlhf.model import KVCache, Transformer, autocast
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits (ILQL adds β(Q - V) here)
@@ -185,6 +186,8 @@ def sample_responses(model, tok, conversations: list[list[dict]], n: int, temper
     """n samples for every conversation -> (prompt ids, response ids, response texts),
     conversation-major. `sampler`: generate_batched, or fast/decode.py's continuous batching."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
+    # a prompt longer than the model's context allows keeps its last tokens (the one rule)
+    prompts = fit_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
     responses = sampler(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
                         temperature, seed, logits_hook, desc)
     return prompts, responses, [tok.decode(r) for r in responses]

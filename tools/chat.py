@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from nanorlhf.checkpoint import load_model, resolve_model
+from nanorlhf.data import fit_prompts
 from nanorlhf.errors import run_cli
 from nanorlhf.run import THREADS_HELP, choose_threads, flag, parse_config, positional
 from nanorlhf.model import device
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model(cfg.model)
     model, tokenizer = load_model(model_dir, device=device()).eval(), Tokenizer(model_dir)
     prompt = tokenizer.chat_prompt(cfg.prompt, system=cfg.system or None)
+    # a prompt longer than the model's context allows keeps its last tokens (the one rule)
+    prompt = fit_prompts([prompt], model.cfg.max_position_embeddings, cfg.max_new_tokens)[0]
     start = time.perf_counter()
     out = generate(model, [prompt], cfg.max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, tokenizer=tokenizer)
