@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from nanorlhf import distributed
+from nanorlhf.errors import UserError
 from nanorlhf.model import KVCache, Transformer, autocast
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits (ILQL adds β(Q - V) here)
@@ -98,14 +99,21 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # in vocabulary order
 
 
+class NonFiniteLogits(UserError):
+    """Weights that are finite but huge (a step with too high an lr) make logits NaN or inf."""
+
+
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 = greedy. Filters in transformers' order:
     temperature, then top-k, then top-p (the nucleus of what top-k kept)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = top_p_filter(top_k_filter(logits / temperature, top_k), top_p).softmax(-1)
+    if not bool(probs.isfinite().all()):  # NaN or +inf logits: one line, not torch's traceback
+        raise NonFiniteLogits("the policy's logits overflow (next-token probabilities are nan)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
 
 
 @torch.no_grad()
