@@ -5,7 +5,7 @@ No framework: a few small functions and a class.
     cfg = parse_config(Config, __doc__)             # every flag checked, one line per error
     run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
     check_finite(step, "lower --lr", loss=loss)     # a NaN or inf stops the run in one line
-    except KeyboardInterrupt: exit_interrupted(run, len(history), "model", save)  # 130
+    exit_interrupted(run, step, "model", save)      # Ctrl-C: save, one line, exit 130
     run.log(step=1, loss=0.69)                      # metrics.jsonl, a line per call
     save_state(run.dir, step, tensors, optimizer)   # RUN/state/, swapped in whole
     cfg, step, history = resume_run(Config, "out/train_dpo/RUN")   # --resume RUN_DIR

@@ -115,7 +115,6 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
              pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -65,16 +65,6 @@ def ctrl_c_when(monkeypatch, owner, name: str, at) -> None:
     monkeypatch.setattr(owner, name, hooked)
 
 
-def nth_call(n: int):
-    """A predicate true on its n-th call (1-based), whatever the arguments."""
-    calls = [0]
-
-    def at(*args) -> bool:
-        calls[0] += 1
-        return calls[0] == n
-    return at
-
-
 def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
@@ -141,8 +131,11 @@ def rest_case(model, tmp, gold, monkeypatch):
 def qdaif_case(model, tmp, gold, monkeypatch):
     argv = ["--model", model, "--iterations", 6, "--init-iterations", 2, "--batch-size", 2,
             "--max-new-tokens", 6]
-    # PoetryDomain._generate writes each batch's poems: its call n + 1 opens batch n + 1
-    return argv, (qdaif.PoetryDomain, "_generate", lambda n: nth_call(n + 1))
+    # PoetryDomain._generate writes each batch's poems: with n lines in metrics.jsonl, n batches
+    # are done
+    metrics = tmp / "out" / "r" / "metrics.jsonl"
+    logged = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    return argv, (qdaif.PoetryDomain, "_generate", lambda n: lambda *a: logged() == n)
 
 
 # script -> (its flags and hook, the unit the line counts, what the line says is saved and where
@@ -195,9 +188,9 @@ def test_ctrl_c_after_a_step_saves_what_it_learned_in_one_line_and_resumes(
         ctrl_c_when(patch, *hook(1))
         assert run_script(monkeypatch, module, argv) == 130
     run = tmp_path / "out" / "r"
-    assert last_line(capsys.readouterr().err) == (
-        f"interrupted after {unit} 1: {what} in {run / where if where else run}; "
-        f"--resume {run} continues after {unit} 1")
+    line = (f"interrupted after {unit} 1: {what} in {run / where if where else run}; "
+            f"--resume {run} continues after {unit} 1")
+    assert last_line(capsys.readouterr().err) == line
     # nothing outside the run dir: the inputs as they were, every new file inside RUN
     after = files(tmp_path)
     assert {k: v for k, v in after.items() if k in inputs} == inputs
@@ -215,7 +208,12 @@ def test_ctrl_c_after_a_step_saves_what_it_learned_in_one_line_and_resumes(
         assert all(torch.equal(value, state[prefix + key]) for key, value in tensors.items())
         shared = [k for k in tensors if k in base]  # a trained backbone, not the base
         assert not shared or any(not torch.equal(tensors[k], base[k]) for k in shared)
-    # the interrupted run continues from its state to its end
+    # resumed, the run counts the steps before its resume: a Ctrl-C at once says the same
+    with monkeypatch.context() as patch:
+        ctrl_c_when(patch, *hook(1))
+        assert run_script(monkeypatch, module, ["--resume", run]) == 130
+    assert last_line(capsys.readouterr().err) == line
+    # and resumed again, it continues from its state to its end
     assert run_script(monkeypatch, module, ["--resume", run]) == 0
 
 
