@@ -54,8 +54,9 @@ from nanorlhf import distributed
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import fit_prompts
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, check_flags, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.run import (Run, THREADS_HELP, check_flags, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.model import device
 from nanorlhf.reward import VaderScorer, parse_rm_spec
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate
@@ -376,17 +377,18 @@ def echoes_instruction(text: str) -> bool:
 
 # --- the search ---
 
-def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run
-           ) -> tuple[Archive, list[dict]]:
-    """MAP-Elites, one batch per step, to cfg.iterations candidates. RUN/state/ (the archive, the
-    curve, the RNGs) every cfg.save_every batches lets a resumed run (cfg.resume) continue exactly
-    as the uninterrupted one would. -> (archive, curve of stats per batch)."""
-    archive, rng, done, curve = Archive(grid, offset), random.Random(cfg.seed), 0, []
+def search(domain: Domain, grid: Grid, cfg: Config, out: Run, archive: Archive,
+           curve: list[dict]) -> None:
+    """MAP-Elites, one batch per step, to cfg.iterations candidates, into `archive` (empty) and
+    `curve` (the archive's stats after each batch; empty): what the finished batches made, should a
+    Ctrl-C stop the search. RUN/state/ (the archive, the curve, the RNGs) every cfg.save_every
+    batches lets a resumed run (cfg.resume) continue exactly as the uninterrupted one would."""
+    rng, done = random.Random(cfg.seed), 0
     vader = VaderScorer()  # a measure beside the fitness, for every candidate (draws no rng)
     history = out.dir / "history.jsonl"
     if cfg.resume:  # the archive, the curve and the RNGs exactly as the last saved state left them
         _, _, state = load_state(out.dir)  # also restores Python's and torch's global RNGs
-        done, curve = state["done"], state["curve"]
+        done, curve[:] = state["done"], state["curve"]
         version, ints, gauss = state["rng"]
         rng.setstate((version, tuple(ints), gauss))
         archive.elites = {grid.key(e["cell"]): e for e in state["elites"]}
@@ -450,7 +452,6 @@ def search(domain: Domain, grid: Grid, cfg: Config, offset: float, out: Run
         bar.set_postfix(qd=f"{point['qd_score']:.3g}", cov=f"{point['coverage']:.0%}")
         bar.update(n)
     bar.close()
-    return archive, curve
 
 
 def run(cfg: Config, domain: Domain) -> tuple[Archive, dict, Path]:
@@ -462,7 +463,16 @@ def run(cfg: Config, domain: Domain) -> tuple[Archive, dict, Path]:
     auto = bounds[0] if bounds else RM_OFFSET  # the fitness's floor, or the hackathon's for an RM
     offset = float(cfg.qd_offset) if cfg.qd_offset != "auto" else auto
     out = Run("qdaif", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
-    archive, curve = search(domain, grid, cfg, offset, out)
+    archive, curve = Archive(grid, offset), []
+
+    def save() -> Path:  # the end's files, of the finished batches (RUN/state stays for --resume)
+        report(out, grid, archive, curve, bounds)
+        return out.dir
+
+    try:
+        search(domain, grid, cfg, out, archive, curve)
+    except KeyboardInterrupt:  # Ctrl-C: the map of the finished batches; one line, exit 130
+        exit_interrupted(out, len(curve), "archive, poems and plots", save, unit="batch")
     return archive, report(out, grid, archive, curve, bounds), out.dir
 
 

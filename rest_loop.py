@@ -61,9 +61,10 @@ from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
 from nanorlhf.distributed import print0
-from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, choose_threads, flag, load_state, parse_config,
-                          resume_run, run_dir, save_state, seed_everything, state_dir)
+from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything, state_dir)
 from nanorlhf.step import (batch_logps, clip_grad_norm, collate, pair_batch, reference_logps,
                            response_logps, response_logps_batched)
 from nanorlhf.model import autocast, device
@@ -222,10 +223,11 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return -F.logsigmoid(beta * h)
 
 
-def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str,
+def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str, what: str, hint: str,
         grad_clip: float = 1.0) -> float | None:
     """One shuffled pass over `items`, one optimizer step per batch -> mean loss (None for no
-    items).
+    items). A NaN or inf gradient norm stops the run before its step, in one line naming the step
+    (of `what`) and `hint`.
 
     loss_fn(batch) -> (summed loss, count): a step minimises the batch's sum / count. Under torchrun
     every rank takes rank 0's items (so all take the same steps) and its shard of each batch; the
@@ -243,7 +245,8 @@ def fit(model, items: list, loss_fn, optimizer, batch_size: int, seed: str,
         # DDP averages gradients over ranks; x world_size turns that average back into the batch's
         # sum
         (loss * distributed.world_size()).backward()
-        clip_grad_norm(model.parameters(), grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+        check_finite(f"step {i // batch_size + 1} of {what}", hint, grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -304,7 +307,7 @@ def improve(cfg: Config, policy, prepare: Prepare, samples: list[dict], rewards:
         # moments).
         stats["kept"].append(len(kept))
         stats["improve_loss"].append(fit(policy, kept, loss_fn, optimizer, cfg.batch_size,
-                                         f"{seed}:improve{i}"))
+                                         f"{seed}:improve{i}", f"Improve {i + 1}", "lower --lr"))
     lora.merge(policy)  # without adapters: nothing to merge
     return stats
 
@@ -339,7 +342,8 @@ def train_proxy(cfg: Config, rm, prepare: Prepare, pairs: list[dict], pad_id: in
         [{"params": [p for p in rm.model.parameters() if p.requires_grad], "lr": cfg.rm_lr},
          {"params": [rm.score.weight], "lr": cfg.rm_head_lr}], weight_decay=0.0)
     loss_fn = lambda b: bradley_terry_sum(net, b, pad_id, dev, cfg.rm_center)
-    losses = [fit(rm, pairs, loss_fn, optimizer, cfg.batch_size, f"{seed}:rm{e}")
+    losses = [fit(rm, pairs, loss_fn, optimizer, cfg.batch_size, f"{seed}:rm{e}",
+                  f"the proxy RM's epoch {e + 1}", "lower --rm-lr or --rm-head-lr")
               for e in range(cfg.rm_epochs)]
     lora.merge(rm)  # without adapters: nothing to merge
     return losses[-1] if losses else None
@@ -462,57 +466,71 @@ def main() -> None:
     for m in history:
         print0(table_row(m))
 
-    # iteration 0: π_0 and the untrained proxy, the baseline every iteration is read against
-    if not history:
-        m = {"iteration": 0, "gold_labels": 0,
-             **evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev, sampler)}
-        run.log(**m)
-        history.append(m)
-        print0(table_row(m))
-    for t in range(start + 1, cfg.iterations + 1):
-        t0, seed = time.perf_counter(), f"{cfg.seed}:{t}"
-        # Grow: K samples per prompt from the current policy π_{t-1}, on the next chunk of
-        # prompts. Fresh on-policy samples are the point of iterating: the proxy is then taught,
-        # and queried, where the policy now puts its mass, not where π_0 did.
-        samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k,
-                       cfg.temperature, cfg.max_new_tokens, cfg.gen_batch_size,
-                       cfg.seed + 1000 * t, f"grow {t}", sampler)
-        # Label (iterated RLHF): gold labels on pairs of these samples -> the proxy RM continues
-        # Bradley-Terry on them. oneshot spends the whole budget now, in iteration 1, on π_0's
-        # samples, and never again.
-        n_labels = (cfg.gold_pairs if cfg.mode == "iterated"
-                    else cfg.gold_pairs * cfg.iterations * (t == 1))
-        m = {"iteration": t, "new_labels": n_labels,
-             "gold_labels": history[-1]["gold_labels"] + n_labels}
-        if n_labels:
-            pairs = label_pairs(samples, cfg.k, n_labels, gold, tok)
-            m.update(rm_pairs=len(pairs),
-                     rm_loss=train_proxy(cfg, proxy, prepare, pairs, tok.pad_id, dev, seed))
-        # The policy is trained on the *proxy's* scores, never the gold's: the gold reward at
-        # evaluation then shows whether optimising the proxy helps or games it (Gao et al. 2022).
-        rewards = score_texts(proxy, tok, [s["prompt"] for s in samples],
-                              [s["text"] for s in samples], 2 * cfg.batch_size)
-        best_of_k = [max(rewards[i:i + cfg.k]) for i in range(0, len(rewards), cfg.k)]
-        m.update(grow_proxy=sum(rewards) / len(rewards),
-                 grow_best_of_k=sum(best_of_k) / cfg.prompts_per_iter)
-        # Improve: filter the grow set by rising thresholds (τ_1 ≥ its mean reward) and fine-tune
-        # π on what passes, one step per threshold (improve()); π_t is the result.
-        m.update(improve(cfg, policy, prepare, samples, rewards, quantiles, tok.pad_id, dev, seed))
-        # Evaluate π_t on held-out prompts with the same seed every iteration: gold, proxy,
-        # KL(π_t‖π_0).
-        m.update(evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev, sampler))
-        m["seconds"] = time.perf_counter() - t0
-        run.log(**m)
-        history.append(m)
-        # a resume needs only t and these weights
-        if distributed.is_main():
-            save_state(run.dir, t, weights(policy, proxy))
-        print0(table_row(m))
+    def save() -> Path:  # the policy and the proxy RM (rank 0 writes)
+        save_model(policy, run.dir / "model", copy_from=model_dir)
+        save_reward_model(proxy, run.dir / "proxy_rm", copy_from=model_dir)
+        return run.dir
 
+    try:
+        # iteration 0: π_0 and the untrained proxy, the baseline every iteration is read against
+        if not history:
+            m = {"iteration": 0, "gold_labels": 0,
+                 **evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev, sampler)}
+            run.log(**m)
+            history.append(m)
+            print0(table_row(m))
+        for t in range(start + 1, cfg.iterations + 1):
+            t0, seed = time.perf_counter(), f"{cfg.seed}:{t}"
+            # Grow: K samples per prompt from the current policy π_{t-1}, on the next chunk of
+            # prompts. Fresh on-policy samples are the point of iterating: the proxy is then taught,
+            # and queried, where the policy now puts its mass, not where π_0 did.
+            samples = grow(policy, tok, prompt_chunk(pool, t, cfg.prompts_per_iter), cfg.k,
+                           cfg.temperature, cfg.max_new_tokens, cfg.gen_batch_size,
+                           cfg.seed + 1000 * t, f"grow {t}", sampler)
+            # Label (iterated RLHF): gold labels on pairs of these samples -> the proxy RM continues
+            # Bradley-Terry on them. oneshot spends the whole budget now, in iteration 1, on π_0's
+            # samples, and never again.
+            n_labels = (cfg.gold_pairs if cfg.mode == "iterated"
+                        else cfg.gold_pairs * cfg.iterations * (t == 1))
+            m = {"iteration": t, "new_labels": n_labels,
+                 "gold_labels": history[-1]["gold_labels"] + n_labels}
+            if n_labels:
+                pairs = label_pairs(samples, cfg.k, n_labels, gold, tok)
+                m.update(rm_pairs=len(pairs),
+                         rm_loss=train_proxy(cfg, proxy, prepare, pairs, tok.pad_id, dev, seed))
+            # The policy is trained on the *proxy's* scores, never the gold's: the gold reward at
+            # evaluation then shows whether optimising the proxy helps or games it (Gao et al.
+            # 2022).
+            rewards = score_texts(proxy, tok, [s["prompt"] for s in samples],
+                                  [s["text"] for s in samples], 2 * cfg.batch_size)
+            # a proxy whose last step overflowed scores NaN: stop here, before π trains on it
+            check_finite(f"iteration {t}", "lower --rm-lr or --rm-head-lr",
+                         proxy_reward=torch.tensor(rewards))
+            best_of_k = [max(rewards[i:i + cfg.k]) for i in range(0, len(rewards), cfg.k)]
+            m.update(grow_proxy=sum(rewards) / len(rewards),
+                     grow_best_of_k=sum(best_of_k) / cfg.prompts_per_iter)
+            # Improve: filter the grow set by rising thresholds (τ_1 ≥ its mean reward) and
+            # fine-tune π on what passes, one step per threshold (improve()); π_t is the result.
+            m.update(improve(cfg, policy, prepare, samples, rewards, quantiles, tok.pad_id, dev,
+                             seed))
+            # Evaluate π_t on held-out prompts with the same seed every iteration: gold, proxy,
+            # KL(π_t‖π_0).
+            m.update(evaluate(cfg, policy, ref, proxy, gold, tok, eval_prompts, dev, sampler))
+            m["seconds"] = time.perf_counter() - t0
+            run.log(**m)
+            history.append(m)
+            # a resume needs only t and these weights
+            if distributed.is_main():
+                save_state(run.dir, t, weights(policy, proxy))
+            print0(table_row(m))
+    except NonFiniteLogits as e:  # an Improve step overflowed the policy's weights: nothing saved
+        raise UserError(f"iteration {len(history)}: {e} — lower --lr") from None
+    except KeyboardInterrupt:  # Ctrl-C: the current policy and proxy are saved; one line, 130
+        exit_interrupted(run, max(len(history) - 1, 0), "the current policy (model/) and proxy RM "
+                         "(proxy_rm/)", save, unit="iteration")  # history[0]: iteration 0
     if not distributed.is_main():
         return
-    save_model(policy, run.dir / "model", copy_from=model_dir)
-    save_reward_model(proxy, run.dir / "proxy_rm", copy_from=model_dir)
+    save()
     # complete: model/ and proxy_rm/ are the final state
     shutil.rmtree(run.dir / "state", ignore_errors=True)
     series = lambda key: [(m["iteration"], m[key]) for m in history if m[key] is not None]

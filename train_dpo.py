@@ -14,7 +14,6 @@ entity pairs -> π_ref's log-probs of every pair, once -> DPO steps (AdamW, warm
 accumulation; RUN/state every --save-every) -> the trained model's evaluation -> HF checkpoint, SVG.
 """
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,8 +27,9 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.step import (batch_logps, clip_grad_norm, lr_at, mean_metrics, pair_batch,
                            reference_logps)
 from nanorlhf.model import device
@@ -329,14 +329,9 @@ def main() -> None:
         model.load_state_dict({name: saved[name] for name in trainable}, strict=False)
     try:
         history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
-    except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
-        if not history:  # no step finished: the model is the base, never to be labelled trained
-            print("\ninterrupted before the first step: nothing saved", file=sys.stderr)
-            sys.exit(130)
-        save_model(model.eval(), run.dir / "model", copy_from=model_dir)  # LoRA: merged weights
-        print(f"\ninterrupted: model after step {len(history)} in {run.dir / 'model'}, "
-              f"metrics in {run.dir / 'metrics.jsonl'}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
+        exit_interrupted(run, len(history), "model",  # LoRA: merged
+                         lambda: save_model(model.eval(), run.dir / "model", copy_from=model_dir))
     save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes
     if not distributed.is_main():
         return

@@ -46,9 +46,10 @@ from torch import Tensor
 from nanorlhf import lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.distributed import launched
-from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, choose_threads, flag, load_state, parse_config,
-                          resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.step import lr_at, response_logps_batched
 from nanorlhf.model import autocast, device
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate_batched, left_pad, sample_responses
@@ -318,8 +319,10 @@ def logps_of(model, batch: dict, parts: list[list[int]], cfg: Config) -> Tensor:
 
 
 def update(cfg: Config, net, optimizer, params: list[Tensor], batch: dict, advantages: Tensor,
-           old: Tensor, ref_logp: Tensor | None, epochs: list[list[list[int]]]) -> dict[str, float]:
-    """--epochs passes of minibatch steps; -> the mean of each statistic over the minibatches."""
+           old: Tensor, ref_logp: Tensor | None, epochs: list[list[list[int]]], step: int
+           ) -> dict[str, float]:
+    """--epochs passes of minibatch steps of rollout step `step` (1-based); -> the mean of each
+    statistic over the minibatches."""
     logs: dict[str, list[float]] = {}
     for epoch, parts in enumerate(epochs):
         for index, rows in enumerate(parts):
@@ -345,6 +348,8 @@ def update(cfg: Config, net, optimizer, params: list[Tensor], batch: dict, advan
                 sums += torch.tensor([loss.item(), low[m].sum(), high[m].sum(), entropy[m].sum(),
                                       kl.detach()[m].sum()], dtype=torch.float64)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            # a NaN or inf stops the run here, before the weights step on it: the last state stays
+            check_finite(step, "lower --lr", grad_norm=grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n = max(num_tokens, 1)
@@ -385,7 +390,8 @@ def train(cfg: Config, policy, net, ref, optimizer, sample: Callable, pool: list
         for group in optimizer.param_groups:  # the schedule follows the rollout step (resumable)
             group["lr"] = cfg.lr * lr_at(step, cfg.steps, cfg.warmup_steps)
         policy.train()  # no dropout in the model: train() changes nothing numerically
-        stats = update(cfg, net, optimizer, params, batch, advantages, old, ref_logp, epochs)
+        stats = update(cfg, net, optimizer, params, batch, advantages, old, ref_logp, epochs,
+                       step + 1)
         lengths = batch["mask"].sum(-1).float()
         metrics = {"step": step + 1, "reward": rewards.mean().item(),
                    "frac_reward_zero_std": zero_std.float().mean().item(),
@@ -518,7 +524,14 @@ def main() -> None:
 
     if "before" not in results:
         evaluate_at(0, "before")
-    train(cfg, policy, policy, ref, optimizer, sample, pool, tok, run, start, history, evaluate_at)
+    try:
+        train(cfg, policy, policy, ref, optimizer, sample, pool, tok, run, start, history,
+              evaluate_at)
+    except NonFiniteLogits as e:  # the last step's update overflowed the weights: nothing saved
+        raise UserError(f"step {len(history) + 1}: {e} — lower --lr") from None
+    except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
+        exit_interrupted(run, len(history), "model",  # LoRA: merged
+                         lambda: save_model(policy, run.dir / "model", copy_from=model_dir))
     save_model(policy, run.dir / "model", copy_from=model_dir)
     shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
     evaluate_at(cfg.steps, "after")

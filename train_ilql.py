@@ -48,8 +48,9 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.step import clip_grad_norm, collate, lr_at
 from nanorlhf.model import autocast, device
 from nanorlhf.sampling import LogitsHook, top_k_filter
@@ -500,11 +501,12 @@ def prepare(cfg: Config, model, heads: ILQLHeads, samples: list[dict], pad_id: i
 
 def train(cfg: Config, net: nn.Module, ilql: ILQLNet, optimizer: torch.optim.Optimizer,
           micro_batches: list[list[dict]], pad_id: int, dev, run: Run, start: int = 0,
-          history=()) -> list[dict]:
+          history: list[dict] | None = None) -> list[dict]:
     """ILQL steps from `start` through `net` (what prepare() made). Under torchrun every rank builds
     the same micro-batches and trains on its shard of each."""
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
-    history, syncs = list(history), start // cfg.target_sync_every
+    history = [] if history is None else history  # main's list: Ctrl-C counts its finished steps
+    syncs = start // cfg.target_sync_every
     bar = distributed.bar(total=total_steps, initial=start, desc="ILQL", unit="step")
     for step in range(start, total_steps):
         for group in optimizer.param_groups:
@@ -761,14 +763,24 @@ def main() -> None:
     if cfg.resume:  # the heads, targets, a trained LM, AdamW's moments and the RNG, as saved
         start, tensors, _ = load_state(run.dir, optimizer)
         ilql.load_state_tensors(tensors)
-    history = train(cfg, net, ilql, optimizer, micro_batches, tok.pad_id, dev, run, start, history)
-    model.eval()
-    if cfg.train_lm:  # every rank calls it; rank 0 writes (LoRA merged)
-        save_model(model, run.dir / "model", copy_from=model_dir)
+
+    def save() -> Path:  # the heads, and a trained LM (every rank calls it; rank 0 writes)
+        model.eval()
+        if cfg.train_lm:  # LoRA merged
+            save_model(model, run.dir / "model", copy_from=model_dir)
+        if distributed.is_main():
+            save_heads(heads, run.dir / "ilql_heads.safetensors",
+                       base_model="" if cfg.train_lm else str(model_dir))
+        return run.dir if cfg.train_lm else run.dir / "ilql_heads.safetensors"
+
+    try:
+        history = train(cfg, net, ilql, optimizer, micro_batches, tok.pad_id, dev, run, start,
+                        history)
+    except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
+        exit_interrupted(run, len(history), "heads and model" if cfg.train_lm else "heads", save)
+    save()
     if not distributed.is_main():
         return
-    save_heads(heads, run.dir / "ilql_heads.safetensors",
-               base_model="" if cfg.train_lm else str(model_dir))
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history] for k in keys}
     line_plots([("ILQL loss terms", series("loss/q", "loss/v", "loss/cql", "loss/awac")),
                 ("values on dataset actions", series("v", "q_hat", "q")),

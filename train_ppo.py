@@ -41,9 +41,10 @@ from torch import Tensor, nn
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
-from nanorlhf.errors import UserError, run_cli
-from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.sampling import (SAMPLERS, SAMPLER_HELP, Sampler, generate_batched, left_pad,
@@ -623,8 +624,14 @@ def main() -> None:
         with torch.no_grad():
             for k, p in trainable_tensors(ac).items():
                 p.copy_(tensors[k])
-    history = train(cfg, net, ac, ref, optimizer, sampler, tok, pool, scorers["reward"], run, start,
-                    history, evaluate_at)
+    try:
+        history = train(cfg, net, ac, ref, optimizer, sampler, tok, pool, scorers["reward"], run,
+                        start, history, evaluate_at)
+    except NonFiniteLogits as e:  # the last step's update overflowed the weights: nothing saved
+        raise UserError(f"step {len(history) + 1}: {e} — lower --lr") from None
+    except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
+        exit_interrupted(run, len(history), "model",  # LoRA: merged
+                         lambda: save_model(policy, run.dir / "model", copy_from=model_dir))
     save_model(policy, run.dir / "model", copy_from=model_dir)  # rank 0 writes (LoRA merged)
     if not distributed.is_main():
         return

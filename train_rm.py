@@ -38,7 +38,6 @@ rm:PATH) scores responses under that prompt and ignores the request.
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -49,8 +48,9 @@ from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import epoch_batches, fit_to_length
 from nanorlhf.errors import run_cli
-from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
+                          load_state, parse_config, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.step import clip_grad_norm, lr_at, mean_metrics, pair_batch
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm,
@@ -188,7 +188,8 @@ def tokenize_pairs(pairs: list[dict], tok: Tokenizer, max_len: int,
 
 
 def train(cfg: Config, net, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-          pairs: list[dict], pad_id: int, dev, run: Run, start: int = 0, history=()) -> list[dict]:
+          pairs: list[dict], pad_id: int, dev, run: Run, start: int = 0,
+          history: list[dict] | None = None) -> list[dict]:
     """Bradley-Terry steps from step `start` on: `net` is the RM to train through (DDP under
     torchrun), `optimizer` steps what trains (with LoRA the adapters and the head), `weights` is
     what RUN/state/ keeps of the RM. Under torchrun every rank builds the same micro-batches and
@@ -199,7 +200,7 @@ def train(cfg: Config, net, optimizer: torch.optim.Optimizer, weights: dict[str,
     net.train()
     peaks = (cfg.lr, cfg.head_lr)  # the backbone's and the head's param group
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
-    history = list(history)
+    history = [] if history is None else history  # main's list: Ctrl-C counts its finished steps
     bar = distributed.bar(total=total_steps, initial=start, desc="RM", unit="step")
     for step in range(start, total_steps):
         mult = lr_at(step, total_steps, cfg.warmup_steps)
@@ -326,12 +327,9 @@ def main() -> None:
                 p.copy_(tensors[name])
     try:
         history = train(cfg, net, optimizer, weights, pairs, tok.pad_id, dev, run, start, history)
-    except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it
-        # LoRA: merged into the weights
-        save_reward_model(rm.eval(), run.dir / "rm", copy_from=model_dir)
-        print(f"\ninterrupted: RM after the last finished step in {run.dir / 'rm'}",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
+        exit_interrupted(run, len(history), "RM",  # LoRA: merged
+                         lambda: save_reward_model(rm.eval(), run.dir / "rm", copy_from=model_dir))
     if not distributed.is_main():
         return
     # LoRA: adapters merged into plain weights

@@ -5,6 +5,7 @@ No framework: a few small functions and a class.
     cfg = parse_config(Config, __doc__)             # every flag checked, one line per error
     run = Run("train_dpo", cfg.out_dir, cfg.run, cfg)
     check_finite(step, "lower --lr", loss=loss)     # a NaN or inf stops the run in one line
+    exit_interrupted(run, step, "model", save)      # Ctrl-C: save, one line, exit 130
     run.log(step=1, loss=0.69)                      # metrics.jsonl, a line per call
     save_state(run.dir, step, tensors, optimizer)   # RUN/state/, swapped in whole
     cfg, step, history = resume_run(Config, "out/train_dpo/RUN")   # --resume RUN_DIR
@@ -25,7 +26,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -34,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from nanorlhf import distributed
 from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, pid_alive,
                              remove_stale_temps)
-from nanorlhf.errors import UserError
+from nanorlhf.errors import UserError, close_bars
 
 
 def flag(default, help: str, *, choices=None, min=None, gt=None, max=None, lt=None):
@@ -186,15 +189,17 @@ def seed_everything(seed: int) -> None:
 
 # --- numbers: what a run logs, saves or steps on is finite ---
 
-def check_finite(step: int, hint: str = "lower --lr", **values) -> None:
+def check_finite(step: int | str, hint: str = "lower --lr", **values) -> None:
     """Stop with one line if a value (a number or a tensor) is NaN or infinite, before it is
     logged, saved or stepped on: `check_finite(step, "lower --lr or --beta", loss=l, grad_norm=g)`
-    -> UserError("step 12: loss is nan — lower --lr or --beta"). The last good state stays."""
+    -> UserError("step 12: loss is nan — lower --lr or --beta"). The last good state stays.
+    A `step` that is not a number names the place itself: "iteration 2", "step 3 of Improve 1"."""
+    where = f"step {step}" if isinstance(step, int) else step
     for name, value in values.items():
         x = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
         bad = x[~torch.isfinite(x)]
         if bad.numel():
-            raise UserError(f"step {step}: {name} is {bad.flatten()[0].item()} — {hint}")
+            raise UserError(f"{where}: {name} is {bad.flatten()[0].item()} — {hint}")
 
 
 def _non_finite(obj, key: str = "") -> tuple[str, float] | None:
@@ -606,3 +611,24 @@ def resume_run(cls, run: str, script: str, step_key: str = "step"):
     history = [m for m in read_metrics(metrics, step_key) if m[step_key] <= step] \
         if metrics.is_file() else []
     return cfg, step, history
+
+
+# --- Ctrl-C: what the finished steps learned is saved, in one line ---
+
+def exit_interrupted(run: Run, finished: int, what: str, save: Callable[[], Path],
+                     unit: str = "step") -> NoReturn:
+    """A script's `except KeyboardInterrupt:` around its training: one line on stderr, exit
+    status 130. After `finished` steps (a resumed run counts those before its resume) save()
+    writes what the run's normal end writes, the weights as they stand, and returns where: the line
+    says "interrupted after step 3: model in RUN/model". Under torchrun every rank calls save() and
+    rank 0 writes. Before the first step nothing is saved: the model is the untouched base, never
+    to be labelled as trained. RUN/state/, the last save point, is kept for --resume."""
+    path = save() if finished else None
+    if run.writes:
+        line = (f"interrupted after {unit} {finished}: {what} in {path}" if finished
+                else f"interrupted before the first {unit}: nothing saved")
+        if (state := state_dir(run.dir)) is not None:
+            line += f"; --resume {run.dir} continues after {unit} {_state_info(state)['step']}"
+        close_bars()  # first: the line stays the last on the terminal
+        print(line, file=sys.stderr)
+    sys.exit(130)

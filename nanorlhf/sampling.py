@@ -13,6 +13,7 @@ from torch import Tensor
 
 from nanorlhf import distributed
 from nanorlhf.data import fit_prompts
+from nanorlhf.errors import NonFiniteLogits
 from nanorlhf.model import KVCache, Transformer, autocast
 
 # (logits (B, V) fp32, last hidden state (B, hidden), step) -> new logits (ILQL adds β(Q - V) here)
@@ -105,8 +106,10 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
     temperature, then top-k, then top-p (the nucleus of what top-k kept)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = top_p_filter(top_k_filter(logits / temperature, top_k), top_p).softmax(-1)
+    if not bool(probs.isfinite().all()):  # NaN or +inf logits: one line, not torch's traceback
+        raise NonFiniteLogits("the policy's logits overflow (next-token probabilities are nan)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()

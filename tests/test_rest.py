@@ -368,11 +368,11 @@ def test_run_outputs_and_resume_matches_uninterrupted(tiny_chat_model, tmp_path,
     def crash_in_iteration_2(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated crash")  # a Ctrl-C would save model/ (test_interrupt.py)
         return real_improve(*args, **kwargs)
 
     monkeypatch.setattr(rest_loop, "improve", crash_in_iteration_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         tiny_run(monkeypatch, tiny_chat_model, prompts, out, "cut", "--improve", "dpo")
     state = json.loads((out / "cut" / "state" / "state.json").read_text())
     assert state["step"] == 1  # the iteration
