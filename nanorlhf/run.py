@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanorlhf import distributed
-from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, pid_alive,
-                             remove_stale_temps)
+from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, fault_point,
+                             pid_alive, remove_stale_temps)
 from nanorlhf.errors import UserError
 
 
@@ -433,7 +433,10 @@ class Run:
         if self.writes:
             line = strict_json(values, f"step {values.get('step', '?')}") + "\n"
             try:
-                self.metrics.write(line)
+                half = len(line) // 2  # the test hook (atomic.fault_point) strikes in between
+                self.metrics.write(line[:half])
+                fault_point(self.dir / "metrics.jsonl", self.metrics)
+                self.metrics.write(line[half:])
                 self.metrics.flush()
                 os.fsync(self.metrics.fileno())
             except OSError as e:
