@@ -628,7 +628,6 @@ def main() -> None:
     save_model(policy, run.dir / "model", copy_from=model_dir)  # rank 0 writes (LoRA merged)
     if not distributed.is_main():
         return
-    shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
     evaluate_at(cfg.steps, "after")
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history if k in m] for k in keys}
     line_plots([("training reward (raw score, mean)", series("score")),
@@ -636,6 +635,9 @@ def main() -> None:
                 ("losses", series("loss/policy", "loss/value", "loss/kl")),
                 ("clip fraction, approx KL(π_old‖π), entropy",
                  series("clipfrac", "approx_kl", "entropy"))], run.dir / "training.svg")
+    # complete: model/ is the final state. RUN/state stays until the last write, so that a crash
+    # in the writes above (eval.json, the plot) can still be resumed
+    shutil.rmtree(run.dir / "state", ignore_errors=True)
     print(f"\nheld-out: {results['before']['samples']} samples (temperature 1, seed "
           f"{cfg.seed + 7}), reward {cfg.reward}")
     print(report(results["before"], results["after"], cfg.algo, cfg.gold))
