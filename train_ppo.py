@@ -27,7 +27,6 @@ metrics.jsonl, eval.json, training.svg, model/ (HF layout); RUN/state/ every --s
 """
 
 import copy
-import json
 import math
 import random
 import shutil
@@ -43,7 +42,8 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import read_prompts
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+                          parse_config, read_results, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import make_gold_scorer
 from nanorlhf.sampling import (SAMPLERS, SAMPLER_HELP, Sampler, generate_batched, left_pad,
@@ -606,8 +606,8 @@ def main() -> None:
         f"{sum(p.numel() for p in params):,} trainable parameters; torch threads: {threads}"
         + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
 
-    saved = run.dir / "eval.json"  # a resumed run keeps the evaluations it already made
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    # a resumed run keeps the evaluations it already made
+    results = read_results(run.dir) if cfg.resume else {}
 
     def evaluate_at(step: int, name: str = "") -> None:  # rank 0: the others wait at a collective
         results.setdefault("steps", {})[str(step)] = evaluate_policy(

@@ -35,7 +35,6 @@ sentiment of a text alone, so reward.RMScorer (rest_loop's --gold rm:PATH, qdaif
 rm:PATH) scores responses under that prompt and ignores the request.
 """
 
-import json
 import math
 import random
 import sys
@@ -50,7 +49,8 @@ from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import epoch_batches, fit_to_length
 from nanorlhf.errors import run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
-                          parse_config, resume_run, run_dir, save_state, seed_everything)
+                          parse_config, read_results, resume_run, run_dir, save_state,
+                          seed_everything)
 from nanorlhf.step import clip_grad_norm, lr_at, mean_metrics, pair_batch
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import (VaderScorer, bradley_terry_loss, pair_ids, reward_model_from_lm,
@@ -302,8 +302,8 @@ def main() -> None:
     # the cut of tokenize_pairs: score_texts' max_len covers prompt + text
     rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size,
                                        prompt_len + cfg.max_len)
-    saved = run.dir / "eval.json"  # a resumed run keeps the baseline rows it already has
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    # a resumed run keeps the baseline rows it already has
+    results = read_results(run.dir) if cfg.resume else {}
     # rank 0 evaluates; the others wait at DDP's first sync
     if distributed.is_main() and "VADER" not in results:
         results["VADER"] = evaluate(lambda ts: vader.score([""] * len(ts), ts), texts, sets)

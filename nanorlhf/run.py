@@ -231,6 +231,18 @@ def read_json(path: str | Path):
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
+def read_results(run: str | Path) -> dict:
+    """RUN/eval.json, the evaluations a resumed run already made ({} if none); a damaged one is
+    one line."""
+    path = Path(run) / "eval.json"
+    if not path.is_file():
+        return {}
+    results = read_json(path)
+    if not isinstance(results, dict):
+        raise UserError(f"{path}: expected a JSON object of evaluations; the file is damaged")
+    return results
+
+
 # --- the run directory OUT_DIR/RUN: one path component, claimed by one process ---
 
 LOCK = ".lock"  # RUN/.lock holds the pid of the process writing RUN
@@ -587,10 +599,14 @@ def resume_run(cls, run: str, script: str, step_key: str = "step"):
     """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its
     state holds, its metrics.jsonl lines up to that step: those whose `step_key` is at most it).
     Flags given beside --resume are ignored. A run still going (RUN/.lock held by a live process)
-    is refused; so is a damaged one."""
+    is refused; so are a damaged one and one whose files are symbolic links."""
     path = Path(run)
     if not (path / "config.json").is_file():
         raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
+    links = [p for p in (path, *sorted(path.iterdir())) if p.is_symlink()]
+    if links:  # read or continued through a link, a run would take in or overwrite another's files
+        raise UserError(f"--resume {run}: {links[0]} is a symbolic link; a run's files are "
+                        "regular files inside its directory")
     if (pid := lock_holder(path)) is not None:
         raise _in_use(path, pid)
     if (state := state_dir(path)) is None:
