@@ -324,9 +324,9 @@ def main() -> None:
         results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
     trainable, optimizer, steps = prepare(cfg, net, model, pairs, tok.pad_id, dev)
     if cfg.resume:  # the trained tensors, AdamW's moments and the RNG as after the saved step
-        run.rewrite(history)  # metrics.jsonl back to the saved state's step
         saved = load_state(run.dir, optimizer)[1]
         model.load_state_dict({name: saved[name] for name in trainable}, strict=False)
+        run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     try:
         history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: keep what the finished steps learned rather than lose it

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.data import read_prompts
+from nanorlhf.data import check_vocab, read_prompts
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, flag, load_state,
                           parse_config, read_results, resume_run, run_dir, save_state,
@@ -581,6 +581,10 @@ def main() -> None:
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
     model_dir = resolve_model(cfg.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    # the tokenizer's every id needs an embedding: a mismatch is one line now, not an IndexError
+    # (and a run dir that blocks the name) later
+    check_vocab([tok.tok.get_vocab_size() - 1], policy.cfg.vocab_size,
+                str(model_dir / "tokenizer.json"))
     backbone = policy.model if cfg.critic == "separate" else None
     critic = Critic(backbone, policy.cfg.hidden_size).to(dev) if cfg.algo == "ppo" else None
     prepare(cfg, policy, cfg.seed)
@@ -597,8 +601,6 @@ def main() -> None:
     params = [p for p in ac.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run("train_ppo", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
-    if cfg.resume:
-        run.rewrite(history)  # metrics.jsonl back to the saved state's step
     distributed.print0(
         f"{cfg.algo}: {cfg.steps} steps x {cfg.batch_size} responses ({cfg.group_size} per "
         f"prompt), reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x "
@@ -623,6 +625,7 @@ def main() -> None:
         with torch.no_grad():
             for k, p in trainable_tensors(ac).items():
                 p.copy_(tensors[k])
+        run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     history = train(cfg, net, ac, ref, optimizer, sampler, tok, pool, scorers["reward"], run, start,
                     history, evaluate_at)
     save_model(policy, run.dir / "model", copy_from=model_dir)  # rank 0 writes (LoRA merged)
