@@ -324,9 +324,9 @@ def main() -> None:
         results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
     trainable, optimizer, steps = prepare(cfg, net, model, pairs, tok.pad_id, dev)
     if cfg.resume:  # the trained tensors, AdamW's moments and the RNG as after the saved step
-        run.rewrite(history)  # metrics.jsonl back to the saved state's step
         saved = load_state(run.dir, optimizer)[1]
         model.load_state_dict({name: saved[name] for name in trainable}, strict=False)
+        run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     try:
         history = train(cfg, net, trainable, optimizer, steps, tok.pad_id, dev, run, history)
     except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130
@@ -335,7 +335,6 @@ def main() -> None:
     save_model(model, run.dir / "model", copy_from=model_dir)  # every rank calls it; rank 0 writes
     if not distributed.is_main():
         return
-    shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
     curve = lambda key: [(m["step"], m[key]) for m in history]  # (step, value) points
     rewards = {name: curve(f"rewards/{name}") for name in ("chosen", "rejected", "margins")}
     line_plots([("DPO loss", {"loss": curve("loss")}), ("implicit rewards", rewards),
@@ -352,6 +351,9 @@ def main() -> None:
         before, after = results["base"]["pink_rate"], results["DPO"]["pink_rate"]
         if before > 0:
             print(f"relative change in pink mention rate: {(after - before) / before:+.0%}")
+    # complete: model/ is the final state. RUN/state stays until the last write, so that a crash
+    # in the writes above (the plot, eval.json) can still be resumed
+    shutil.rmtree(run.dir / "state", ignore_errors=True)
     print(f"model, metrics and plots in {run.dir} ({(time.perf_counter() - started) / 60:.1f} min)")
 
 

@@ -27,7 +27,6 @@ metrics.jsonl, eval.json, training.svg, model/ (HF layout); RUN/state/ every --s
 """
 
 import copy
-import json
 import math
 import random
 import shutil
@@ -40,10 +39,10 @@ from torch import Tensor, nn
 
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.data import read_prompts
+from nanorlhf.data import check_vocab, read_prompts
 from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
-                          load_state, parse_config, resume_run, run_dir, save_state,
+                          load_state, parse_config, read_results, resume_run, run_dir, save_state,
                           seed_everything)
 from nanorlhf.model import autocast, device
 from nanorlhf.reward import make_gold_scorer
@@ -582,6 +581,10 @@ def main() -> None:
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
     model_dir = resolve_model(cfg.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
+    # the tokenizer's every id needs an embedding: a mismatch is one line now, not an IndexError
+    # (and a run dir that blocks the name) later
+    check_vocab([tok.tok.get_vocab_size() - 1], policy.cfg.vocab_size,
+                str(model_dir / "tokenizer.json"))
     backbone = policy.model if cfg.critic == "separate" else None
     critic = Critic(backbone, policy.cfg.hidden_size).to(dev) if cfg.algo == "ppo" else None
     prepare(cfg, policy, cfg.seed)
@@ -598,8 +601,6 @@ def main() -> None:
     params = [p for p in ac.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run("train_ppo", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
-    if cfg.resume:
-        run.rewrite(history)  # metrics.jsonl back to the saved state's step
     distributed.print0(
         f"{cfg.algo}: {cfg.steps} steps x {cfg.batch_size} responses ({cfg.group_size} per "
         f"prompt), reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x "
@@ -607,8 +608,8 @@ def main() -> None:
         f"{sum(p.numel() for p in params):,} trainable parameters; torch threads: {threads}"
         + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
 
-    saved = run.dir / "eval.json"  # a resumed run keeps the evaluations it already made
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    # a resumed run keeps the evaluations it already made
+    results = read_results(run.dir) if cfg.resume else {}
 
     def evaluate_at(step: int, name: str = "") -> None:  # rank 0: the others wait at a collective
         results.setdefault("steps", {})[str(step)] = evaluate_policy(
@@ -624,6 +625,7 @@ def main() -> None:
         with torch.no_grad():
             for k, p in trainable_tensors(ac).items():
                 p.copy_(tensors[k])
+        run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     try:
         history = train(cfg, net, ac, ref, optimizer, sampler, tok, pool, scorers["reward"], run,
                         start, history, evaluate_at)
@@ -635,7 +637,6 @@ def main() -> None:
     save_model(policy, run.dir / "model", copy_from=model_dir)  # rank 0 writes (LoRA merged)
     if not distributed.is_main():
         return
-    shutil.rmtree(run.dir / "state", ignore_errors=True)  # complete: model/ is the final state
     evaluate_at(cfg.steps, "after")
     series = lambda *keys: {k: [(m["step"], m[k]) for m in history if k in m] for k in keys}
     line_plots([("training reward (raw score, mean)", series("score")),
@@ -643,6 +644,9 @@ def main() -> None:
                 ("losses", series("loss/policy", "loss/value", "loss/kl")),
                 ("clip fraction, approx KL(π_old‖π), entropy",
                  series("clipfrac", "approx_kl", "entropy"))], run.dir / "training.svg")
+    # complete: model/ is the final state. RUN/state stays until the last write, so that a crash
+    # in the writes above (eval.json, the plot) can still be resumed
+    shutil.rmtree(run.dir / "state", ignore_errors=True)
     print(f"\nheld-out: {results['before']['samples']} samples (temperature 1, seed "
           f"{cfg.seed + 7}), reward {cfg.reward}")
     print(report(results["before"], results["after"], cfg.algo, cfg.gold))

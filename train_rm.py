@@ -35,7 +35,6 @@ sentiment of a text alone, so reward.RMScorer (rest_loop's --gold rm:PATH, qdaif
 rm:PATH) scores responses under that prompt and ignores the request.
 """
 
-import json
 import math
 import random
 import time
@@ -46,10 +45,10 @@ import torch
 
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.data import epoch_batches, fit_to_length
+from nanorlhf.data import check_vocab, epoch_batches, fit_to_length
 from nanorlhf.errors import run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
-                          load_state, parse_config, resume_run, run_dir, save_state,
+                          load_state, parse_config, read_results, resume_run, run_dir, save_state,
                           seed_everything)
 from nanorlhf.step import clip_grad_norm, lr_at, mean_metrics, pair_batch
 from nanorlhf.model import autocast, device
@@ -281,6 +280,10 @@ def main() -> None:
     model_dir = resolve_model(cfg.model)
     tok = Tokenizer(model_dir)
     rm = reward_model_from_lm(load_model(model_dir, device=dev), cfg.seed).eval()
+    # the tokenizer's every id needs an embedding: a mismatch is one line now, not an IndexError
+    # (and a run dir that blocks the name) later
+    check_vocab([tok.tok.get_vocab_size() - 1], rm.cfg.vocab_size,
+                str(model_dir / "tokenizer.json"))
     rm.fixed_prompt = ""  # trained and evaluated on ("", text): saved with the RM (reward.RMScorer)
     # What trains: LoRA adapters drawn from --seed (rank 0: none, everything trains) and, with LoRA
     # too, the fresh head whole; gradient checkpointing and oneDNN matmuls as the flags say.
@@ -295,16 +298,14 @@ def main() -> None:
     distributed.print0(f"{len(pairs)} training pairs from {len(splits['train'])} train texts; "
                        f"{cut} texts cut to {cfg.max_len} tokens; torch threads: {threads}")
     run = Run("train_rm", cfg.out_dir, cfg.run, cfg, resume=bool(cfg.resume))
-    if cfg.resume:
-        run.rewrite(history)  # metrics.jsonl back to the state's step
 
     texts = unique_texts(sets)
     prompt_len = len(pair_ids(tok, "", "")[0])
     # the cut of tokenize_pairs: score_texts' max_len covers prompt + text
     rm_scores = lambda ts: score_texts(rm, tok, [""] * len(ts), ts, cfg.eval_batch_size,
                                        prompt_len + cfg.max_len)
-    saved = run.dir / "eval.json"  # a resumed run keeps the baseline rows it already has
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    # a resumed run keeps the baseline rows it already has
+    results = read_results(run.dir) if cfg.resume else {}
     # rank 0 evaluates; the others wait at DDP's first sync
     if distributed.is_main() and "VADER" not in results:
         results["VADER"] = evaluate(lambda ts: vader.score([""] * len(ts), ts), texts, sets)
@@ -325,6 +326,7 @@ def main() -> None:
         with torch.no_grad():
             for name, p in weights.items():
                 p.copy_(tensors[name])
+        run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     try:
         history = train(cfg, net, optimizer, weights, pairs, tok.pad_id, dev, run, start, history)
     except KeyboardInterrupt:  # Ctrl-C: what the finished steps learned is saved; one line, 130

@@ -6,12 +6,14 @@ The recipe: write a temporary sibling PATH.tmp-PID, fsync it, rename it over PAT
 fsync the directory so the rename itself survives a power cut. A rename replaces a symbolic link at
 PATH, never the file it points to. A temporary left by a process that was killed is removed by the
 next write of the same PATH (its PID no longer runs). A failed write is one UserError line.
+fault_point is a test hook: it lets tests crash or fill the disk in the middle of any write.
 """
 
 import errno
 import glob
 import os
 import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,34 @@ from nanorlhf.errors import UserError
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives a new file (0644 under the usual umask)
+
+
+# --- a test hook (tests/test_reliability_scripts.py): unset, it costs one lookup per write ---
+
+_writes: dict[str, int] = {}  # NAME -> how many writes to a file named NAME this process began
+
+
+def fault_point(path: Path, file=None) -> None:
+    """A test hook: with NANORLHF_FAULT=NAME:N:ACTION in the environment, the N-th write in this
+    process to a file or directory named NAME (config.json, metrics.jsonl, eval.json, state,
+    model, rm, training.svg...) fails here, halfway: a file's temporary (or appended line) partly
+    written and flushed (`file`), a directory's filled, nothing renamed yet. ACTION: kill
+    (SIGKILL: a crash, a power cut), enospc (OSError ENOSPC: a full disk) or stop (SIGSTOP: a run
+    still going, until SIGCONT)."""
+    fault = os.environ.get("NANORLHF_FAULT")
+    if not fault:
+        return
+    name, n, action = fault.rsplit(":", 2)
+    if path.name != name:
+        return
+    _writes[name] = _writes.get(name, 0) + 1
+    if _writes[name] != int(n):
+        return
+    if file is not None:
+        file.flush()
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action])
 
 
 def pid_alive(pid: int) -> bool:
@@ -102,6 +132,7 @@ def atomic_dir(path: str | Path):
         raise write_error(path, e) from None
     try:
         yield tmp
+        fault_point(path)
         _sync_tree(tmp)
         if path.exists() or path.is_symlink():
             _remove(old)
@@ -125,7 +156,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         # O_EXCL | O_NOFOLLOW: a file or link planted under the temporary's name is never written
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(memoryview(data)[:half])
+            fault_point(path, f)
+            f.write(memoryview(data)[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanorlhf import distributed
-from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, pid_alive,
-                             remove_stale_temps)
+from nanorlhf.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, fault_point,
+                             pid_alive, remove_stale_temps)
 from nanorlhf.errors import UserError, close_bars
 
 
@@ -234,6 +234,18 @@ def read_json(path: str | Path):
         raise UserError(f"{path}: not valid JSON ({e}); the file is damaged") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def read_results(run: str | Path) -> dict:
+    """RUN/eval.json, the evaluations a resumed run already made ({} if none); a damaged one is
+    one line."""
+    path = Path(run) / "eval.json"
+    if not path.is_file():
+        return {}
+    results = read_json(path)
+    if not isinstance(results, dict):
+        raise UserError(f"{path}: expected a JSON object of evaluations; the file is damaged")
+    return results
 
 
 # --- the run directory OUT_DIR/RUN: one path component, claimed by one process ---
@@ -438,7 +450,10 @@ class Run:
         if self.writes:
             line = strict_json(values, f"step {values.get('step', '?')}") + "\n"
             try:
-                self.metrics.write(line)
+                half = len(line) // 2  # the test hook (atomic.fault_point) strikes in between
+                self.metrics.write(line[:half])
+                fault_point(self.dir / "metrics.jsonl", self.metrics)
+                self.metrics.write(line[half:])
                 self.metrics.flush()
                 os.fsync(self.metrics.fileno())
             except OSError as e:
@@ -589,10 +604,14 @@ def resume_run(cls, run: str, script: str, step_key: str = "step"):
     """--resume RUN_DIR -> (the interrupted run's own Config from RUN/config.json, the step its
     state holds, its metrics.jsonl lines up to that step: those whose `step_key` is at most it).
     Flags given beside --resume are ignored. A run still going (RUN/.lock held by a live process)
-    is refused; so is a damaged one."""
+    is refused; so are a damaged one and one whose files are symbolic links."""
     path = Path(run)
     if not (path / "config.json").is_file():
         raise UserError(f"--resume {run}: no config.json there (not a {script} run directory)")
+    links = [p for p in (path, *sorted(path.iterdir())) if p.is_symlink()]
+    if links:  # read or continued through a link, a run would take in or overwrite another's files
+        raise UserError(f"--resume {run}: {links[0]} is a symbolic link; a run's files are "
+                        "regular files inside its directory")
     if (pid := lock_holder(path)) is not None:
         raise _in_use(path, pid)
     if (state := state_dir(path)) is None:

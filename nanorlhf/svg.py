@@ -4,6 +4,8 @@ dependency."""
 from html import escape
 from pathlib import Path
 
+from nanorlhf.atomic import atomic_write_text
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 Series = dict[str, list[tuple[float, float]]]  # legend name -> [(x, y), ...]
 FIT = " fit"  # a series named "X fit" is a fitted curve of series X: drawn dashed in X's colour
@@ -76,8 +78,8 @@ def line_plots_svg(panels: list[tuple[str, Series]], xlabel: str = "step", width
 
 def line_plots(panels: list[tuple[str, Series]], path: str | Path, xlabel: str = "step",
                width: int = 640, panel_height: int = 220, markers: bool = False) -> Path:
-    """Write line_plots_svg(...) to `path`."""
-    Path(path).write_text(line_plots_svg(panels, xlabel, width, panel_height, markers))
+    """Write line_plots_svg(...) to `path` (atomically: a crash never leaves half a plot)."""
+    atomic_write_text(path, line_plots_svg(panels, xlabel, width, panel_height, markers))
     return Path(path)
 
 
@@ -136,5 +138,5 @@ def heatmap(rows: list[str], cols: list[str], values: list[list[float | None]], 
            'font-family="sans-serif" font-size="11">\n'
            '<rect width="100%" height="100%" fill="white"/>\n'
            + "\n".join(out) + "\n</svg>\n")
-    Path(path).write_text(svg)
+    atomic_write_text(path, svg)
     return Path(path)
