@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from nanorlhf import distributed
+from nanorlhf.atomic import atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
 from nanorlhf.data import fit_prompts
 from nanorlhf.errors import UserError, run_cli
@@ -396,10 +397,10 @@ def search(domain: Domain, grid: Grid, cfg: Config, out: Run, archive: Archive,
         # leaves in a poem
         lines = history.read_text().split("\n") if history.exists() else []
         # drop what came after the saved state: those batches are redone
-        history.write_text("".join(line + "\n" for line in lines[:done]))
+        atomic_write_text(history, "".join(line + "\n" for line in lines[:done]))
         out.rewrite(curve)
     else:
-        history.write_text("")
+        atomic_write_text(history, "")
     bar = distributed.bar(total=cfg.iterations, initial=done, desc="QDAIF", unit="poem")
     while done < cfg.iterations:
         n = min(cfg.batch_size, cfg.iterations - done)

@@ -32,7 +32,6 @@ after training, when --beta 0 kept no reference). Outputs in RUN/: config.json, 
 eval.json, training.svg, model/ (HF layout); RUN/state/ every --save-every steps until the end.
 """
 
-import json
 import math
 import random
 import shutil
@@ -48,8 +47,8 @@ from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.distributed import launched
 from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
-                          load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything)
+                          load_state, parse_config, read_results, resume_run, run_dir,
+                          save_state, seed_everything)
 from nanorlhf.step import lr_at, response_logps_batched
 from nanorlhf.model import autocast, device
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate_batched, left_pad, sample_responses
@@ -511,8 +510,7 @@ def main() -> None:
           f"tasks {cfg.tasks}: {len(pool)} train, {len(held_out)} held out x {cfg.eval_n}; "
           f"{sum(p.numel() for p in params):,} trainable parameters; torch threads: {threads}")
 
-    saved = run.dir / "eval.json"  # a resumed run keeps the evaluations it already made
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    results = read_results(run.dir) if cfg.resume else {}  # a resumed run keeps the evaluations it already made
 
     def evaluate_at(step: int, name: str = "") -> None:
         # at step 0 the policy is π₀ itself (KL 0 exactly, nothing to load)

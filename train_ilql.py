@@ -39,18 +39,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from nanorlhf import distributed, lora
-from nanorlhf.atomic import atomic_write_text
+from nanorlhf.atomic import atomic_write_bytes, atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
 from nanorlhf.data import check_vocab, epoch_batches, fit_to_length, read_preferences
 from nanorlhf.distributed import print0
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
-                          load_state, parse_config, resume_run, run_dir, save_state,
-                          seed_everything)
+                          load_state, parse_config, read_json, read_results, resume_run, run_dir,
+                          save_state, seed_everything)
 from nanorlhf.step import clip_grad_norm, collate, lr_at
 from nanorlhf.model import autocast, device
 from nanorlhf.sampling import LogitsHook, top_k_filter
@@ -651,9 +651,11 @@ def print_results(cfg: Config, results: dict, n_rows: int) -> None:
 
 
 def save_heads(heads: ILQLHeads, path: Path, base_model: str = "") -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, path,
-              metadata={"rank": str(heads.v_head[0].out_features),
-                        "two_qs": str(len(heads.q_heads) == 2), "base_model": base_model})
+    """The heads as one safetensors file, written atomically (a crash keeps the previous file)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    atomic_write_bytes(path, save(tensors, metadata={
+        "rank": str(heads.v_head[0].out_features), "two_qs": str(len(heads.q_heads) == 2),
+        "base_model": base_model}))
 
 
 def load_heads(path: str | Path, model) -> ILQLHeads:
@@ -679,7 +681,7 @@ def finished_run(run: str) -> dict:
     if not (path / "ilql_heads.safetensors").is_file() or not (path / "config.json").is_file():
         raise UserError(f"--evaluate {run}: no ilql_heads.safetensors and config.json there "
                         "(not a finished train_ilql run directory)")
-    saved = json.loads((path / "config.json").read_text())
+    saved = read_json(path / "config.json")
     if saved.get("train_lm") and not (path / "model").is_dir():
         raise UserError(f"--evaluate {run}: the run trained its LM, but {path / 'model'} is "
                         "missing")
@@ -753,8 +755,7 @@ def main() -> None:
     if cfg.resume:
         run.rewrite(history)  # metrics.jsonl back to the saved state's step
 
-    saved = run.dir / "eval.json"  # a resumed run keeps the base evaluation it already has
-    results = json.loads(saved.read_text()) if cfg.resume and saved.is_file() else {}
+    results = read_results(run.dir) if cfg.resume else {}  # a resumed run keeps the base evaluation it already has
     if eval_rows and "base" not in results:  # the policy before its first step (heads still 0)
         results["base"] = evaluate_as(cfg, cfg.seed, model, tok, eval_rows, desc="eval base")
         run.write_json("eval.json", results)

@@ -379,7 +379,9 @@ def run_dir(out_dir: str, name: str, resumable: bool = True) -> Path:
     if (pid := lock_holder(path)) is not None:
         raise _in_use(path, pid)
     if path.is_dir() and any(not p.name.startswith(LOCK) for p in path.iterdir()):
-        offer = f", or continue it with --resume {path}" if resumable else ""
+        # --resume only where a save point exists: a finished run, or one killed before its
+        # first save, has nothing to continue
+        offer = f", or continue it with --resume {path}" if resumable and state_dir(path) else ""
         raise UserError(f"{path} already holds a run: choose another --run{offer}")
     return path
 

@@ -4,8 +4,9 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from nanorlhf.run import Run, flag, parse_config, run_dir
+from nanorlhf.run import Run, flag, parse_config, run_dir, save_state
 from nanorlhf.errors import UserError
 
 
@@ -62,8 +63,12 @@ class RunConfig:
 
 def test_a_fresh_run_refuses_a_used_run_dir(tmp_path):
     Run("t", tmp_path, "r", RunConfig(str(tmp_path), "r")).log(step=1, loss=1.0)
-    with pytest.raises(UserError, match="already holds a run: choose another --run, or continue it with --resume"):
+    # no save point yet (killed before its first, or finished): nothing to offer --resume for
+    with pytest.raises(UserError, match="already holds a run: choose another --run$"):
         run_dir(str(tmp_path), "r")  # what a script's main() asks before any work
+    save_state(tmp_path / "r", 1, {"w": torch.zeros(1)})
+    with pytest.raises(UserError, match="already holds a run: choose another --run, or continue it with --resume"):
+        run_dir(str(tmp_path), "r")
     with pytest.raises(UserError, match="already holds a run"):
         Run("t", tmp_path, "r", RunConfig(str(tmp_path), "r"))
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 1.0}) + "\n"

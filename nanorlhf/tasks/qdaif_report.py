@@ -153,9 +153,9 @@ def report(out, grid, archive, curve: list[dict], fitness_range) -> dict:
     by_key = lambda field: {k: cells[cell_name(k)][field] for k in grid.keys
                             if cells[cell_name(k)][field] is not None}
     means, counts = by_key("mean"), by_key("count")
-    with open(out.dir / "elites.jsonl", "w") as fh:
-        fh.write("".join(json.dumps(archive.elites[k], ensure_ascii=False) + "\n"
-                         for k in grid.keys if k in archive.elites))
+    atomic_write_text(out.dir / "elites.jsonl", "".join(
+        json.dumps(archive.elites[k], ensure_ascii=False) + "\n"
+        for k in grid.keys if k in archive.elites))
     seen = [h["fitness"] for h in valid]
     lo, hi = fitness_range or (min(seen, default=0.0), max(seen, default=1.0))
     rows, cols, _ = grid_matrix(grid, {})
