@@ -32,7 +32,6 @@ after training, when --beta 0 kept no reference). Outputs in RUN/: config.json, 
 eval.json, training.svg, model/ (HF layout); RUN/state/ every --save-every steps until the end.
 """
 
-import math
 import random
 import shutil
 import time
@@ -53,7 +52,7 @@ from nanorlhf.step import lr_at, response_logps_batched
 from nanorlhf.model import autocast, device
 from nanorlhf.sampling import SAMPLER_HELP, SAMPLERS, generate_batched, left_pad, sample_responses
 from nanorlhf.svg import line_plots
-from nanorlhf.tasks.stats import mean_se
+from nanorlhf.tasks.stats import mean_se, pass_at_k
 from nanorlhf.tasks.verify import HELDOUT_PATH, TRAIN_PATH, check, parse_tasks, read_problems
 from nanorlhf.tokenizer import Tokenizer
 
@@ -220,15 +219,6 @@ def dapo_loss(token_loss: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
     -> this micro-batch's share."""
     mask = mask.to(token_loss.dtype)
     return (token_loss * mask).sum() / num_tokens
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k of Chen et al. 2021 (eq. 1) from n samples of which c are correct:
-    1 - C(n-c, k) / C(n, k): the chance that k of the n, drawn without replacement, hold a correct
-    one."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 ADVANTAGES = {"group": group_advantages, "rloo": rloo_advantages}

@@ -3,6 +3,7 @@
     python train_ppo.py --model llama                # SmolLM2-135M-Instruct, VADER sentiment reward
     python train_ppo.py --model llama --algo grpo    # G samples per prompt, group-relative
     python train_ppo.py --model llama --reward pink  # -1 for mentioning the pink elephant, else 0
+    python train_ppo.py --model llama --reward verify  # 1 for the right answer to a + b, else 0
     python train_ppo.py --resume out/train_ppo/RUN   # continue an interrupted run exactly
     torchrun --nproc_per_node 2 train_ppo.py -- --model llama   # DDP
 
@@ -11,8 +12,9 @@ RLHF with PPO as in Ziegler et al. 2019 and Stiennon et al. 2020, with the detai
 
   rollout  --batch-size responses at --temperature (no top-k / top-p: the trainer would not see
            the truncated distribution, trl#417), each ending at its first EOS or the length cap.
-  score    --reward vader (VADER compound), rm:PATH (a reward model) or pink (-1 for a mention of
-           what it was told to avoid), on the last real token; --missing-eos-penalty if cut (N+).
+  score    --reward vader (VADER compound), rm:PATH (a reward model), pink (-1 for a mention of
+           what it was told to avoid) or verify (1 when the reply's last number is the problem's
+           answer), on the last real token; --missing-eos-penalty if cut (N+).
   forward  π_old, V_old and π_ref with the *same* forwards as the update's: ratio 1 at first (N+).
   rewards  r_t = -β·KL_t + the score at the last token; GAE -> advantages, whitened over the batch.
   update   --ppo-epochs over shuffled minibatches, one AdamW step each: the clipped policy loss +
@@ -20,7 +22,8 @@ RLHF with PPO as in Ziegler et al. 2019 and Stiennon et al. 2020, with the detai
 --algo grpo (Shao et al. 2024): G = --group-size samples per prompt, the group-relative advantage
 on every token, no critic, the KL as k3 in the loss. --algo rloo (Ahmadian et al. 2024): the mean of
 the other G-1 rewards as baseline. Evaluation before and after training (and every --eval-every
-steps): the held-out reward (and --gold's) ± SE and KL(π‖π₀) (nanorlhf/tasks/policy_eval.py).
+steps): the held-out reward (and --gold's) ± SE and KL(π‖π₀); for verify the reward is T=1 pass@1,
+and greedy accuracy is measured too (nanorlhf/tasks/policy_eval.py).
 Shapes: B responses, L response positions (right-padded), V the vocabulary; `mask` (B, L) is 1 on
 real response tokens (up to and including the first EOS). Outputs in RUN/: config.json,
 metrics.jsonl, eval.json, training.svg, model/ (HF layout); RUN/state/ every --save-every steps.
@@ -39,18 +42,18 @@ from torch import Tensor, nn
 
 from nanorlhf import distributed, lora
 from nanorlhf.checkpoint import load_model, resolve_model, save_model
-from nanorlhf.data import check_vocab, read_prompts
+from nanorlhf.data import check_vocab
 from nanorlhf.errors import NonFiniteLogits, UserError, run_cli
 from nanorlhf.run import (Run, THREADS_HELP, check_finite, choose_threads, exit_interrupted, flag,
                           load_state, parse_config, read_results, resume_run, run_dir, save_state,
                           seed_everything)
 from nanorlhf.model import autocast, device
-from nanorlhf.reward import make_gold_scorer
 from nanorlhf.sampling import (SAMPLERS, SAMPLER_HELP, Sampler, generate_batched, left_pad,
                                sample_responses)
 from nanorlhf.svg import line_plots
-from nanorlhf.tasks import pink
-from nanorlhf.tasks.policy_eval import Scorer, evaluate_policy, report
+from nanorlhf.tasks import pink, verify
+from nanorlhf.tasks.policy_eval import (Scorer, evaluate_policy, prompt_rows, prompt_scorer,
+                                        report)
 from nanorlhf.tokenizer import Tokenizer
 
 
@@ -58,7 +61,8 @@ from nanorlhf.tokenizer import Tokenizer
 class Config:
     model: str = flag("llama", "checkpoint dir, HF cache id, or 'llama' (embedded SmolLM2-135M)")
     reward: str = flag("vader", "vader (VADER sentiment) | rm:PATH[@TEMPLATE] (a reward model) | "
-                                "pink (-1 per pink mention)")
+                                "pink (-1 per pink mention) | verify (1 for a checked answer)")
+    tasks: str = flag("add1", "verify: comma-separated problem families (tasks/verify.py)")
     prompts: str = flag(str(pink.DATA_DIR / "rest_prompts.jsonl"), "vader/rm: jsonl of {\"prompt\"}"
                         ", the last --eval-prompts held out (pink: data/pink_elephant_pairs.json)")
     gold: str = flag("", "also score the evaluations with this (vader | rm:PATH), e.g. the RM the "
@@ -112,8 +116,8 @@ class Config:
         """The rules between flags, before any work (parse_config calls this)."""
         lora.parse_targets(self.lora_targets)
         rm = lambda spec: spec.startswith("rm:") and len(spec) > 3  # a reward-model checkpoint
-        if self.reward not in ("vader", "pink") and not rm(self.reward):
-            raise UserError(f"--reward {self.reward!r}: choose vader, pink or rm:PATH")
+        if self.reward not in ("vader", "pink", "verify") and not rm(self.reward):
+            raise UserError(f"--reward {self.reward!r}: choose vader, pink, verify or rm:PATH")
         if self.gold and self.gold != "vader" and not rm(self.gold):
             raise UserError(f"--gold {self.gold!r}: choose vader or rm:PATH")
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
@@ -131,8 +135,6 @@ class Config:
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Σ x·mask / Σ mask over `dim` (all if None). x, mask (B, L) -> scalar, or (B,) / (L,)."""
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -313,8 +315,7 @@ class Critic(nn.Module):
     def __init__(self, backbone: nn.Module | None, hidden_size: int):
         super().__init__()
         self.model = copy.deepcopy(backbone) if backbone is not None else None
-        p = next(self.model.parameters()) if self.model is not None else None
-        self.head = nn.Linear(hidden_size, 1, bias=True, device=p.device if p is not None else None)
+        self.head = nn.Linear(hidden_size, 1, bias=True)  # main() moves it to the device
         nn.init.zeros_(self.head.weight)  # V = 0 at first: no random values in the first advantages
         nn.init.zeros_(self.head.bias)
 
@@ -342,24 +343,17 @@ class ActorCritic(nn.Module):
 
 def make_task(cfg: Config, dev) -> tuple[list[dict], list[dict], dict[str, Scorer]]:
     """-> (train rows, held-out rows, {"reward": score, "gold": --gold's}), rows with `messages`."""
-    def prompt_scorer(spec: str) -> Scorer:  # vader | rm:PATH, each response with its row's prompt
-        scorer = make_gold_scorer(spec, device=dev)
-        return lambda rows, texts: scorer.score([r["prompt"] for r in rows], texts)
-
-    gold = {"gold": prompt_scorer(cfg.gold)} if cfg.gold else {}
+    gold = {"gold": prompt_scorer(cfg.gold, dev)} if cfg.gold else {}
+    if cfg.reward == "verify":  # problems with one integer answer: 1.0 when the checker agrees
+        return (*verify.chat_rows(cfg.tasks), {"reward": verify.score, **gold})
     if cfg.reward == "pink":  # the pink-elephant judge: -1 for a mention of what it must avoid
         train = pink.eval_rows_from_pairs(pink.load_pairs(), "train")
         held = pink.load_eval_rows(pink.HELDOUT_PATH)
         judge = lambda rows, texts: [-float(pink.judge(t, r)["pink"]) for r, t in zip(rows, texts)]
         chats = lambda rows: [{**r, "messages": pink.avoid_messages(r)} for r in rows]
         return chats(train), chats(held), {"reward": judge, **gold}
-    prompts = read_prompts(cfg.prompts)
-    if len(prompts) <= cfg.eval_prompts:
-        raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts "
-                        f"{cfg.eval_prompts} holds out that many")
-    rows = [{"prompt": p, "messages": [{"role": "user", "content": p}]} for p in prompts]
-    n = len(rows) - cfg.eval_prompts
-    return rows[:n], rows[n:], {"reward": prompt_scorer(cfg.reward), **gold}
+    train, held = prompt_rows(cfg.prompts, cfg.eval_prompts)  # the last --eval-prompts held out
+    return train, held, {"reward": prompt_scorer(cfg.reward, dev), **gold}
 
 
 def step_rows(pool: list[dict], step: int, n: int, seed: int) -> list[dict]:
@@ -577,21 +571,19 @@ def main() -> None:
     if cfg.sampler == "stream":  # continuous batching, the optional fast layer
         from nanorlhf.fast.decode import generate_streamed as sampler
     seed_everything(cfg.seed)
-    started, dev = time.perf_counter(), device()
+    began, dev = time.perf_counter(), device()
     pool, held_out, scorers = make_task(cfg, dev)  # every input validated before any work
     model_dir = resolve_model(cfg.model)
     tok, policy = Tokenizer(model_dir), load_model(model_dir, device=dev).eval()
-    # the tokenizer's every id needs an embedding: a mismatch is one line now, not an IndexError
-    # (and a run dir that blocks the name) later
+    # every tokenizer id needs an embedding: one line now, not an IndexError after the run dir
     check_vocab([tok.tok.get_vocab_size() - 1], policy.cfg.vocab_size,
                 str(model_dir / "tokenizer.json"))
     backbone = policy.model if cfg.critic == "separate" else None
     critic = Critic(backbone, policy.cfg.hidden_size).to(dev) if cfg.algo == "ppo" else None
     prepare(cfg, policy, cfg.seed)
-    if critic is not None:
-        if critic.model is not None:
-            prepare(cfg, critic, f"{cfg.seed}:critic")
-        critic.head.requires_grad_(True)  # the head is new: it always trains whole
+    if critic is not None and critic.model is not None:  # the separate critic's own backbone
+        prepare(cfg, critic, f"{cfg.seed}:critic")
+        critic.head.requires_grad_(True)  # LoRA froze it, but the head is new: it trains whole
     ac = ActorCritic(policy, critic)
     if cfg.lora_rank:  # π_ref = π₀ is the base network itself: the adapters off, no second copy
         ref = lora.BaseView(policy)
@@ -604,27 +596,22 @@ def main() -> None:
     distributed.print0(
         f"{cfg.algo}: {cfg.steps} steps x {cfg.batch_size} responses ({cfg.group_size} per "
         f"prompt), reward {cfg.reward}, {len(pool)} train prompts, {len(held_out)} held out x "
-        f"{cfg.eval_n}; "
-        f"{sum(p.numel() for p in params):,} trainable parameters; torch threads: {threads}"
-        + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
+        f"{cfg.eval_n}; {sum(p.numel() for p in params):,} trainable parameters; torch threads: "
+        f"{threads}" + (f"; resuming {cfg.resume} after step {start}" if cfg.resume else ""))
 
-    # a resumed run keeps the evaluations it already made
-    results = read_results(run.dir) if cfg.resume else {}
+    results = read_results(run.dir) if cfg.resume else {}  # a resume keeps its evaluations
 
     def evaluate_at(step: int, name: str = "") -> None:  # rank 0: the others wait at a collective
         results.setdefault("steps", {})[str(step)] = evaluate_policy(
             policy, ref, tok, held_out, scorers, cfg.eval_n, cfg.seed + 7, cfg.max_new_tokens,
-            cfg.gen_batch_size, f"eval step {step}", sampler)
+            cfg.gen_batch_size, f"eval step {step}", sampler, greedy=cfg.reward == "verify")
         results.update({name: results["steps"][str(step)]} if name else {})
         run.write_json("eval.json", results)
 
     if distributed.is_main() and "before" not in results:
         evaluate_at(0, "before")
-    if cfg.resume:  # the trained tensors, AdamW's moments and the RNGs of the saved step
-        tensors = load_state(run.dir, optimizer)[1]
-        with torch.no_grad():
-            for k, p in trainable_tensors(ac).items():
-                p.copy_(tensors[k])
+    if cfg.resume:  # the saved step's trained tensors (strict=False: only those), AdamW, RNGs
+        ac.load_state_dict(load_state(run.dir, optimizer)[1], strict=False)
         run.rewrite(history)  # metrics.jsonl back to the state's step, once that state has loaded
     try:
         history = train(cfg, net, ac, ref, optimizer, sampler, tok, pool, scorers["reward"], run,
@@ -644,14 +631,12 @@ def main() -> None:
                 ("losses", series("loss/policy", "loss/value", "loss/kl")),
                 ("clip fraction, approx KL(π_old‖π), entropy",
                  series("clipfrac", "approx_kl", "entropy"))], run.dir / "training.svg")
-    # complete: model/ is the final state. RUN/state stays until the last write, so that a crash
-    # in the writes above (eval.json, the plot) can still be resumed
+    # complete. RUN/state went last: a crash in the writes above (eval, plot) can still resume
     shutil.rmtree(run.dir / "state", ignore_errors=True)
     print(f"\nheld-out: {results['before']['samples']} samples (temperature 1, seed "
           f"{cfg.seed + 7}), reward {cfg.reward}")
     print(report(results["before"], results["after"], cfg.algo, cfg.gold))
-    minutes = (time.perf_counter() - started) / 60
-    print(f"policy, metrics and plots in {run.dir} ({minutes:.1f} min)")
+    print(f"policy, metrics and plots in {run.dir} ({(time.perf_counter() - began) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -189,8 +189,7 @@ def sample_responses(model, tok, conversations: list[list[dict]], n: int, temper
     """n samples for every conversation -> (prompt ids, response ids, response texts),
     conversation-major. `sampler`: generate_batched, or fast/decode.py's continuous batching."""
     prompts = [tok.chat_prompt(messages) for messages in conversations for _ in range(n)]
-    # a prompt longer than the model's context allows keeps its last tokens (the one rule)
-    prompts = fit_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
+    prompts = fit_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)  # cut if long
     responses = sampler(model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size,
                         temperature, seed, logits_hook, desc)
     return prompts, responses, [tok.decode(r) for r in responses]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import train_ppo
 from conftest import crash_at_step
 from nanorlhf.checkpoint import load_model
+from nanorlhf.tasks import verify
 from nanorlhf.tasks.policy_eval import paired_gain
 from nanorlhf.reward import reward_model_from_lm, save_reward_model
 from nanorlhf.sampling import generate_batched
@@ -223,6 +224,32 @@ def test_cli_run_writes_everything(tiny_chat_model, gold_rm, tmp_path, monkeypat
     assert "held-out" in capsys.readouterr().out
 
 
+def test_verify_reward_run_reports_pass_at_1_and_greedy(tiny_chat_model, tmp_path, monkeypatch,
+                                                        capsys):
+    """--reward verify: the held-out add1 problems (26), each asked --eval-n times at T = 1 and
+    once greedily; the reward is the checker's 1/0, so its mean is pass@1, per problem a multiple
+    of 1/n (what pass@k is computed from). A second run, with the reward patched to the answer's
+    parity, shows each reply is graded against its own problem's answer."""
+    args = ["--model", tiny_chat_model, "--reward", "verify", "--out-dir", tmp_path, "--steps", 1,
+            "--batch-size", 4, "--minibatch-size", 2, "--max-new-tokens", 4, "--eval-n", 2]
+    run_cli(monkeypatch, *args, "--run", "checked")
+    results = json.loads((tmp_path / "checked" / "eval.json").read_text())
+    for r in (results["before"], results["after"]):
+        assert r["samples"] == 26 * 2 and len(r["reward_by_prompt"]) == 26
+        assert all(2 * v in (0, 1, 2) for v in r["reward_by_prompt"])
+        assert r["reward"] == pytest.approx(sum(r["reward_by_prompt"]) / 26, abs=1e-12)
+        assert len(r["reward_greedy_by_prompt"]) == 26
+        assert set(r["reward_greedy_by_prompt"]) <= {0.0, 1.0} and "reward_greedy_se" in r
+        assert r["examples"][0]["prompt"].startswith("What is ")
+    printed = capsys.readouterr().out  # the report: a greedy column and its paired gain
+    assert "reward (greedy) ± SE" in printed and "reward_greedy gain" in printed
+    monkeypatch.setattr(verify, "reward", lambda reply, answer: float(answer % 2))
+    run_cli(monkeypatch, *args, "--run", "parity")
+    after = json.loads((tmp_path / "parity" / "eval.json").read_text())["after"]
+    parity = [float(r["answer"] % 2) for r in verify.chat_rows("add1")[1]]
+    assert after["reward_by_prompt"] == after["reward_greedy_by_prompt"] == parity
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_chat_model, gold_rm, tmp_path,
                                                           monkeypatch):
     prompts = write_prompts(tmp_path / "p.jsonl")
@@ -269,7 +296,8 @@ def test_eval_every_and_gold_score_the_same_samples(tiny_chat_model, gold_rm, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--reward", "gpt4"], "--reward 'gpt4': choose vader, pink or rm:PATH"),
+    (["--reward", "gpt4"], "--reward 'gpt4': choose vader, pink, verify or rm:PATH"),
+    (["--reward", "verify", "--tasks", "add1,add9"], "--tasks 'add1,add9': unknown task 'add9'"),
     (["--gold", "gpt4"], "--gold 'gpt4': choose vader or rm:PATH"),
     (["--gold", "rm:/no/such/rm"], "/no/such/rm"),
     (["--algo", "grpo"], "--algo grpo compares samples of one prompt: --group-size must be >= 2"),

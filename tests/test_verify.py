@@ -1,5 +1,6 @@
 """The verifiable task: the one answer-extraction rule on hand cases (adversarial ones included),
-the problem files (seeded, disjoint, answers right) and their reader."""
+the problem files (seeded, disjoint, answers right) and their reader, and what an RL script takes
+from it (chat rows, the scorer, pass@k from per-problem pass rates)."""
 
 import json
 import re
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nanorlhf.errors import UserError
-from nanorlhf.tasks.verify import (HELDOUT_PATH, TRAIN_PATH, check, extract_answer, parse_tasks,
-                                   read_problems, reward)
+from nanorlhf.tasks.verify import (HELDOUT_PATH, TRAIN_PATH, chat_rows, check, extract_answer,
+                                   parse_tasks, pass_at_k_by_problem, read_problems, reward, score)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import build_verify  # noqa: E402
@@ -92,3 +93,25 @@ def test_read_problems_and_tasks(tmp_path):
     one.write_text('{"prompt": "x", "task": "add1", "answer": 3}\n')
     with pytest.raises(UserError, match="no problems of task mul1"):
         read_problems(one, ("mul1",))
+
+
+def test_chat_rows_and_score_for_an_rl_script():
+    train, held = chat_rows("add1,mul1")
+    assert (len(train), len(held)) == (55 + 46, 26 + 18)  # the task table in docs/rlvr.md
+    assert all(r["messages"] == [{"role": "user", "content": r["prompt"]}] for r in train + held)
+    assert [r["id"] for r in held] == [r["id"] for r in read_problems(HELDOUT_PATH,
+                                                                      ("add1", "mul1"))]
+    rows = [{"answer": 8}, {"answer": 8}, {"answer": 9}]
+    assert score(rows, ["3 + 5 = 8", "8, not 9", "9"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(UserError, match="unknown task 'add9'"):
+        chat_rows("add9")
+
+
+def test_pass_at_k_by_problem_by_hand():
+    """Pass rates of n = 4 replies -> counts 0, 1, 2, 4 -> pass@2 = 1 - C(4-c, 2)/C(4, 2): 1 - 6/6,
+    1 - 3/6, 1 - 1/6, and 1 (fewer than 2 wrong replies to draw)."""
+    got = pass_at_k_by_problem([0.0, 0.25, 0.5, 1.0], 4, 2)
+    assert got == pytest.approx([0.0, 0.5, 5 / 6, 1.0], abs=1e-15)
+    assert pass_at_k_by_problem([3 / 8], 8, 1) == pytest.approx([3 / 8], abs=1e-15)  # pass@1 = c/n
+    with pytest.raises(ValueError, match="not multiples of 1/4"):
+        pass_at_k_by_problem([0.3], 4, 2)  # not a pass rate of 4 replies

@@ -1,5 +1,5 @@
 """The few statistics the scripts report, as plain float64 functions: a mean with its standard
-error, pairwise accuracy, Pearson's and Spearman's correlation and the large-sample SE of a
+error, pass@k, pairwise accuracy, Pearson's and Spearman's correlation and the large-sample SE of a
 correlation."""
 
 import math
@@ -16,6 +16,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
         return mean, math.nan
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of Chen et al. 2021 (eq. 1) from n samples of which c are correct:
+    1 - C(n-c, k) / C(n, k): the chance that k of the n, drawn without replacement, hold a correct
+    one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def pairwise_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> tuple[float, float]:

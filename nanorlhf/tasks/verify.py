@@ -18,6 +18,9 @@ to predict (the base model's replies decide nothing).
 
     check("3 + 5 = 8.", 8)   -> True
     check("It is 8, not 9", 8) -> False   (the last number is 9)
+
+For an RL script (train_ppo.py --reward verify): `chat_rows` asks each problem as one user turn,
+`score` grades the replies, `pass_at_k_by_problem` turns per-problem pass rates into pass@k.
 """
 
 import json
@@ -26,6 +29,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from nanorlhf.errors import UserError
+from nanorlhf.tasks.stats import pass_at_k
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 TRAIN_PATH, HELDOUT_PATH = DATA_DIR / "verify_train.jsonl", DATA_DIR / "verify_heldout.jsonl"
@@ -86,3 +90,25 @@ def parse_tasks(text: str) -> tuple[str, ...]:
         raise UserError(f"--tasks {text!r}: unknown task {unknown[0]!r}; "
                         f"choose from {','.join(TASKS)}")
     return tasks
+
+
+def chat_rows(tasks: str) -> tuple[list[dict], list[dict]]:
+    """--tasks "add1" -> (TRAIN_PATH's problems, HELDOUT_PATH's), of those families, each row with
+    its chat "messages": the problem's prompt as one user turn, as train_grpo.py asks it."""
+    families = parse_tasks(tasks)
+    ask = lambda rows: [{**r, "messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    return ask(read_problems(TRAIN_PATH, families)), ask(read_problems(HELDOUT_PATH, families))
+
+
+def score(rows: list[dict], replies: list[str]) -> list[float]:
+    """The reward of each reply to its row's problem, 1.0 or 0.0 (a policy_eval Scorer)."""
+    return [reward(reply, row["answer"]) for row, reply in zip(rows, replies, strict=True)]
+
+
+def pass_at_k_by_problem(pass_rates: list[float], n: int, k: int) -> list[float]:
+    """Each problem's share of correct replies among n samples (a 0/1 reward's per-prompt mean,
+    as policy_eval reports it) -> its unbiased pass@k (stats.pass_at_k), with c = rate · n."""
+    counts = [round(rate * n) for rate in pass_rates]
+    if any(abs(c - rate * n) > 1e-6 for c, rate in zip(counts, pass_rates)):
+        raise ValueError(f"pass rates {pass_rates} are not multiples of 1/{n}")
+    return [pass_at_k(n, c, k) for c in counts]
