@@ -20,6 +20,7 @@ def run_cli(main: Callable[[], object]) -> None:
     a Ctrl-C that no training loop caught (run.exit_interrupted) `interrupted` and status 130."""
     try:
         main()
+        leave_together()
     except UserError as e:
         close_bars()
         print(f"error: {e}", file=sys.stderr)
@@ -28,6 +29,18 @@ def run_cli(main: Callable[[], object]) -> None:
         close_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def leave_together() -> None:
+    """Under torchrun, after main() returned: wait for every rank (rank 0 evaluates and writes
+    after the others are done), then leave the process group. A rank that exits while a peer still
+    runs can be aborted by gloo's threads after all its work is done ("terminate called without
+    an active exception"). Only on success: a rank that failed exits at once and torchrun stops
+    the others (a barrier there could wait on a peer stuck in another collective)."""
+    dist = sys.modules.get("torch.distributed")  # imported by every script that can run under it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def close_bars() -> None:
