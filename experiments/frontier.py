@@ -46,9 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanorlhf.atomic import atomic_dir
+from nanorlhf.atomic import atomic_dir, atomic_write_text
 from nanorlhf.checkpoint import load_model, resolve_model
-from nanorlhf.data import read_prompts
 from nanorlhf.errors import UserError, run_cli
 from nanorlhf.run import THREADS_HELP, choose_threads, flag, parse_config, seed_everything
 from nanorlhf.model import device
@@ -57,7 +56,7 @@ from nanorlhf.reward import (bradley_terry_sum, load_reward_model, make_gold_sco
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR
-from nanorlhf.tasks.policy_eval import evaluate_policy
+from nanorlhf.tasks.policy_eval import evaluate_policy, prompt_rows
 from nanorlhf.tasks.stats import mean_se
 from nanorlhf.tokenizer import Tokenizer
 
@@ -403,9 +402,9 @@ def report(cfg: Config, points: list[dict], out: Path) -> str:
             peak = "beyond e^19 | –"
         lines.append(f"| {method} | {fit['form']} | {a:+.3f} | {b:+.3f} | {peak} |")
     table = "\n".join(lines) + "\n"
-    (out / "frontier.md").write_text(table)
-    (out / "frontier.json").write_text(
-        json.dumps({"points": points, "rows": rows, "fits": fits}, indent=1) + "\n")
+    atomic_write_text(out / "frontier.md", table)
+    atomic_write_text(out / "frontier.json",
+                      json.dumps({"points": points, "rows": rows, "fits": fits}, indent=1) + "\n")
     line_plots([(f"gold gain over π₀ vs √KL(π‖π₀) (dashed: Gao et al.'s fit), gold {cfg.gold}",
                  series)],
                out / "frontier.svg", xlabel="√KL(π‖π₀)", width=720, panel_height=360, markers=True)
@@ -420,13 +419,8 @@ def main() -> None:
     if not cfg.report_only:
         # a bad --gold fails before any work
         gold, dev = make_gold_scorer(cfg.gold, device=device()), device()
-        prompts = read_prompts(cfg.prompts)
-        if len(prompts) <= cfg.eval_prompts:
-            raise UserError(f"{cfg.prompts}: {len(prompts)} prompts, but --eval-prompts "
-                            f"{cfg.eval_prompts} holds out that many")
-        train = prompts[:-cfg.eval_prompts]
-        held = [{"prompt": p, "messages": [{"role": "user", "content": p}]}
-                for p in prompts[-cfg.eval_prompts:]]
+        train_rows, held = prompt_rows(cfg.prompts, cfg.eval_prompts)  # the last ones held out
+        train = [r["prompt"] for r in train_rows]
         model_dir = resolve_model(cfg.model)
         tok = Tokenizer(model_dir)
         print(f"frontier: seeds {cfg.seeds}, methods {cfg.methods}; torch threads: {threads}")
@@ -439,7 +433,7 @@ def main() -> None:
                 buy_labels(cfg, seed, policy, tok, train, gold, held, seed_dir / "labels", dev)
             if "bon" in cfg.method_list() and not (seed_dir / "bon.json").is_file():
                 points = run_bon(cfg, seed, policy, tok, held, gold, seed_dir / "labels", dev)
-                (seed_dir / "bon.json").write_text(json.dumps(points, indent=1) + "\n")
+                atomic_write_text(seed_dir / "bon.json", json.dumps(points, indent=1) + "\n")
             run_methods(cfg, seed, seed_dir)
             for beta in numbers(cfg, "dpo_betas") if "dpo" in cfg.method_list() else []:
                 run = seed_dir / f"dpo-b{beta:g}"
@@ -448,7 +442,7 @@ def main() -> None:
                     r = evaluate_policy(trained, policy, tok, held, {"gold": gold_of(gold)},
                                         cfg.eval_n, seed + 7, cfg.max_new_tokens,
                                         cfg.gen_batch_size, f"eval dpo β={beta:g}")
-                    (run / "frontier_eval.json").write_text(json.dumps(r, indent=1) + "\n")
+                    atomic_write_text(run / "frontier_eval.json", json.dumps(r, indent=1) + "\n")
             del policy
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     done = [s for s in seeds if (out / f"s{s}" / "labels" / "base.json").is_file()]
