@@ -56,7 +56,7 @@ from nanorlhf.reward import (bradley_terry_sum, load_reward_model, make_gold_sco
 from nanorlhf.sampling import sample_responses
 from nanorlhf.svg import line_plots
 from nanorlhf.tasks.pink import DATA_DIR
-from nanorlhf.tasks.policy_eval import evaluate_policy, prompt_rows
+from nanorlhf.tasks.policy_eval import evaluate_policy, prompt_rows, row_scorer
 from nanorlhf.tasks.stats import mean_se
 from nanorlhf.tokenizer import Tokenizer
 
@@ -182,7 +182,7 @@ def buy_labels(cfg: Config, seed: int, policy, tok: Tokenizer, train: list[str],
                       "rejected": pair_ids(tok, prompt, lose)[1]})
     proxy = reward_model_from_lm(policy, seed=seed)
     loss = train_proxy(proxy, pairs, tok.pad_id, dev, seed)
-    base = evaluate_policy(policy, policy, tok, held, {"gold": gold_of(gold)}, cfg.eval_n,
+    base = evaluate_policy(policy, policy, tok, held, {"gold": row_scorer(gold)}, cfg.eval_n,
                            seed + 7, cfg.max_new_tokens, cfg.gen_batch_size, "eval π₀")
     # all or nothing: a crash here leaves no labels/ to be mistaken for done
     with atomic_dir(out) as tmp:
@@ -191,11 +191,6 @@ def buy_labels(cfg: Config, seed: int, policy, tok: Tokenizer, train: list[str],
         (tmp / "base.json").write_text(json.dumps({**base, "labels": cfg.gold_pairs,
                                                    "ties": cfg.gold_pairs - len(rows),
                                                    "proxy_loss": loss}, indent=1) + "\n")
-
-
-def gold_of(gold):
-    """A GoldScorer as a policy_eval scorer: each response scored with its row's prompt."""
-    return lambda rows, texts: gold.score([r["prompt"] for r in rows], texts)
 
 
 def best_of_n(group_proxy: np.ndarray, group_gold: np.ndarray, n: int) -> np.ndarray:
@@ -439,7 +434,7 @@ def main() -> None:
                 run = seed_dir / f"dpo-b{beta:g}"
                 if not (run / "frontier_eval.json").is_file():
                     trained = load_model(run / "model", device=dev).eval()
-                    r = evaluate_policy(trained, policy, tok, held, {"gold": gold_of(gold)},
+                    r = evaluate_policy(trained, policy, tok, held, {"gold": row_scorer(gold)},
                                         cfg.eval_n, seed + 7, cfg.max_new_tokens,
                                         cfg.gen_batch_size, f"eval dpo β={beta:g}")
                     atomic_write_text(run / "frontier_eval.json", json.dumps(r, indent=1) + "\n")

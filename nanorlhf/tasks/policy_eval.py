@@ -37,11 +37,14 @@ def prompt_rows(path: str | Path, held_out: int) -> tuple[list[dict], list[dict]
     return rows[:len(rows) - held_out], rows[len(rows) - held_out:]
 
 
-def prompt_scorer(spec: str, device) -> Scorer:
-    """vader | rm:PATH (reward.make_gold_scorer) as a Scorer: each response scored with its row's
-    prompt."""
-    gold = make_gold_scorer(spec, device=device)
+def row_scorer(gold) -> Scorer:
+    """A GoldScorer (reward.py) as a Scorer: each response scored with its row's prompt."""
     return lambda rows, texts: gold.score([r["prompt"] for r in rows], texts)
+
+
+def prompt_scorer(spec: str, device) -> Scorer:
+    """vader | rm:PATH (reward.make_gold_scorer) as a Scorer (row_scorer)."""
+    return row_scorer(make_gold_scorer(spec, device=device))
 
 
 @torch.no_grad()
